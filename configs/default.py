@@ -3,69 +3,69 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
+    config = ml_collections.ConfigDict()
 
-  config.data = data = ml_collections.ConfigDict()
-  data.dataset = "digits"          # "digits" (embedded, offline) or any tfds image dataset, e.g. "cifar10"
-  data.tfds_data_dir = ""          # "" = tfds default (~/tensorflow_datasets)
-  data.image_size = 16
-  data.channels = 1
-  data.random_flip = False         # horizontal flip; wrong for digits, right for CIFAR-10
-  data.train_split = "train"
-  data.eval_split = "test"
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "digits"          # "digits" (embedded, offline) or any tfds image dataset, e.g. "cifar10"
+    data.tfds_data_dir = ""          # "" = tfds default (~/tensorflow_datasets)
+    data.image_size = 16
+    data.channels = 1
+    data.random_flip = False         # horizontal flip; wrong for digits, right for CIFAR-10
+    data.train_split = "train"
+    data.eval_split = "test"
 
-  config.model = model = ml_collections.ConfigDict()
-  model.ch = 64
-  model.ch_mult = (1, 2)
-  model.num_res_blocks = 2
-  model.attention_resolutions = (8,)   # in pixels: attention at these feature-map sizes
-  model.num_heads = 1
-  model.num_head_channels = -1         # > 0 overrides num_heads with channels // num_head_channels
-  model.dropout = 0.1
-  model.conv_resample = True
-  model.resblock_updown = False        # BigGAN-style up/down-sampling inside ResBlocks
-  model.use_scale_shift_norm = False   # AdaGN
-  model.learn_sigma = False            # output 2C channels (needs diffusion.var_type="learned_range")
-  model.num_classes = 0                # 0 = unconditional; else num_classes + 1 embedding rows (last = null label)
-  model.dtype = "float32"              # compute dtype: "float32" or "bfloat16"; parameters stay float32
-  model.remat = False                  # jax.checkpoint each ResBlock to save activation memory
+    config.model = model = ml_collections.ConfigDict()
+    model.ch = 64
+    model.ch_mult = (1, 2)
+    model.num_res_blocks = 2
+    model.attention_resolutions = (8,)   # in pixels: attention at these feature-map sizes
+    model.num_heads = 1
+    model.num_head_channels = -1         # > 0 overrides num_heads with channels // num_head_channels
+    model.dropout = 0.1
+    model.conv_resample = True
+    model.resblock_updown = False        # BigGAN-style up/down-sampling inside ResBlocks
+    model.use_scale_shift_norm = False   # AdaGN
+    model.learn_sigma = False            # output 2C channels (needs diffusion.var_type="learned_range")
+    model.num_classes = 0                # 0 = unconditional; else num_classes + 1 embedding rows (last = null label)
+    model.dtype = "float32"              # compute dtype: "float32" or "bfloat16"; parameters stay float32
+    model.remat = False                  # jax.checkpoint each ResBlock to save activation memory
 
-  config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.schedule = "linear"        # "linear" | "cosine"
-  diffusion.num_timesteps = 1000
-  diffusion.mean_type = "eps"          # "eps" | "x0" | "v"
-  diffusion.var_type = "fixed_large"   # "fixed_small" | "fixed_large" | "learned_range"
-  diffusion.loss_type = "mse"          # "mse" (L_simple) | "hybrid" | "kl"
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.schedule = "linear"        # "linear" | "cosine"
+    diffusion.num_timesteps = 1000
+    diffusion.mean_type = "eps"          # "eps" | "x0" | "v"
+    diffusion.var_type = "fixed_large"   # "fixed_small" | "fixed_large" | "learned_range"
+    diffusion.loss_type = "mse"          # "mse" (L_simple) | "hybrid" | "kl"
 
-  config.train = train = ml_collections.ConfigDict()
-  train.num_steps = 2000
-  train.epochs = 0                     # > 0: run length = epochs * iterations_per_epoch (DDIM-style)
-  train.iterations_per_epoch = 0       # 0 with epochs > 0: one pass over the training set
-  train.batch_size = 64                # global, over all devices and processes
-  train.lr = 2e-4
-  train.warmup_steps = 100
-  train.grad_clip = 1.0
-  train.weight_decay = 0.0
-  train.ema_decay = 0.999
-  train.label_dropout = 0.0            # probability of replacing the label by the null label (guidance)
-  train.steps_per_jit = 1              # > 1: several steps per compiled call (lax.scan) to hide dispatch
-  train.log_every = 100
-  train.checkpoint_every = 1000
-  train.sample_every = 1000            # 0 disables sample grids
-  train.max_to_keep = 3
-  train.seed = 0
+    config.train = train = ml_collections.ConfigDict()
+    train.num_steps = 2000
+    train.epochs = 0                     # > 0: run length = epochs * iterations_per_epoch (DDIM-style)
+    train.iterations_per_epoch = 0       # 0 with epochs > 0: one pass over the training set
+    train.batch_size = 64                # global, over all devices and processes
+    train.lr = 2e-4
+    train.warmup_steps = 100
+    train.grad_clip = 1.0
+    train.weight_decay = 0.0
+    train.ema_decay = 0.999
+    train.label_dropout = 0.0            # probability of replacing the label by the null label (guidance)
+    train.steps_per_jit = 1              # > 1: several steps per compiled call (lax.scan) to hide dispatch
+    train.log_every = 100
+    train.checkpoint_every = 1000
+    train.sample_every = 1000            # 0 disables sample grids
+    train.max_to_keep = 3
+    train.seed = 0
 
-  config.sample = sample = ml_collections.ConfigDict()
-  sample.method = "ddim"               # "ddpm" | "ddim" | "dpm_solver++"
-  sample.num_steps = 50
-  sample.eta = 0.0
-  sample.guidance_scale = 1.0          # 1 = plain conditional; > 1 classifier-free guidance
-  sample.clip_denoised = True
-  sample.num_samples = 1000
-  sample.batch_size = 250
-  sample.use_ema = True
-  sample.checkpoint_step = -1          # -1 = latest
-  sample.seed = 0
-  sample.grid_size = 100               # images in the grid PNG
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.method = "ddim"               # "ddpm" | "ddim" | "dpm_solver++"
+    sample.num_steps = 50
+    sample.eta = 0.0
+    sample.guidance_scale = 1.0          # 1 = plain conditional; > 1 classifier-free guidance
+    sample.clip_denoised = True
+    sample.num_samples = 1000
+    sample.batch_size = 250
+    sample.use_ema = True
+    sample.checkpoint_step = -1          # -1 = latest
+    sample.seed = 0
+    sample.grid_size = 100               # images in the grid PNG
 
-  return config
+    return config
