@@ -1,0 +1,126 @@
+"""Noise schedules and timestep respacing.
+
+Everything here is plain float64 numpy: schedules are computed once on the host and cast to the
+compute dtype where they are used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Collection, Sequence
+
+import numpy as np
+
+SCHEDULES = ("linear", "cosine")
+
+
+def get_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
+    """Betas beta_1..beta_T as float64 [T].
+
+    linear (Ho et al. 2020): evenly spaced from 1e-4 to 0.02, both scaled by 1000/T so that
+        any T gives roughly the same total amount of noise.
+    cosine (Nichol & Dhariwal 2021): abar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), s = 0.008,
+        beta_t = 1 - abar(t+1)/abar(t), clipped at 0.999 to avoid the singularity at t = T.
+    """
+    if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps={num_timesteps!r} must be a positive integer")
+    if name == "linear":
+        scale = 1000.0 / num_timesteps
+        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    if name == "cosine":
+        s = 0.008
+        steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+        alpha_bar = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+    raise ValueError(f"unknown beta schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> set[int]:
+    """The timesteps kept when respacing a T-step process, as in Improved DDPM.
+
+    The T steps are cut into len(section_counts) equal sections (the first T % n one step
+    longer); section i keeps section_counts[i] steps spread evenly from its first to its last
+    step. section_counts is a list like [10, 15, 20], a string "10,15,20", or "ddimN": the
+    stride-k set range(0, T, k) that has exactly N elements, as DDIM uses.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = _parse_int(section_counts[len("ddim"):], section_counts)
+            for stride in range(1, num_timesteps + 1):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(
+                f"section_counts={section_counts!r}: no integer stride gives exactly {desired} "
+                f"steps out of {num_timesteps}; pick N with N = len(range(0, {num_timesteps}, k)) "
+                f"for some k, or use a plain count such as '{desired}'")
+        section_counts = [_parse_int(part, section_counts) for part in section_counts.split(",")]
+    counts = list(section_counts)
+    if not counts:
+        raise ValueError("section_counts is empty; give at least one step count")
+    size_per, extra = divmod(num_timesteps, len(counts))
+    kept: set[int] = set()
+    start = 0
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(
+                f"section_counts={counts}: section {i} has {size} of the {num_timesteps} steps, "
+                f"so its count must be between 1 and {size}, got {count}")
+        stride = (size - 1) / (count - 1) if count > 1 else 1.0
+        kept.update(start + round(j * stride) for j in range(count))
+        start += size
+    return kept
+
+
+def logsnr_timesteps(num_timesteps: int, n: int, schedule: str | np.ndarray) -> set[int]:
+    """n timesteps of a T-step process spaced evenly in log-SNR, lambda_t = log(abar_t / (1 - abar_t)).
+
+    DPM-Solver++ takes steps of equal size in lambda, so at few steps this spacing puts them
+    where the solution changes. `schedule` is a schedule name or the betas themselves. Always
+    keeps t = 0 and t = T-1; nearby duplicates are pushed apart so exactly n distinct steps remain.
+    """
+    if isinstance(schedule, str):
+        betas = get_beta_schedule(schedule, num_timesteps)
+    else:
+        betas = np.asarray(schedule, dtype=np.float64)
+        if betas.shape != (num_timesteps,):
+            raise ValueError(f"betas have shape {betas.shape}, expected ({num_timesteps},)")
+    if not 2 <= n <= num_timesteps:
+        raise ValueError(f"n={n} steps must be between 2 and num_timesteps={num_timesteps}")
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    logsnr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
+    targets = np.linspace(logsnr[0], logsnr[-1], n)
+    # np.interp needs increasing x: interpolate t as a function of -lambda.
+    ts = np.rint(np.interp(-targets, -logsnr, np.arange(num_timesteps))).astype(np.int64)
+    for i in range(1, n):  # forward pass: strictly increasing
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    ts[-1] = num_timesteps - 1
+    for i in range(n - 2, -1, -1):  # backward pass: stay below the next one
+        ts[i] = min(ts[i], ts[i + 1] - 1)
+    return set(int(t) for t in ts)
+
+
+def respaced_betas(betas: np.ndarray, use_timesteps: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Betas of the process that visits only `use_timesteps`, and the map to original steps.
+
+    Keeps abar at the kept steps unchanged: beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}}.
+    """
+    num_timesteps = len(betas)
+    kept = sorted(set(int(t) for t in use_timesteps))
+    if not kept:
+        raise ValueError("use_timesteps is empty; keep at least one timestep")
+    if kept[0] < 0 or kept[-1] >= num_timesteps:
+        raise ValueError(
+            f"use_timesteps must lie in [0, {num_timesteps - 1}], got {kept[0]}..{kept[-1]}")
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    kept_abar = alphas_cumprod[kept]
+    previous = np.concatenate([[1.0], kept_abar[:-1]])
+    return 1.0 - kept_abar / previous, np.asarray(kept, dtype=np.int64)
+
+
+def _parse_int(text: str, whole: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"section_counts={whole!r} is not understood; use 'ddimN' or comma-separated "
+            f"integers such as '10,15,20'") from None
