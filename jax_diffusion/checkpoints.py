@@ -1,0 +1,156 @@
+"""Orbax checkpoints: `workdir/checkpoints/<step>/` with four items.
+
+  state       step, params, opt_state, rng (everything but the EMA, restored onto a target)
+  ema_params  the EMA weights in float32: restores with no target through Orbax alone
+              (`ocp.StandardCheckpointer().restore(".../<step>/ema_params")`), for other tools
+  config      the run's config as JSON
+  data        the input iterator's state as JSON, so a resumed run sees the same batches
+
+Every failure to find or read a checkpoint becomes a `CheckpointError` whose message names the
+checkpoint and says what to do.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from jax.sharding import Sharding
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or does not fit the model in the config."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def create_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+    """The run's CheckpointManager. Saves are asynchronous: writing overlaps training."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         config: ml_collections.ConfigDict, data_state: Any) -> None:
+    """Start saving `state` (a TrainState) at `step`; returns before the files are written."""
+    train_part = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+                  "rng": state.rng}
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(train_part),
+        ema_params=ocp.args.StandardSave(state.ema_params),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        data=ocp.args.JsonSave(data_state)))
+
+
+def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
+
+
+def select_step(manager: ocp.CheckpointManager, step: int = -1) -> int:
+    """`step`, or the latest step when step < 0, checking that it exists."""
+    steps = manager.all_steps()
+    if not steps:
+        raise CheckpointError(
+            f"no checkpoint in {manager.directory}: train first (--mode=train with this "
+            f"--workdir), or point --workdir at a finished run")
+    if step < 0:
+        return max(steps)
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {manager.directory}; "
+                              f"available steps: {sorted(steps)}")
+    return step
+
+
+def _check_compatible(manager: ocp.CheckpointManager, step: int, item: str, target: Any,
+                      subtree: str | None = None) -> None:
+    """Compare the stored tree (or its `subtree`) with the target before restoring, to name
+    what differs."""
+    path = _step_path(manager, step)
+    try:
+        stored = manager.item_metadata(step)[item]
+        stored_tree = stored.tree if hasattr(stored, "tree") else stored
+    except Exception as e:  # noqa: BLE001  (any read failure here means a damaged checkpoint)
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+                              f"it may be truncated: delete it or pick another step") from None
+    if stored_tree is None:
+        raise CheckpointError(f"checkpoint {path} has no readable '{item}' item; it may be "
+                              f"truncated: delete it or pick another step")
+    if subtree is not None:
+        stored_tree = stored_tree[subtree]
+    stored_leaves = {jax.tree_util.keystr(k): v for k, v in
+                     jax.tree_util.tree_leaves_with_path(stored_tree)}
+    target_leaves = {jax.tree_util.keystr(k): v for k, v in
+                     jax.tree_util.tree_leaves_with_path(target)}
+    missing = sorted(set(target_leaves) - set(stored_leaves))
+    extra = sorted(set(stored_leaves) - set(target_leaves))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model in the config: "
+            f"{len(missing)} parameters missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+            f"(e.g. {extra[:2]}); was it trained with another config.model? Its config is in "
+            f"{path}/config")
+    for name, want in target_leaves.items():
+        have = tuple(stored_leaves[name].shape)
+        if have != tuple(want.shape):
+            raise CheckpointError(
+                f"checkpoint {path} does not match the model in the config: {item}{name} has "
+                f"shape {have} there but {tuple(want.shape)} in the config; was it trained with "
+                f"another config.model? Its config is in {path}/config")
+
+
+def _abstract(tree: Any, sharding: Sharding) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, **items: Any) -> Any:
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many types for bad files)
+        raise CheckpointError(
+            f"checkpoint {_step_path(manager, step)} could not be restored "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it may be "
+            f"truncated or from another model: delete it or pick another step") from None
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, state_template: Any,
+                        sharding: Sharding) -> tuple[Any, Any]:
+    """(TrainState, data iterator state) at `step`, placed with `sharding`.
+
+    `state_template` is a TrainState (or its jax.eval_shape) that fixes structure and dtypes.
+    """
+    train_part = {"step": state_template.step, "params": state_template.params,
+                  "opt_state": state_template.opt_state, "rng": state_template.rng}
+    _check_compatible(manager, step, "state", train_part)
+    _check_compatible(manager, step, "ema_params", state_template.ema_params)
+    restored = _restore(
+        manager, step,
+        state=ocp.args.StandardRestore(_abstract(train_part, sharding)),
+        ema_params=ocp.args.StandardRestore(_abstract(state_template.ema_params, sharding)),
+        data=ocp.args.JsonRestore())
+    state = state_template.replace(ema_params=restored.ema_params, **restored.state)
+    return state, restored.data
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, params_template: Any,
+                   sharding: Sharding, use_ema: bool = True) -> Any:
+    """Only the (EMA or raw) parameters at `step`, placed with `sharding` on the current devices,
+    whatever device count wrote them."""
+    if use_ema:
+        _check_compatible(manager, step, "ema_params", params_template)
+        return _restore(manager, step, ema_params=ocp.args.StandardRestore(
+            _abstract(params_template, sharding))).ema_params
+    _check_compatible(manager, step, "state", params_template, subtree="params")
+    # A partial restore of the "state" item: only its params subtree.
+    target = {"params": _abstract(params_template, sharding)}
+    return _restore(manager, step, state=ocp.args.PyTreeRestore(
+        item=target, partial_restore=True)).state["params"]

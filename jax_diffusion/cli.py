@@ -1,0 +1,90 @@
+"""What main.py needs besides flag definitions: one-line errors for bad flags and config keys,
+JAX set-up, and the dispatch by --mode."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import ml_collections
+from absl import flags
+
+MODES = ("train", "sample", "eval", "bench")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fail(message: str) -> int:
+    """Print one line to stderr and give the exit status for main.py."""
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _config_file(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return os.path.join(_REPO, "configs", "digits.py")
+
+
+def _unknown_key(argv: list[str]) -> str | None:
+    """A message for the first --config.a.b override whose key does not exist, else None."""
+    path = _config_file(argv)
+    if not os.path.exists(path):
+        return f"config file {path} not found; the configs are in {os.path.join(_REPO, 'configs')}"
+    spec = importlib.util.spec_from_file_location("jax_diffusion_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        keys = arg[len("--config."):].split("=", 1)[0].split(".")
+        node, walked = config, "config"
+        for key in keys:
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                return (f"unknown config key {walked}.{key} (from {arg.split('=')[0]}); valid keys "
+                        f"in {walked}: {', '.join(valid) if valid else '(none: not a section)'}")
+            node, walked = node[key], f"{walked}.{key}"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a one-line error instead of a traceback or a usage dump."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001  (absl and ml_collections raise several types)
+        message = _unknown_key(argv[1:]) or str(e).splitlines()[0]
+        sys.exit(fail(message))
+
+
+def setup_jax(config: ml_collections.ConfigDict) -> None:
+    """The persistent compilation cache, so that a second run does not compile again."""
+    import jax
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".cache", "jax"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: shown as one line (the traceback at -v=1)."""
+    from jax_diffusion.checkpoints import CheckpointError
+    from jax_diffusion.data import DatasetNotFoundError
+    from jax_diffusion.train import NonFiniteLossError
+    return (ValueError, CheckpointError, DatasetNotFoundError, NonFiniteLossError,
+            NotImplementedError)
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Dispatch by --mode."""
+    if mode == "train":
+        from jax_diffusion.train import train_and_evaluate
+        train_and_evaluate(config, workdir)
+    elif mode == "sample":
+        from jax_diffusion.sampling import run_sample
+        run_sample(config, workdir)
+    else:
+        raise NotImplementedError(f"--mode={mode} is not yet available in this version; "
+                                  f"use --mode=train or --mode=sample")

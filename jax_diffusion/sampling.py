@@ -1,0 +1,163 @@
+"""Sampling from a trained model: restore the (EMA) parameters onto the current devices and
+generate batch-sharded samples with the sampler in `config.sample`.
+
+--mode=sample writes `<workdir>/samples/samples_<process>.npz` (images uint8 [N, H, W, C],
+labels int32 [N]) and `<workdir>/samples_grid.png`.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jax_diffusion import checkpoints, images, parallel, samplers, schedules
+from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
+from jax_diffusion.models import create_model
+
+SampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
+
+
+def sampling_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
+    """The diffusion respaced to config.sample.num_steps: log-SNR spacing for DPM-Solver++,
+    the DDIM stride when one gives exactly that many steps, else even sections."""
+    steps, total = config.sample.num_steps, config.diffusion.num_timesteps
+    if config.sample.method not in samplers.METHODS:
+        raise ValueError(f"config.sample.method={config.sample.method!r} is unknown; "
+                         f"allowed: {', '.join(samplers.METHODS)}")
+    if not 1 <= steps <= total:
+        raise ValueError(f"config.sample.num_steps={steps} must be between 1 and "
+                         f"config.diffusion.num_timesteps={total}")
+    if steps == total:
+        return create_diffusion(config.diffusion)
+    if config.sample.method == "dpm_solver++":
+        kept = schedules.logsnr_timesteps(total, steps, config.diffusion.schedule)
+        return create_diffusion(config.diffusion, respacing=kept)
+    try:
+        return create_diffusion(config.diffusion, respacing=f"ddim{steps}")
+    except ValueError:  # no integer stride gives exactly `steps`
+        return create_diffusion(config.diffusion, respacing=str(steps))
+
+
+def default_labels(num_samples: int, num_classes: int) -> np.ndarray:
+    """Classes cycling 0..K-1 (all zeros for an unconditional model)."""
+    if num_classes <= 0:
+        return np.zeros((num_samples,), np.int32)
+    return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, mesh,
+                   batch_size: int) -> SampleFn:
+    """jit(params, key, labels [batch_size]) -> uint8 images [batch_size, H, W, C], the batch
+    sharded over the mesh; compiled once for all batches."""
+    parallel.check_divisible(batch_size, mesh, "the sampling batch size")
+    diffusion = sampling_diffusion(config)
+    sample_config, num_classes = config.sample, config.model.num_classes
+    shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
+
+    def generate(params, key, labels):
+        def conditional(x, t, y):
+            return model.apply({"params": params}, x, t, y, train=False)
+        if num_classes > 0 and sample_config.guidance_scale != 1.0:
+            model_fn = samplers.guided_model_fn(conditional, labels, num_classes,
+                                                sample_config.guidance_scale)
+        else:
+            y = labels if num_classes > 0 else None
+            model_fn = lambda x, t: conditional(x, t, y)  # noqa: E731
+        x0 = samplers.sample(model_fn, diffusion, shape, key, method=sample_config.method,
+                             eta=sample_config.eta, clip_denoised=sample_config.clip_denoised)
+        return images.to_uint8(x0)
+
+    batch = parallel.batch_sharded(mesh)
+    return jax.jit(generate, in_shardings=(parallel.replicated(mesh), parallel.replicated(mesh),
+                                           batch), out_shardings=batch)
+
+
+def generate_samples(sample_fn: SampleFn, params, labels: np.ndarray, batch_size: int,
+                     seed: int, mesh, progress: bool = True) -> np.ndarray:
+    """All samples for `labels`, batch by batch; batch i uses key fold_in(seed, i), so the
+    images depend on the seed and batch size, not on the device count."""
+    num = len(labels)
+    num_batches = -(-num // batch_size)
+    padded = np.resize(labels, num_batches * batch_size).astype(np.int32)  # last batch filled up
+    base_key = jax.random.PRNGKey(seed)
+    out = []
+    for i in tqdm(range(num_batches), desc="sampling", unit="batch", disable=not progress):
+        chunk = parallel.global_batch(padded[i * batch_size:(i + 1) * batch_size], mesh)
+        out.append(parallel.to_host(sample_fn(params, jax.random.fold_in(base_key, i), chunk)))
+    return np.concatenate(out)[:num]
+
+
+class GridSampler:
+    """Writes a grid of EMA samples during training: PNG under workdir/grids and TensorBoard."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh):
+        n_dev = mesh.devices.size
+        self.num = -(-config.sample.grid_size // n_dev) * n_dev
+        self.labels = default_labels(self.num, config.model.num_classes)
+        self.mesh = mesh
+        self.seed = config.sample.seed
+        self.sample_fn = make_sample_fn(config, model, mesh, self.num)
+        self.ncols = config.model.num_classes or int(np.ceil(np.sqrt(self.num)))
+
+    def write(self, params, step: int, workdir: str, writer) -> None:
+        samples = generate_samples(self.sample_fn, params, self.labels, self.num, self.seed,
+                                   self.mesh, progress=False)
+        if jax.process_index() != 0:
+            return
+        # Class-conditional: one column per class, so each column is one label.
+        grid = images.make_grid(samples, self.ncols)
+        images.save_png(grid, os.path.join(workdir, "grids", f"step_{step:08d}.png"), scale=2)
+        writer.write_images(step, {"samples": grid[None]})
+
+
+def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str, mesh,
+                         model: nn.Module) -> tuple[object, int]:
+    """(params, step): EMA (or raw) parameters of the chosen checkpoint, replicated on `mesh`."""
+    from jax_diffusion.train import example_inputs  # the training shapes define the params
+    manager = checkpoints.create_manager(workdir, read_only=True)
+    step = checkpoints.select_step(manager, config.sample.checkpoint_step)
+    template = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), *example_inputs(config))["params"])
+    params = checkpoints.restore_params(manager, step, template, parallel.replicated(mesh),
+                                        use_ema=config.sample.use_ema)
+    return params, step
+
+
+def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """--mode=sample: returns the samples folder."""
+    mesh = parallel.create_mesh()
+    model = create_model(config.model)
+    params, step = restore_for_sampling(config, workdir, mesh, model)
+    sample_config = config.sample
+    logging.info("Sampling %d images from step %d (%s params) with %s, %d steps",
+                 sample_config.num_samples, step, "EMA" if sample_config.use_ema else "raw",
+                 sample_config.method, sample_config.num_steps)
+    batch_size = min(sample_config.batch_size, sample_config.num_samples)
+    batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    labels = default_labels(sample_config.num_samples, config.model.num_classes)
+    sample_fn = make_sample_fn(config, model, mesh, batch_size)
+    samples = generate_samples(sample_fn, params, labels, batch_size, sample_config.seed, mesh)
+
+    out_dir = os.path.join(workdir, "samples")
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        for old in glob.glob(os.path.join(out_dir, "samples_*.npz")):
+            os.remove(old)  # a new run replaces the files of an earlier one
+        np.savez(os.path.join(out_dir, "samples_0.npz"), images=samples, labels=labels)
+        if config.model.num_classes > 0:
+            grid = images.make_grid(images.class_rows(samples, labels, config.model.num_classes),
+                                    ncols=10)
+        else:
+            grid = images.make_grid(samples[:100], ncols=10)
+        images.save_png(grid, os.path.join(workdir, "samples_grid.png"), scale=2)
+        logging.info("Wrote %d samples to %s and the grid to %s", len(samples), out_dir,
+                     os.path.join(workdir, "samples_grid.png"))
+    return out_dir

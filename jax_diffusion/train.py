@@ -1,0 +1,261 @@
+"""Training: create_train_state -> make_train_step -> train_and_evaluate (the loop).
+
+The step is one jit-compiled function over the device mesh: the batch is sharded on "data", the
+state replicated and donated, and XLA averages the gradients across devices. Random numbers
+(timesteps, noise, dropout, label drop) are drawn for the global batch from
+fold_in(state.rng, step), so they do not depend on the device count.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jax_diffusion import checkpoints, data, parallel, sampling
+from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
+from jax_diffusion.models import create_model
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so that checkpoints hold plain arrays
+
+
+def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then constant (as DDPM)."""
+    if train_config.warmup_steps <= 0:
+        return optax.constant_schedule(train_config.lr)
+    return optax.linear_schedule(0.0, train_config.lr, train_config.warmup_steps)
+
+
+def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """clip_by_global_norm then AdamW with the warmup schedule."""
+    return optax.chain(
+        optax.clip_by_global_norm(train_config.grad_clip),
+        optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.999, eps=1e-8,
+                    weight_decay=train_config.weight_decay))
+
+
+def example_inputs(config: ml_collections.ConfigDict, batch: int = 1):
+    """Dummy (x, t, y) of the right shapes and dtypes for init and tracing."""
+    x = jnp.zeros((batch, config.data.image_size, config.data.image_size, config.data.channels))
+    t = jnp.zeros((batch,), jnp.int32)
+    y = jnp.zeros((batch,), jnp.int32) if config.model.num_classes > 0 else None
+    return x, t, y
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                       tx: optax.GradientTransformation, mesh) -> TrainState:
+    """A fresh TrainState, replicated over the mesh; EMA starts equal to the params."""
+    def init() -> TrainState:
+        rng = jax.random.PRNGKey(config.train.seed)
+        init_rng, train_rng = jax.random.split(rng)
+        params = model.init(init_rng, *example_inputs(config), train=False)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                          opt_state=tx.init(params), rng=train_rng)
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
+                    diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
+                    mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """jit(state, batches) -> (state, metrics), running `steps_per_jit` steps in one lax.scan.
+
+    `batches` hold a leading steps axis: image [k, B, H, W, C], label [k, B]. A step whose loss
+    or gradient is not finite leaves the state unchanged and reports finite=0, so the host can
+    stop the run with nothing corrupt in the state.
+    """
+    train_config = config.train
+    num_classes = config.model.num_classes
+    lr_schedule = learning_rate_schedule(train_config)
+
+    def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        images = batch["image"]
+        key = jax.random.fold_in(state.rng, state.step)
+        t_key, noise_key, dropout_key, label_key = jax.random.split(key, 4)
+        t = jax.random.randint(t_key, (images.shape[0],), 0, diffusion.num_timesteps)
+        labels = None
+        if num_classes > 0:
+            # Label dropout trains the null label, the unconditional branch of guidance.
+            drop = jax.random.uniform(label_key, batch["label"].shape)
+            labels = jnp.where(drop < train_config.label_dropout, num_classes, batch["label"])
+
+        def loss_fn(params):
+            def model_fn(x, timesteps):
+                return model.apply({"params": params}, x, timesteps, labels, train=True,
+                                   rngs={"dropout": dropout_key})
+            terms = diffusion.training_losses(model_fn, images, t, noise_key)
+            return jnp.mean(terms["loss"]), terms
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = optax.incremental_update(params, state.ema_params,
+                                              1.0 - train_config.ema_decay)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updated = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                                opt_state=opt_state)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        metrics = {name: jnp.mean(value) for name, value in terms.items()}
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=lr_schedule(state.step),
+                       finite=finite.astype(jnp.float32))
+        return new_state, metrics
+
+    def multi_step(state: TrainState, batches: dict):
+        return jax.lax.scan(one_step, state, batches)
+
+    return jax.jit(multi_step, donate_argnums=0,
+                   in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh, 1)),
+                   out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+
+
+def run_length(config: ml_collections.ConfigDict) -> int:
+    """Total steps: num_steps, or epochs x iterations_per_epoch (one pass when that is 0)."""
+    train = config.train
+    if train.epochs > 0:
+        per_epoch = train.iterations_per_epoch
+        if per_epoch <= 0:
+            per_epoch = max(1, data.dataset_info(config)[0] // train.batch_size)
+        return train.epochs * per_epoch
+    return train.num_steps
+
+
+def validate_intervals(config: ml_collections.ConfigDict, num_steps: int) -> None:
+    """Intervals must be whole numbers of compiled calls of steps_per_jit steps."""
+    k = config.train.steps_per_jit
+    if k < 1:
+        raise ValueError(f"config.train.steps_per_jit={k} must be >= 1")
+    for name in ("log_every", "checkpoint_every", "sample_every"):
+        value = config.train[name]
+        if value < 0 or (value and value % k):
+            raise ValueError(f"config.train.{name}={value} must be 0 or a positive multiple of "
+                             f"config.train.steps_per_jit={k}")
+    if num_steps % k:
+        raise ValueError(f"the run length ({num_steps} steps) must be a multiple of "
+                         f"config.train.steps_per_jit={k}")
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag that the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _next_batches(iterator, k: int, mesh) -> dict:
+    """k host batches stacked on a leading axis, as global arrays sharded on "data"."""
+    batches = [next(iterator) for _ in range(k)]
+    local = {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+    return parallel.global_batch(local, mesh, leading_axes=1)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train per `config`, resuming from the latest checkpoint in `workdir` if there is one."""
+    from clu import metric_writers  # imports TensorFlow: only when training
+
+    mesh = parallel.create_mesh()
+    parallel.check_divisible(config.train.batch_size, mesh, "config.train.batch_size")
+    num_steps = run_length(config)
+    validate_intervals(config, num_steps)
+    k = config.train.steps_per_jit
+
+    model = create_model(config.model)
+    diffusion = create_diffusion(config.diffusion)
+    tx = create_optimizer(config.train)
+    iterator = data.create_train_iterator(config, seed=config.train.seed,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    state = create_train_state(config, model, tx, mesh)
+    manager = checkpoints.create_manager(workdir, config.train.max_to_keep)
+    if manager.latest_step() is not None:
+        step = manager.latest_step()
+        state, data_state = checkpoints.restore_train_state(
+            manager, step, state, parallel.replicated(mesh))
+        iterator.set_state(data_state)
+        logging.info("Resuming from %s at step %d", checkpoints.checkpoint_dir(workdir) +
+                     f"/{step}", step)
+    step = int(state.step)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    train_step = make_train_step(config, model, diffusion, tx, mesh)
+    grid_sampler = (sampling.GridSampler(config, model, mesh) if config.train.sample_every
+                    else None)
+    preemption = _Preemption()
+    pending: list[dict] = []  # device metrics since the last log: fetched together, no per-step sync
+    last_saved = f"step {step}" if step else "none yet"
+    window_start, window_step = time.time(), step
+
+    def flush_metrics() -> None:
+        nonlocal window_start, window_step
+        if not pending:
+            return
+        fetched = jax.device_get(pending)
+        pending.clear()
+        stacked = {name: np.concatenate([np.atleast_1d(m[name]) for m in fetched])
+                   for name in fetched[0]}
+        if not np.all(stacked["finite"] == 1):
+            bad = window_step + int(np.argmin(stacked["finite"])) + 1
+            manager.wait_until_finished()
+            raise NonFiniteLossError(
+                f"the loss or gradient became NaN/Inf at step {bad}; stopped without saving. "
+                f"The last good checkpoint ({last_saved}) stays in "
+                f"{checkpoints.checkpoint_dir(workdir)}. Try a lower --config.train.lr or "
+                f"--config.train.grad_clip, or check the data")
+        elapsed = max(time.time() - window_start, 1e-9)
+        steps_per_s = (step - window_step) / elapsed
+        scalars = {name: float(np.mean(v)) for name, v in stacked.items() if name != "finite"}
+        scalars.update(steps_per_s=steps_per_s,
+                       img_per_s=steps_per_s * config.train.batch_size,
+                       eta_min=(num_steps - step) / max(steps_per_s, 1e-9) / 60.0)
+        writer.write_scalars(step, scalars)
+        window_start, window_step = time.time(), step
+
+    try:
+        while step < num_steps:
+            state, metrics = train_step(state, _next_batches(iterator, k, mesh))
+            step += k
+            pending.append(metrics)
+            at_end = step >= num_steps or preemption.requested
+            if (config.train.log_every and step % config.train.log_every == 0) or at_end:
+                flush_metrics()
+            if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) \
+                    or at_end:
+                flush_metrics()  # never save after a non-finite step
+                checkpoints.save(manager, step, state, config, iterator.get_state())
+                last_saved = f"step {step}"
+            if grid_sampler and step % config.train.sample_every == 0:
+                grid_sampler.write(state.ema_params, step, workdir, writer)
+            if preemption.requested:
+                logging.info("Preempted: checkpoint saved at step %d", step)
+                break
+    finally:
+        preemption.restore()
+        manager.wait_until_finished()
+        writer.flush()
+    return state
