@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.random_flip = False         # horizontal flip; wrong for digits, right for CIFAR-10
     data.train_split = "train"
     data.eval_split = "test"
+    data.worker_count = 0            # grain worker processes for the train pipeline; 0 = read in the main process
 
     config.model = model = ml_collections.ConfigDict()
     model.ch = 64

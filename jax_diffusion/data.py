@@ -1,0 +1,252 @@
+"""Datasets and the training input pipeline.
+
+Two kinds of data feed one grain pipeline:
+- "digits": scikit-learn's 8x8 digits (shipped inside the scikit-learn wheel, so it works offline),
+  resized to `config.data.image_size` and held in memory;
+- any tfds image dataset prepared as array_record, read with `tfds.data_source` (no TensorFlow needed).
+
+Both are random-access sources (`len` and `source[i]` -> {"image", "label"}) and go through
+`iterator_from_source`: a seeded shuffle that changes every epoch, the tail of each epoch dropped,
+an optional seeded horizontal flip, images scaled to [-1, 1], and each process reading only its
+rows of every global batch. The pipeline is a chain of grain `MapDataset`s, so the iterator state
+is a small JSON-serialisable dict and a restored iterator continues exactly where it stopped.
+
+Image convention for sources: uint8 images are in [0, 255] (tfds), float images in [0, 1] (digits).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+import sklearn.datasets
+from PIL import Image
+
+DIGITS = "digits"
+# Pipeline elements are whole local batches, so two reader threads and two buffered batches keep
+# the next batch ready without holding many batches in memory; more parallelism comes from
+# config.data.worker_count processes.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The tfds dataset named by config.data.dataset is not prepared in the data directory searched."""
+
+
+class ArraySource:
+    """grain random-access source over in-memory arrays.
+
+    Record i is {"image": images[i], "label": labels[i]}.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+def _to_model_range(image: np.ndarray) -> np.ndarray:
+    """Returns the image as float32 in [-1, 1]: uint8 is read as [0, 255], float as [0, 1]."""
+    if image.dtype == np.uint8:
+        # Dividing by 127.5 maps 255 to exactly 1.0 (multiplying by 2/255 overshoots in float32).
+        return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    if np.issubdtype(image.dtype, np.floating):
+        return image.astype(np.float32) * np.float32(2.0) - np.float32(1.0)
+    raise ValueError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {image.dtype}")
+
+
+def _digits_unit_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns scikit-learn's digits as (float32 [1797, S, S, 1] in [0, 1], int32 [1797] labels 0-9)."""
+    digits = sklearn.datasets.load_digits()
+    images = (digits.images / 16.0).astype(np.float32)  # integer pixel values 0..16
+    if image_size != images.shape[1]:
+        # Bilinear with PIL on float32 ("F" mode) images: every output pixel is a convex combination
+        # of input pixels, so values stay in [0, 1] and strokes stay smooth (nearest would give
+        # blocks, bicubic overshoots outside [0, 1]). PIL widens the filter when shrinking, so
+        # sizes below 8 are antialiased too.
+        images = np.stack([
+            np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR))
+            for image in images])
+    return images[..., None], digits.target.astype(np.int32)
+
+
+def load_digits_arrays(image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Returns scikit-learn's 8x8 digits resized (bilinear) to image_size.
+
+    Returns (images float32 [1797, image_size, image_size, 1] in [-1, 1], labels int32 [1797] in 0..9),
+    in scikit-learn's order (labels equal `load_digits().target`).
+    """
+    images, labels = _digits_unit_arrays(image_size)
+    return _to_model_range(images), labels
+
+
+def _tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:
+    """Returns the tfds array_record data source of `split`, or raises DatasetNotFoundError at once."""
+    # Imported here so that the digits path does not pay for importing tfds.
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import constants
+
+    name = config.data.dataset
+    data_dir = config.data.tfds_data_dir or constants.get_default_data_dir()
+    searched = (
+        f"{data_dir} (config.data.tfds_data_dir={config.data.tfds_data_dir!r}; '' means the tfds default, "
+        f"$TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    try:
+        return tfds.data_source(
+            name, split=split, data_dir=data_dir, download=False, try_gcs=False,
+            builder_kwargs={"file_format": "array_record"})
+    except tfds.core.DatasetNotFoundError as e:
+        raise DatasetNotFoundError(
+            f"config.data.dataset={name!r} is neither {DIGITS!r} nor a dataset tfds knows, and no prepared "
+            f"copy of it (<dir>/{name}/<version>/) was found in {searched}.") from e
+    except (KeyError, FileNotFoundError) as e:
+        # tfds reports data that was never prepared as an empty split table (KeyError).
+        raise DatasetNotFoundError(
+            f"tfds dataset {name!r} (split {split!r}) is not prepared in {searched}. Training never "
+            f"downloads. Prepare it on a machine with network access with\n"
+            f"    tfds build {name} --file_format=array_record --data_dir=<dir>\n"
+            f"(building needs tensorflow, which requirements.txt installs) and copy <dir> here, or point "
+            f"--config.data.tfds_data_dir at an existing prepared copy.") from e
+
+
+def _open_source(config: ml_collections.ConfigDict, split: str) -> Any:
+    """Returns the random-access source of config.data.dataset; digits has one split (all 1797 images)."""
+    if config.data.dataset == DIGITS:
+        if config.data.channels != 1:
+            raise ValueError(f"digits images have 1 channel but config.data.channels={config.data.channels}")
+        return ArraySource(*_digits_unit_arrays(config.data.image_size))
+    return _tfds_source(config, split)
+
+
+class _ToModelInput(grain.transforms.Map):
+    """Validates a record's image shape.
+
+    Returns {"image": float32 [H, W, C] in [-1, 1], "label": int32} from a source record.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self._name = config.data.dataset
+        self._image_size = config.data.image_size
+        self._channels = config.data.channels
+
+    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        image = np.asarray(record["image"])
+        expected = (self._image_size, self._image_size, self._channels)
+        if image.shape != expected:
+            raise ValueError(
+                f"dataset {self._name!r} has images of shape {image.shape} (H, W, C) but "
+                f"config.data.image_size={self._image_size} and config.data.channels={self._channels} "
+                f"ask for {expected}; set those keys to match the dataset (the pipeline does not resize it).")
+        # Unlabelled datasets get label 0 so every batch has the same structure.
+        return {"image": _to_model_range(image), "label": np.int32(record.get("label", 0))}
+
+
+def _random_flip(example: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Returns the example with its image mirrored left-right with probability 1/2."""
+    if rng.random() < 0.5:
+        return {**example, "image": example["image"][:, ::-1]}
+    return example
+
+
+def iterator_from_source(
+    source: Any,
+    config: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """Returns an endless, checkpointable iterator of this process's training batches from `source`.
+
+    Each element is {"image": float32 [local_batch, H, W, C] in [-1, 1], "label": int32 [local_batch]}
+    with local_batch = config.train.batch_size // process_count. Epoch e is a permutation of the
+    whole source seeded by (seed, e), cut into N // batch_size global batches; the last
+    N % batch_size examples of that permutation are dropped, so every batch holds distinct examples
+    and every epoch has the same number of steps. Process p reads rows p*local_batch:(p+1)*local_batch
+    of each global batch, so the processes' batches concatenated in process order are the
+    single-process batch. Flips (config.data.random_flip) are seeded by the example's position in the
+    global stream, so they too do not depend on process_count. The iterator has
+    `get_state() -> dict` (JSON-serialisable) and `set_state(dict)`.
+    """
+    num_examples = len(source)
+    global_batch = config.train.batch_size
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    if global_batch % process_count:
+        raise ValueError(
+            f"config.train.batch_size={global_batch} is not divisible by process_count={process_count}")
+    if global_batch > num_examples:
+        raise ValueError(
+            f"config.train.batch_size={global_batch} is larger than dataset "
+            f"{config.data.dataset!r} ({num_examples} examples)")
+    local_batch = global_batch // process_count
+    to_model_input = _ToModelInput(config)
+    to_model_input.map(source[0])  # fail now, not inside a reader thread, on a wrong image shape
+    # Independent 32-bit seeds, so that nearby `seed`s do not give related shuffles or flips.
+    order_seed, flip_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+
+    ds = grain.MapDataset.source(source)
+    # Indices past len(ds) belong to later epochs, each shuffled with its own seed; slicing keeps the
+    # first whole global batches of every epoch's permutation, and repeat makes the stream endless.
+    ds = ds.shuffle(seed=order_seed)[: (num_examples // global_batch) * global_batch].repeat()
+    ds = ds.map(to_model_input)
+    if config.data.random_flip:
+        ds = ds.random_map(_random_flip, seed=flip_seed)
+    # Local batch i is rows (i % P)*local:(i % P + 1)*local of global batch i // P: process p takes
+    # every P-th local batch starting at p, and reads nothing else.
+    ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+    it_ds = ds.to_iter_dataset(_READ_OPTIONS)
+    if config.data.worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+    return iter(it_ds)
+
+
+def create_train_iterator(
+    config: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """Returns this process's endless training iterator over config.data.dataset (train split).
+
+    See `iterator_from_source` for the batches, the shuffle, the sharding and the state.
+    """
+    source = _open_source(config, config.data.train_split)
+    return iterator_from_source(
+        source, config, seed=seed, process_index=process_index, process_count=process_count)
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """Returns (number of training examples, number of classes; 0 if the dataset has no labels)."""
+    source = _open_source(config, config.data.train_split)
+    if isinstance(source, ArraySource):
+        return len(source), int(source.labels.max()) + 1
+    features = source.dataset_info.features
+    label = features["label"] if "label" in features else None
+    return len(source), int(getattr(label, "num_classes", None) or 0)
+
+
+def load_eval_arrays(
+    config: ml_collections.ConfigDict, max_examples: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Returns the first max_examples (all if None) of the eval split, in the dataset's order.
+
+    Returns (images float32 [n, H, W, C] in [-1, 1], labels int32 [n]). tfds reads
+    config.data.eval_split. Digits has no official split and trains on all 1797 images, so its eval
+    set is that same whole set (an NLL on digits is a training-set NLL).
+    """
+    source = _open_source(config, config.data.eval_split)
+    count = len(source) if max_examples is None else min(max_examples, len(source))
+    to_model_input = _ToModelInput(config)
+    examples = [to_model_input.map(source[i]) for i in range(count)]
+    return (np.stack([e["image"] for e in examples]),
+            np.array([e["label"] for e in examples], dtype=np.int32))
