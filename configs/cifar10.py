@@ -1,0 +1,64 @@
+"""DDPM (Ho et al. 2020) on CIFAR-10: the 35.7M-parameter U-Net, linear schedule, L_simple; DDIM sampling."""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _default_config() -> ml_collections.ConfigDict:
+    # Loaded by path: config_flags imports config files by path, so `configs` need not be a package.
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+    spec = importlib.util.spec_from_file_location("configs_default", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = _default_config()
+
+    data = config.data
+    data.dataset = "cifar10"
+    data.image_size = 32
+    data.channels = 3
+    data.random_flip = True
+
+    model = config.model
+    model.ch = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attention_resolutions = (16,)
+    model.num_heads = 1
+    model.num_head_channels = -1
+    model.dropout = 0.1
+    model.conv_resample = True
+    model.resblock_updown = False
+    model.use_scale_shift_norm = False
+    model.learn_sigma = False
+    model.num_classes = 0
+
+    diffusion = config.diffusion
+    diffusion.schedule = "linear"
+    diffusion.num_timesteps = 1000
+    diffusion.mean_type = "eps"
+    diffusion.var_type = "fixed_large"
+    diffusion.loss_type = "mse"
+
+    train = config.train
+    train.batch_size = 128
+    train.lr = 2e-4
+    train.warmup_steps = 5000
+    train.grad_clip = 1.0
+    train.ema_decay = 0.9999
+    train.num_steps = 800_000
+    train.checkpoint_every = 10_000
+    train.log_every = 100
+    train.sample_every = 10_000
+
+    sample = config.sample
+    sample.method = "ddim"
+    sample.num_steps = 50
+    sample.eta = 0.0
+    sample.num_samples = 50_000
+    sample.batch_size = 500
+    return config

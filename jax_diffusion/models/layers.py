@@ -1,0 +1,135 @@
+"""U-Net building blocks, NHWC: GroupNorm (+AdaGN), resampling, the ResBlock and self-attention.
+
+Mixed precision: parameters are float32; convolutions and matmuls run in the module's `dtype`;
+GroupNorm statistics (and the AdaGN affine) are computed in float32 and cast back to `dtype`.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+GROUPS = 32
+
+
+def default_init() -> nn.initializers.Initializer:
+    """DDPM's initialiser: variance scaling 1.0, fan_avg, uniform."""
+    return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def conv(features: int, kernel: int, dtype: jnp.dtype, name: str, stride: int = 1,
+         zero_init: bool = False) -> nn.Conv:
+    """A k x k convolution with 'same' padding (symmetric, as in the PyTorch references)."""
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                   dtype=dtype, kernel_init=nn.initializers.zeros if zero_init else default_init(), name=name)
+
+
+def group_norm(x: jax.Array, name: str, dtype: jnp.dtype, scale: jax.Array | None = None,
+               shift: jax.Array | None = None) -> jax.Array:
+    """GroupNorm(32 groups) in float32; AdaGN `norm(x) * (1 + scale) + shift` when scale/shift are given."""
+    h = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, dtype=jnp.float32, name=name)(x.astype(jnp.float32))
+    if scale is not None:
+        h = h * (1 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
+    return h.astype(dtype)
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """Double H and W by repeating pixels."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+    """Halve H and W by 2x2 average pooling."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Downsample(nn.Module):
+    """Halve H and W: a stride-2 3x3 convolution (conv_resample) or 2x2 average pooling."""
+
+    use_conv: bool
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return conv(x.shape[-1], 3, self.dtype, "conv", stride=2)(x)
+        return avg_pool2(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a 3x3 convolution when conv_resample."""
+
+    use_conv: bool
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = upsample_nearest(x)
+        return conv(x.shape[-1], 3, self.dtype, "conv")(x) if self.use_conv else x
+
+
+class ResBlock(nn.Module):
+    """skip(x) + conv2(dropout(SiLU(norm2(conv1(SiLU(norm1(x))), emb)))).
+
+    DDPM flavour: the embedding is projected to `out_ch` and added as a bias before norm2.
+    `use_scale_shift_norm` (Improved DDPM's AdaGN): it is projected to 2 * out_ch = (scale, shift) and
+    norm2 becomes GroupNorm(h) * (1 + scale) + shift. `resample` "up"/"down" makes it the BigGAN-style
+    block that resizes both paths (without convolution) between norm1 and conv1. conv2 is
+    zero-initialised, so a fresh block is the identity (or its skip projection). The skip is a 1x1
+    convolution (3x3 with `skip_conv3x3`) when the channel count changes.
+    """
+
+    out_ch: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    resample: str = "none"  # "none" | "up" | "down"
+    skip_conv3x3: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+        h = nn.silu(group_norm(x, "norm1", self.dtype))
+        if self.resample != "none":
+            resize = upsample_nearest if self.resample == "up" else avg_pool2
+            h, x = resize(h), resize(x)
+        h = conv(self.out_ch, 3, self.dtype, "conv1")(h)
+
+        emb_width = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
+        e = nn.Dense(emb_width, dtype=self.dtype, kernel_init=default_init(), name="emb_proj")(nn.silu(emb))
+        e = e[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(e, 2, axis=-1)
+            h = group_norm(h, "norm2", self.dtype, scale, shift)
+        else:
+            h = group_norm(h + e, "norm2", self.dtype)
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        h = conv(self.out_ch, 3, self.dtype, "conv2", zero_init=True)(h)
+
+        if x.shape[-1] != self.out_ch:
+            x = conv(self.out_ch, 3 if self.skip_conv3x3 else 1, self.dtype, "skip")(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """x + proj_out(MultiHeadSelfAttention(GroupNorm(x))) over the H * W positions.
+
+    q, k, v come from one fused 1x1 projection (3C outputs: per head [q | k | v], the layout of
+    improved-diffusion; same parameter count as DDPM's separate q, k, v). Heads: C // num_head_channels
+    when num_head_channels > 0, else num_heads. proj_out is zero-initialised.
+    """
+
+    num_heads: int = 1
+    num_head_channels: int = -1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, height, width, c = x.shape
+        heads = c // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
+        h = group_norm(x, "norm", self.dtype)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, kernel_init=default_init(), name="qkv")(h)
+        q, k, v = jnp.split(qkv.reshape(b, height * width, heads, 3 * (c // heads)), 3, axis=-1)
+        # The XLA implementation is the exact math: float32 logits (scaled by 1/sqrt(head_dim)) and
+        # softmax, weights cast back to dtype for the product with v.
+        h = jax.nn.dot_product_attention(q, k, v, implementation="xla").reshape(b, height, width, c)
+        h = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
+        return x + h

@@ -1,0 +1,167 @@
+"""The diffusion U-Net (DDPM / Improved DDPM), its config validation and `create_model`.
+
+eps (or [eps, v] with learn_sigma) = UNet(x_t, t, y): NHWC in, NHWC float32 out.
+"""
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jax_diffusion.models.embeddings import ConditioningEmbedding
+from jax_diffusion.models.layers import GROUPS, AttentionBlock, Downsample, ResBlock, Upsample, conv, group_norm
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class UNet(nn.Module):
+    """Encoder (ResBlocks [+ attention], downsampling) -> middle (Res, Attn, Res) -> decoder with skips.
+
+    Each level of the encoder has `num_res_blocks` ResBlocks of ch * ch_mult[level] channels; the decoder
+    has one more per level, each consuming one skip activation (concatenated on channels). Attention
+    follows every ResBlock whose feature map is in `attention_resolutions` (pixels).
+    """
+
+    ch: int
+    ch_mult: Sequence[int]
+    num_res_blocks: int
+    attention_resolutions: Sequence[int]
+    num_heads: int = 1
+    num_head_channels: int = -1
+    dropout: float = 0.0
+    conv_resample: bool = True
+    resblock_updown: bool = False
+    use_scale_shift_norm: bool = False
+    learn_sigma: bool = False
+    num_classes: int = 0
+    dtype: str = "float32"
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False) -> jax.Array:
+        """x: [B, H, H, C] float; t: [B] int timesteps; y: [B] int labels, or None for the null label.
+
+        Returns [B, H, H, C] (2C with learn_sigma) float32. train=True enables dropout
+        (pass rngs={"dropout": key}).
+        """
+        if x.ndim != 4 or x.shape[1] != x.shape[2]:
+            raise ValueError(f"x must be square NHWC images [B, H, H, C], got shape {x.shape}")
+        validate_model_config(self, image_size=x.shape[1])
+        dtype = DTYPES[self.dtype]
+        emb = ConditioningEmbedding(self.ch, self.num_classes, dtype, name="embed")(t, y)
+        # remat: recompute each ResBlock in the backward pass; `train` (arg 3 after self, x, emb) is static.
+        block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+
+        def res(h, out_ch, name, resample="none"):
+            block = block_cls(out_ch, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+                              resample=resample, dtype=dtype, name=name)
+            return block(h, emb, train)
+
+        def attn(h, name):
+            return AttentionBlock(self.num_heads, self.num_head_channels, dtype, name=name)(h)
+
+        def down(h, name):
+            if self.resblock_updown:
+                return res(h, h.shape[-1], name, "down")
+            return Downsample(self.conv_resample, dtype, name=name)(h)
+
+        def up(h, name):
+            if self.resblock_updown:
+                return res(h, h.shape[-1], name, "up")
+            return Upsample(self.conv_resample, dtype, name=name)(h)
+
+        h = conv(self.ch, 3, dtype, "conv_in")(x.astype(dtype))
+        skips = [h]
+        last = len(self.ch_mult) - 1
+        for level, mult in enumerate(self.ch_mult):
+            for i in range(self.num_res_blocks):
+                h = res(h, self.ch * mult, f"down{level}_res{i}")
+                if h.shape[1] in self.attention_resolutions:
+                    h = attn(h, f"down{level}_attn{i}")
+                skips.append(h)
+            if level != last:
+                h = down(h, f"down{level}_downsample")
+                skips.append(h)
+
+        h = res(h, h.shape[-1], "mid_res0")
+        h = attn(h, "mid_attn")
+        h = res(h, h.shape[-1], "mid_res1")
+
+        for level, mult in reversed(list(enumerate(self.ch_mult))):
+            for i in range(self.num_res_blocks + 1):
+                h = res(jnp.concatenate([h, skips.pop()], axis=-1), self.ch * mult, f"up{level}_res{i}")
+                if h.shape[1] in self.attention_resolutions:
+                    h = attn(h, f"up{level}_attn{i}")
+            if level != 0:
+                h = up(h, f"up{level}_upsample")
+
+        h = nn.silu(group_norm(h, "norm_out", dtype))
+        out_channels = x.shape[-1] * (2 if self.learn_sigma else 1)
+        h = conv(out_channels, 3, dtype, "conv_out", zero_init=True)(h)
+        return h.astype(jnp.float32)
+
+
+def _fail(key: str, value: Any, problem: str) -> NoReturn:
+    raise ValueError(f"config.model.{key}={value!r} {problem}")
+
+
+def _check_heads(model_config, channels: int) -> None:
+    """Attention at `channels` needs whole heads."""
+    if model_config.num_head_channels > 0:
+        if channels % model_config.num_head_channels:
+            _fail("num_head_channels", model_config.num_head_channels,
+                  f"must divide the {channels} channels of an attention layer "
+                  f"(allowed: divisors of {channels}, or -1 to use num_heads)")
+    elif model_config.num_heads < 1 or channels % model_config.num_heads:
+        _fail("num_heads", model_config.num_heads,
+              f"must be a positive divisor of the {channels} channels of an attention layer")
+
+
+def validate_model_config(model_config: "ml_collections.ConfigDict | UNet", image_size: int | None = None) -> None:
+    """Raise ValueError naming the offending `config.model` key and what is allowed.
+
+    Takes `config.model` or a UNet (whose fields carry the same names).
+    Without `image_size` only the size-independent checks run (the middle attention's heads included);
+    with it, also that the image halves cleanly at each level, that every attention resolution is a
+    feature-map size the U-Net reaches, and the heads of those attention layers.
+    """
+    m = model_config
+    if m.ch <= 0 or m.ch % GROUPS:
+        _fail("ch", m.ch, f"must be divisible by {GROUPS} (GroupNorm groups): use 32, 64, 96, 128, ...")
+    if len(m.ch_mult) == 0 or any(int(k) != k or k < 1 for k in m.ch_mult):
+        _fail("ch_mult", m.ch_mult, "must be a non-empty sequence of positive integers, e.g. (1, 2, 2, 2)")
+    if m.num_res_blocks < 1:
+        _fail("num_res_blocks", m.num_res_blocks, "must be >= 1")
+    if not 0.0 <= m.dropout < 1.0:
+        _fail("dropout", m.dropout, "must be in [0, 1)")
+    if m.dtype not in DTYPES:
+        _fail("dtype", m.dtype, f"must be one of {sorted(DTYPES)}")
+    if m.num_classes < 0:
+        _fail("num_classes", m.num_classes, "must be >= 0 (0 = unconditional)")
+    _check_heads(m, m.ch * m.ch_mult[-1])
+    if image_size is None:
+        return
+    factor = 2 ** (len(m.ch_mult) - 1)
+    if image_size % factor:
+        raise ValueError(f"image size {image_size} must be divisible by {factor} = 2^(len(config.model.ch_mult) - 1) "
+                         f"for config.model.ch_mult={tuple(m.ch_mult)!r}")
+    sizes = [image_size // 2 ** level for level in range(len(m.ch_mult))]
+    for res in m.attention_resolutions:
+        if res not in sizes:
+            _fail("attention_resolutions", tuple(m.attention_resolutions),
+                  f"contains {res}, which is not a feature-map size reached at image size {image_size} "
+                  f"with ch_mult={tuple(m.ch_mult)!r}; allowed sizes: {tuple(sizes)}")
+        _check_heads(m, m.ch * m.ch_mult[sizes.index(res)])
+
+
+def create_model(model_config: ml_collections.ConfigDict) -> UNet:
+    """The U-Net for `config.model` (validated; image-size checks run when it is first called)."""
+    validate_model_config(model_config)
+    m = model_config
+    return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                attention_resolutions=tuple(m.attention_resolutions), num_heads=m.num_heads,
+                num_head_channels=m.num_head_channels, dropout=m.dropout, conv_resample=m.conv_resample,
+                resblock_updown=m.resblock_updown, use_scale_shift_norm=m.use_scale_shift_norm,
+                learn_sigma=m.learn_sigma, num_classes=m.num_classes, dtype=m.dtype, remat=m.remat)
