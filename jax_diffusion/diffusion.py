@@ -9,6 +9,7 @@ float32 by default and float64 when JAX's x64 mode is on and the inputs are floa
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Collection
 
 import jax
@@ -55,7 +56,12 @@ def discretized_gaussian_log_likelihood(x: jax.Array, means: jax.Array,
     log_cdf_plus = log_ndtr(plus_in)            # log P(X <= upper edge), for the lowest bin
     log_one_minus_cdf_min = log_ndtr(-min_in)   # log P(X >= lower edge), for the highest bin
     tiny = jnp.asarray(1e-12, x.dtype)
-    log_cdf_delta = jnp.log(jnp.maximum(ndtr(plus_in) - ndtr(min_in), tiny))
+    # Take the CDF difference in the tail the bin lies in: above the mean, Phi(plus) - Phi(min)
+    # cancels (both near 1; in float32 a bin 6 sigma above the mean got the 1e-12 floor, while
+    # its mirror image below the mean was exact), so use Phi(-min) - Phi(-plus) there.
+    cdf_delta = jnp.where(centered > 0, ndtr(-min_in) - ndtr(-plus_in),
+                          ndtr(plus_in) - ndtr(min_in))
+    log_cdf_delta = jnp.log(jnp.maximum(cdf_delta, tiny))
     return jnp.where(x < -0.999, log_cdf_plus,
                      jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
@@ -245,7 +251,7 @@ class GaussianDiffusion:
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]))
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
             x_start, out["mean"], 0.5 * out["log_variance"]))
-        output = jnp.where(t == 0, decoder_nll, kl) / np.log(2.0)
+        output = jnp.where(t == 0, decoder_nll, kl) / math.log(2.0)
         return {"output": output, "pred_xstart": out["pred_xstart"]}
 
     def training_losses(self, model_fn: ModelFn, x_start: jax.Array, t: jax.Array,
@@ -286,7 +292,7 @@ class GaussianDiffusion:
         t = jnp.full((x_start.shape[0],), self.num_timesteps - 1, dtype=jnp.int32)
         mean, _, log_variance = self.q_mean_variance(x_start, t)
         zeros = jnp.zeros((), x_start.dtype)
-        return mean_flat(normal_kl(mean, log_variance, zeros, zeros)) / np.log(2.0)
+        return mean_flat(normal_kl(mean, log_variance, zeros, zeros)) / math.log(2.0)
 
     def calc_bpd_loop(self, model_fn: ModelFn, x_start: jax.Array, key: jax.Array,
                       clip_denoised: bool = True) -> dict:

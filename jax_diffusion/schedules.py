@@ -48,10 +48,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
             for stride in range(1, num_timesteps + 1):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))
+            possible = sorted({len(range(0, num_timesteps, k))
+                               for k in range(1, num_timesteps + 1)})
             raise ValueError(
                 f"section_counts={section_counts!r}: no integer stride gives exactly {desired} "
-                f"steps out of {num_timesteps}; pick N with N = len(range(0, {num_timesteps}, k)) "
-                f"for some k, or use a plain count such as '{desired}'")
+                f"steps out of {num_timesteps}; allowed ddimN: N in "
+                f"{', '.join(map(str, possible))}, or use a plain count such as '{desired}'")
         section_counts = [_parse_int(part, section_counts) for part in section_counts.split(",")]
     counts = list(section_counts)
     if not counts:
@@ -66,7 +68,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
                 f"section_counts={counts}: section {i} has {size} of the {num_timesteps} steps, "
                 f"so its count must be between 1 and {size}, got {count}")
         stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        kept.update(start + round(j * stride) for j in range(count))
+        # Accumulate the fractional stride exactly as Improved DDPM does: round(j * stride)
+        # differs from it where j * stride is x.5 (e.g. T=300, "10,15,20": 149, not 150).
+        position = 0.0
+        for _ in range(count):
+            kept.add(start + round(position))
+            position += stride
         start += size
     return kept
 
