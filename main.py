@@ -14,6 +14,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from jax_diffusion import cli  # noqa: E402
 
+cli.exit_on_unknown_keys(sys.argv)
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
     "Experiment config file (configs/*.py); override keys with --config.section.key=value.")
@@ -26,7 +27,7 @@ def main(argv: list[str]) -> int:
         return cli.fail(f"unexpected arguments {argv[1:]}; all options are --flags")
     if not _WORKDIR.value:
         return cli.fail("--workdir is required, e.g. --workdir=runs/digits")
-    logging.set_verbosity(logging.INFO)
+    cli.setup_logging()
     cli.setup_jax(_CONFIG.value)
     try:
         cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value)

@@ -35,7 +35,11 @@ def create_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    # Named handlers let a fresh manager read item metadata before any save or restore.
+    handlers = {"state": ocp.StandardCheckpointHandler(),
+                "ema_params": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -69,6 +73,13 @@ def select_step(manager: ocp.CheckpointManager, step: int = -1) -> int:
     return step
 
 
+def _path_str(path) -> str:
+    """'a/b/0': one spelling for a dict key, an attribute (namedtuple field) or an index, since
+    Orbax's metadata stores namedtuples as dicts."""
+    parts = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+    return "/".join(str(p) for p in parts)
+
+
 def _check_compatible(manager: ocp.CheckpointManager, step: int, item: str, target: Any,
                       subtree: str | None = None) -> None:
     """Compare the stored tree (or its `subtree`) with the target before restoring, to name
@@ -85,10 +96,8 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, item: str, targ
                               f"truncated: delete it or pick another step")
     if subtree is not None:
         stored_tree = stored_tree[subtree]
-    stored_leaves = {jax.tree_util.keystr(k): v for k, v in
-                     jax.tree_util.tree_leaves_with_path(stored_tree)}
-    target_leaves = {jax.tree_util.keystr(k): v for k, v in
-                     jax.tree_util.tree_leaves_with_path(target)}
+    stored_leaves = {_path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored_tree)}
+    target_leaves = {_path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(target)}
     missing = sorted(set(target_leaves) - set(stored_leaves))
     extra = sorted(set(stored_leaves) - set(target_leaves))
     if missing or extra:
@@ -101,7 +110,7 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, item: str, targ
         have = tuple(stored_leaves[name].shape)
         if have != tuple(want.shape):
             raise CheckpointError(
-                f"checkpoint {path} does not match the model in the config: {item}{name} has "
+                f"checkpoint {path} does not match the model in the config: {item}/{name} has "
                 f"shape {have} there but {tuple(want.shape)} in the config; was it trained with "
                 f"another config.model? Its config is in {path}/config")
 

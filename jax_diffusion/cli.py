@@ -3,6 +3,7 @@ JAX set-up, and the dispatch by --mode."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 
@@ -51,6 +52,14 @@ def _unknown_key(argv: list[str]) -> str | None:
     return None
 
 
+def exit_on_unknown_keys(argv: list[str]) -> None:
+    """Check --config.a.b overrides before ml_collections applies them (it raises a bare
+    KeyError with a traceback while the config flag is being defined)."""
+    message = _unknown_key(argv[1:])
+    if message:
+        sys.exit(fail(message))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a one-line error instead of a traceback or a usage dump."""
     try:
@@ -58,6 +67,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     except Exception as e:  # noqa: BLE001  (absl and ml_collections raise several types)
         message = _unknown_key(argv[1:]) or str(e).splitlines()[0]
         sys.exit(fail(message))
+
+
+class _OwnInfoOnly(logging.Filter):
+    """Keep INFO lines from this project and clu's metric lines; libraries' INFO is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.levelno >= logging.WARNING or "jax_diffusion" in record.pathname
+                or "/clu/" in record.pathname)
+
+
+def setup_logging() -> None:
+    """INFO for our progress and metrics, warnings and errors from everything."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
 
 def setup_jax(config: ml_collections.ConfigDict) -> None:

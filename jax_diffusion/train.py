@@ -76,7 +76,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
                     mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """jit(state, batches) -> (state, metrics), running `steps_per_jit` steps in one lax.scan.
+    """jit(state, batches) -> (state, metrics), running `steps_per_jit` steps in one call.
 
     `batches` hold a leading steps axis: image [k, B, H, W, C], label [k, B]. A step whose loss
     or gradient is not finite leaves the state unchanged and reports finite=0, so the host can
@@ -120,7 +120,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         return new_state, metrics
 
     def multi_step(state: TrainState, batches: dict):
-        return jax.lax.scan(one_step, state, batches)
+        # A Python loop, not lax.scan: XLA:CPU ran the step ~25x slower inside a scan, even an
+        # unrolled one (measured 9.1 s vs 0.36 s per digits step). Compile time grows with k.
+        all_metrics = []
+        for i in range(batches["image"].shape[0]):
+            state, metrics = one_step(state, jax.tree.map(lambda b: b[i], batches))
+            all_metrics.append(metrics)
+        return state, jax.tree.map(lambda *m: jnp.stack(m), *all_metrics)
 
     return jax.jit(multi_step, donate_argnums=0,
                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh, 1)),
