@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from jax_diffusion import checkpoints, images, parallel, samplers, schedules
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
-from jax_diffusion.models import create_model
+from jax_diffusion.models import create_model, example_inputs
 
 SampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
@@ -121,7 +121,6 @@ class GridSampler:
 def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str, mesh,
                          model: nn.Module) -> tuple[object, int]:
     """(params, step): EMA (or raw) parameters of the chosen checkpoint, replicated on `mesh`."""
-    from jax_diffusion.train import example_inputs  # the training shapes define the params
     manager = checkpoints.create_manager(workdir, read_only=True)
     step = checkpoints.select_step(manager, config.sample.checkpoint_step)
     template = jax.eval_shape(

@@ -22,7 +22,7 @@ import optax
 
 from jax_diffusion import checkpoints, data, parallel, sampling
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
-from jax_diffusion.models import create_model
+from jax_diffusion.models import create_model, example_inputs
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,14 +51,6 @@ def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientT
         optax.clip_by_global_norm(train_config.grad_clip),
         optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.999, eps=1e-8,
                     weight_decay=train_config.weight_decay))
-
-
-def example_inputs(config: ml_collections.ConfigDict, batch: int = 1):
-    """Dummy (x, t, y) of the right shapes and dtypes for init and tracing."""
-    x = jnp.zeros((batch, config.data.image_size, config.data.image_size, config.data.channels))
-    t = jnp.zeros((batch,), jnp.int32)
-    y = jnp.zeros((batch,), jnp.int32) if config.model.num_classes > 0 else None
-    return x, t, y
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
