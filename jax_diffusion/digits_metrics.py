@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier
 
 from jax_diffusion import data
+from jax_diffusion.evaluation import frechet_distance
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,22 +40,6 @@ def hidden_features(classifier: MLPClassifier, images: np.ndarray) -> np.ndarray
     """The classifier's hidden-layer activations, [N, 128]."""
     x = _features_in(images)
     return np.maximum(x @ classifier.coefs_[0] + classifier.intercepts_[0], 0.0)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64 via symmetric square roots:
-    tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)), which stays real."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    root1 = _sqrtm_psd(s1)
-    cross = _sqrtm_psd(root1 @ s2 @ root1)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(cross))
-
-
-def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
 def evaluate(images: np.ndarray, labels: np.ndarray, image_size: int = 16) -> dict:

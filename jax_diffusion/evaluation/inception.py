@@ -1,0 +1,352 @@
+"""The FID Inception-v3 as a Flax module, its weight import, and image features for FID/IS/KID.
+
+The network is the 2015 TensorFlow Inception graph behind the standard FID numbers, as ported
+to PyTorch by pytorch-fid: torchvision's Inception-v3 with its FIDInceptionA/C/E blocks, whose
+3x3 average pools exclude the padding (TF's behaviour) and whose last block (Mixed_7c) pools
+with a max pool. Parameter names follow pytorch-fid's state dict ("Mixed_5b.branch1x1.conv.weight",
+"fc.bias", ...), so its pt_inception-2015-12-05-6726825d.pth maps 1:1 onto the module.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from jax_diffusion import parallel
+
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               + WEIGHTS_FILE)
+INPUT_SIZE = 299
+# FID must not depend on the accelerator: TPUs and GPUs otherwise run float32 convs in bf16/tf32.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+class InceptionWeightsNotFoundError(FileNotFoundError):
+    """The FID Inception weights file is absent."""
+
+
+class _BasicConv(nn.Module):
+    """torchvision's BasicConv2d: conv without bias, BatchNorm (eps 1e-3, running stats), ReLU."""
+    features: int
+    kernel: tuple[int, int]
+    stride: int = 1
+    padding: tuple[int, int] = (0, 0)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Conv(self.features, self.kernel, strides=self.stride,
+                    padding=[(p, p) for p in self.padding], use_bias=False,
+                    precision=_PRECISION, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
+        return nn.relu(x)
+
+
+def _avg_pool_3x3_same(x: jax.Array) -> jax.Array:
+    """TF's 3x3/1 SAME average pool: border windows average only their in-image pixels."""
+    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
+                       count_include_pad=False)
+
+
+def _max_pool_3x3_same(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
+
+
+def _max_pool_3x3_reduce(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, (3, 3), strides=(2, 2))
+
+
+class _InceptionA(nn.Module):
+    """35x35 block (FIDInceptionA): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
+    pool_features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b1 = _BasicConv(64, (1, 1), name="branch1x1")(x)
+        b5 = _BasicConv(48, (1, 1), name="branch5x5_1")(x)
+        b5 = _BasicConv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
+        b3 = _BasicConv(64, (1, 1), name="branch3x3dbl_1")(x)
+        b3 = _BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
+        b3 = _BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
+        bp = _BasicConv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_3x3_same(x))
+        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class _InceptionB(nn.Module):
+    """35 -> 17 reduction (torchvision InceptionB): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b3 = _BasicConv(384, (3, 3), stride=2, name="branch3x3")(x)
+        bd = _BasicConv(64, (1, 1), name="branch3x3dbl_1")(x)
+        bd = _BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+        bd = _BasicConv(96, (3, 3), stride=2, name="branch3x3dbl_3")(bd)
+        return jnp.concatenate([b3, bd, _max_pool_3x3_reduce(x)], axis=-1)
+
+
+class _InceptionC(nn.Module):
+    """17x17 block (FIDInceptionC) with factorized 7x7 convolutions and an avgpool branch."""
+    channels_7x7: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c7 = self.channels_7x7
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        b1 = _BasicConv(192, (1, 1), name="branch1x1")(x)
+        b7 = _BasicConv(c7, (1, 1), name="branch7x7_1")(x)
+        b7 = _BasicConv(c7, **row, name="branch7x7_2")(b7)
+        b7 = _BasicConv(192, **col, name="branch7x7_3")(b7)
+        bd = _BasicConv(c7, (1, 1), name="branch7x7dbl_1")(x)
+        bd = _BasicConv(c7, **col, name="branch7x7dbl_2")(bd)
+        bd = _BasicConv(c7, **row, name="branch7x7dbl_3")(bd)
+        bd = _BasicConv(c7, **col, name="branch7x7dbl_4")(bd)
+        bd = _BasicConv(192, **row, name="branch7x7dbl_5")(bd)
+        bp = _BasicConv(192, (1, 1), name="branch_pool")(_avg_pool_3x3_same(x))
+        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class _InceptionD(nn.Module):
+    """17 -> 8 reduction (torchvision InceptionD): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b3 = _BasicConv(192, (1, 1), name="branch3x3_1")(x)
+        b3 = _BasicConv(320, (3, 3), stride=2, name="branch3x3_2")(b3)
+        b7 = _BasicConv(192, (1, 1), name="branch7x7x3_1")(x)
+        b7 = _BasicConv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
+        b7 = _BasicConv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
+        b7 = _BasicConv(192, (3, 3), stride=2, name="branch7x7x3_4")(b7)
+        return jnp.concatenate([b3, b7, _max_pool_3x3_reduce(x)], axis=-1)
+
+
+class _InceptionE(nn.Module):
+    """8x8 block (FIDInceptionE_1 with pool="avg", FIDInceptionE_2 with pool="max")."""
+    pool: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        b1 = _BasicConv(320, (1, 1), name="branch1x1")(x)
+        b3 = _BasicConv(384, (1, 1), name="branch3x3_1")(x)
+        b3 = jnp.concatenate([_BasicConv(384, **row, name="branch3x3_2a")(b3),
+                              _BasicConv(384, **col, name="branch3x3_2b")(b3)], axis=-1)
+        bd = _BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
+        bd = _BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+        bd = jnp.concatenate([_BasicConv(384, **row, name="branch3x3dbl_3a")(bd),
+                              _BasicConv(384, **col, name="branch3x3dbl_3b")(bd)], axis=-1)
+        pooled = _max_pool_3x3_same(x) if self.pool == "max" else _avg_pool_3x3_same(x)
+        bp = _BasicConv(192, (1, 1), name="branch_pool")(pooled)
+        return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+class _UnbiasedLinear(nn.Module):
+    """The 2048 -> 1008 classifier, applied without its bias (torch-fidelity's "logits_unbiased",
+    the Inception Score's input). The bias is a parameter only so the state dict maps 1:1."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        self.param("bias", nn.initializers.zeros, (self.features,))
+        return jnp.dot(x, kernel, precision=_PRECISION)
+
+
+class FIDInceptionV3(nn.Module):
+    """images [N, 299, 299, 3] in [-1, 1] -> (pool features [N, 2048], logits [N, 1008])."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = _BasicConv(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)
+        x = _BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
+        x = _BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
+        x = _max_pool_3x3_reduce(x)
+        x = _BasicConv(80, (1, 1), name="Conv2d_3b_1x1")(x)
+        x = _BasicConv(192, (3, 3), name="Conv2d_4a_3x3")(x)
+        x = _max_pool_3x3_reduce(x)
+        x = _InceptionA(32, name="Mixed_5b")(x)
+        x = _InceptionA(64, name="Mixed_5c")(x)
+        x = _InceptionA(64, name="Mixed_5d")(x)
+        x = _InceptionB(name="Mixed_6a")(x)
+        for name, channels in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
+                               ("Mixed_6e", 192)):
+            x = _InceptionC(channels, name=name)(x)
+        x = _InceptionD(name="Mixed_7a")(x)
+        x = _InceptionE("avg", name="Mixed_7b")(x)
+        x = _InceptionE("max", name="Mixed_7c")(x)
+        pool = jnp.mean(x, axis=(1, 2))
+        return pool, _UnbiasedLinear(1008, name="fc")(pool)
+
+
+# Flax leaf name -> PyTorch state-dict suffix.
+_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
+               ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
+               ("batch_stats", "var"): "running_var"}
+
+
+def _torch_name(flax_path: tuple[str, ...]) -> str:
+    collection, *modules, leaf = flax_path
+    return ".".join(modules + [_TORCH_LEAF[(collection, leaf)]])
+
+
+def _to_flax_layout(array: np.ndarray) -> np.ndarray:
+    """PyTorch conv [O, I, kh, kw] -> Flax [kh, kw, I, O]; linear [O, I] -> [I, O]."""
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if array.ndim == 2:
+        return array.T
+    return array
+
+
+def _torch_shape(flax_shape: Sequence[int]) -> tuple[int, ...]:
+    if len(flax_shape) == 4:
+        kh, kw, cin, cout = flax_shape
+        return (cout, cin, kh, kw)
+    return tuple(reversed(flax_shape))  # [I, O] -> [O, I]; vectors unchanged
+
+
+@functools.lru_cache(maxsize=1)
+def _flax_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{(collection, module..., leaf): shape} of the network's variables, without computing them."""
+    abstract = jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
+    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(dict(abstract)).items()}
+
+
+def expected_weight_shapes() -> dict[str, tuple[int, ...]]:
+    """{pytorch-fid parameter name: PyTorch-layout shape} for every tensor the network needs."""
+    return {_torch_name(path): _torch_shape(shape) for path, shape in _flax_shapes().items()}
+
+
+def _missing_weights_message(path: str) -> str:
+    return (f"FID Inception weights not found at {path!r}. Download {WEIGHTS_FILE} (the weights "
+            f"pytorch-fid and torch-fidelity use) from {WEIGHTS_URL} on a connected machine and "
+            f"set config.eval.inception_weights to its path (the .pth itself, read with PyTorch, "
+            f"or an .npz holding the same parameter names and shapes).")
+
+
+def _read_weight_file(path: str) -> dict[str, np.ndarray]:
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as file:
+                return {name: file[name] for name in file.files}
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable .npz file of FID Inception weights "
+                             f"({error})") from error
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(f"Reading {path} (a PyTorch state dict) needs PyTorch; install torch, "
+                          f"or convert the file elsewhere to an .npz of the same parameter "
+                          f"names (numpy.savez(out, **{{k: v.numpy() for k, v in "
+                          f"torch.load(path).items()}}))") from error
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or non-torch files
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({error})") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return {name: tensor.detach().numpy() for name, tensor in state.items()}
+
+
+def load_inception(path: str) -> tuple[FIDInceptionV3, dict]:
+    """(module, variables) from pytorch-fid's .pth or an .npz with its parameter names. Checks
+    that every expected name is present with its PyTorch-layout shape and no others (besides
+    BatchNorm's num_batches_tracked counters); never substitutes random weights."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InceptionWeightsNotFoundError(_missing_weights_message(path))
+    found = _read_weight_file(path)
+    expected = expected_weight_shapes()
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(name for name in set(found) - set(expected)
+                        if not name.endswith("num_batches_tracked"))
+    if missing or unexpected:
+        raise ValueError(f"{path} is not the FID Inception-v3 ({WEIGHTS_FILE}): "
+                         f"{len(missing)} parameters missing {missing[:5]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:5]}")
+    flat = {}
+    for flax_path in _flax_shapes():
+        name = _torch_name(flax_path)
+        array = np.asarray(found[name])
+        if array.shape != expected[name]:
+            raise ValueError(f"{path}: parameter {name} has shape {array.shape}, expected "
+                             f"{expected[name]}")
+        if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
+            raise ValueError(f"{path}: parameter {name} must be finite floats, got "
+                             f"{array.dtype}")
+        flat[flax_path] = jnp.asarray(_to_flax_layout(array), jnp.float32)
+    return FIDInceptionV3(), traverse_util.unflatten_dict(flat)
+
+
+def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of PyTorch's bilinear resize with align_corners=False and no
+    antialiasing: output pixel i samples the input at max((i + 1/2) in/out - 1/2, 0), clamped to
+    the last pixel. Positions are computed in float64 here, so the resize is exact to float32
+    round-off (jax.image.resize computes them in float32: up to 6e-5 off on [-1, 1] at 299)."""
+    src = np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = src - lo
+    matrix = np.zeros((out_size, in_size))
+    np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(matrix, (np.arange(out_size), hi), frac)
+    return matrix.astype(np.float32)
+
+
+def preprocess(images_uint8: jax.Array) -> jax.Array:
+    """uint8 [N, H, W, C] (C = 1 or 3) -> float32 [N, 299, 299, 3] in [-1, 1], as pytorch-fid:
+    x / 255, bilinear resize to 299 (F.interpolate(align_corners=False), no antialiasing),
+    then 2x - 1. Grey images are repeated to RGB."""
+    x = jnp.asarray(images_uint8).astype(jnp.float32) / 255.0
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    rows = _bilinear_matrix(x.shape[1], INPUT_SIZE)
+    cols = _bilinear_matrix(x.shape[2], INPUT_SIZE)
+    x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=_PRECISION)
+    x = jnp.einsum("pw,nowc->nopc", cols, x, precision=_PRECISION)
+    return 2.0 * x - 1.0
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _features(module: FIDInceptionV3, variables: dict,
+              images_uint8: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return module.apply(variables, preprocess(images_uint8))
+
+
+def inception_features(module: FIDInceptionV3, variables: dict, images_uint8: np.ndarray,
+                       batch_size: int = 200,
+                       mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(pool features [N, 2048], logits without the fc bias [N, 1008]) as float32 numpy, for
+    uint8 NHWC images of any size. Batches are padded to `batch_size` so one compilation serves
+    all of them. With a `mesh` (of this process's devices, e.g.
+    parallel.create_mesh(jax.local_devices())) each batch is split over its devices, the batch
+    size rounded up to a multiple of the device count."""
+    images_uint8 = np.asarray(images_uint8)
+    if (images_uint8.dtype != np.uint8 or images_uint8.ndim != 4
+            or images_uint8.shape[-1] not in (1, 3)):
+        raise ValueError(f"inception_features needs uint8 [N, H, W, 1 or 3] images, got "
+                         f"{images_uint8.dtype} {images_uint8.shape}")
+    num = len(images_uint8)
+    batch_size = max(1, min(batch_size, num))
+    if mesh is None:
+        place = jnp.asarray
+    else:
+        batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+        variables = parallel.replicate(variables, mesh)
+        place = functools.partial(parallel.global_batch, mesh=mesh)
+    pools, logits = [], []
+    for start in range(0, num, batch_size):
+        batch = images_uint8[start:start + batch_size]
+        padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:],
+                                                 np.uint8)])
+        pool, logit = parallel.to_host(_features(module, variables, place(padded)))
+        pools.append(pool[:len(batch)])
+        logits.append(logit[:len(batch)])
+    return np.concatenate(pools), np.concatenate(logits)
