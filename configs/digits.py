@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 64
     config.train.lr = 1e-3
     config.train.warmup_steps = 200
-    config.train.ema_decay = 0.999
+    config.train.ema_decay = 0.995
     config.train.label_dropout = 0.1
     config.train.log_every = 200
     config.train.checkpoint_every = 1000

@@ -150,16 +150,13 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, state_templat
     return state, restored.data
 
 
-def restore_params(manager: ocp.CheckpointManager, step: int, params_template: Any,
+def restore_params(manager: ocp.CheckpointManager, step: int, state_template: Any,
                    sharding: Sharding, use_ema: bool = True) -> Any:
-    """Only the (EMA or raw) parameters at `step`, placed with `sharding` on the current devices,
-    whatever device count wrote them."""
+    """Only the EMA (or raw) parameters at `step`, placed with `sharding` on the current devices,
+    whatever device count wrote them. `state_template`: a TrainState or its jax.eval_shape."""
     if use_ema:
-        _check_compatible(manager, step, "ema_params", params_template)
+        _check_compatible(manager, step, "ema_params", state_template.ema_params)
         return _restore(manager, step, ema_params=ocp.args.StandardRestore(
-            _abstract(params_template, sharding))).ema_params
-    _check_compatible(manager, step, "state", params_template, subtree="params")
-    # A partial restore of the "state" item: only its params subtree.
-    target = {"params": _abstract(params_template, sharding)}
-    return _restore(manager, step, state=ocp.args.PyTreeRestore(
-        item=target, partial_restore=True)).state["params"]
+            _abstract(state_template.ema_params, sharding))).ema_params
+    state, _ = restore_train_state(manager, step, state_template, sharding)
+    return state.params

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from jax_diffusion import checkpoints, images, parallel, samplers, schedules
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
-from jax_diffusion.models import create_model, example_inputs
+from jax_diffusion.models import create_model
+from jax_diffusion.train_state import abstract_train_state
 
 SampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
@@ -123,10 +124,8 @@ def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str, mesh,
     """(params, step): EMA (or raw) parameters of the chosen checkpoint, replicated on `mesh`."""
     manager = checkpoints.create_manager(workdir, read_only=True)
     step = checkpoints.select_step(manager, config.sample.checkpoint_step)
-    template = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), *example_inputs(config))["params"])
-    params = checkpoints.restore_params(manager, step, template, parallel.replicated(mesh),
-                                        use_ema=config.sample.use_ema)
+    params = checkpoints.restore_params(manager, step, abstract_train_state(config, model),
+                                        parallel.replicated(mesh), use_ema=config.sample.use_ema)
     return params, step
 
 

@@ -1,0 +1,60 @@
+"""The training state (params, EMA params, optimizer state, RNG, step) and the optimizer."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jax_diffusion import parallel
+from jax_diffusion.models import example_inputs
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so that checkpoints hold plain arrays
+
+
+def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then constant (as DDPM)."""
+    if train_config.warmup_steps <= 0:
+        return optax.constant_schedule(train_config.lr)
+    return optax.linear_schedule(0.0, train_config.lr, train_config.warmup_steps)
+
+
+def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """clip_by_global_norm then AdamW with the warmup schedule."""
+    return optax.chain(
+        optax.clip_by_global_norm(train_config.grad_clip),
+        optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.999, eps=1e-8,
+                    weight_decay=train_config.weight_decay))
+
+
+def _init_fn(config: ml_collections.ConfigDict, model: nn.Module,
+             tx: optax.GradientTransformation):
+    def init() -> TrainState:
+        rng = jax.random.PRNGKey(config.train.seed)
+        init_rng, train_rng = jax.random.split(rng)
+        params = model.init(init_rng, *example_inputs(config), train=False)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                          opt_state=tx.init(params), rng=train_rng)
+    return init
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                       tx: optax.GradientTransformation, mesh) -> TrainState:
+    """A fresh TrainState, replicated over the mesh; EMA starts equal to the params."""
+    return jax.jit(_init_fn(config, model, tx), out_shardings=parallel.replicated(mesh))()
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module) -> TrainState:
+    """The TrainState's shapes and dtypes, without computing anything (a restore target)."""
+    return jax.eval_shape(_init_fn(config, model, create_optimizer(config.train)))
