@@ -1,21 +1,11 @@
 """DDPM (Ho et al. 2020) on CIFAR-10: the 35.7M-parameter U-Net, linear schedule, L_simple; DDIM sampling."""
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-    # Loaded by path: config_flags imports config files by path, so `configs` need not be a package.
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from jax_diffusion.config_files import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _default_config()
+    config = default_config()
 
     data = config.data
     data.dataset = "cifar10"

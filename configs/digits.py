@@ -1,21 +1,12 @@
 """The embedded offline default: a small class-conditional model on scikit-learn's digits
 (1,797 8x8 images upsampled to 16x16), trained in minutes on a CPU. `make demo` runs it."""
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("jax_diffusion_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from jax_diffusion.config_files import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _default_config()
+    config = default_config()
     config.data.dataset = "digits"
     config.data.image_size = 16
     config.data.channels = 1

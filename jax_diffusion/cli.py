@@ -2,13 +2,14 @@
 JAX set-up, and the dispatch by --mode."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
 
 import ml_collections
 from absl import flags
+
+from jax_diffusion import config_files
 
 MODES = ("train", "sample", "eval", "bench")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,18 +27,15 @@ def _config_file(argv: list[str]) -> str:
             return arg.split("=", 1)[1]
         if arg == "--config" and i + 1 < len(argv):
             return argv[i + 1]
-    return os.path.join(_REPO, "configs", "digits.py")
+    return os.path.join(config_files.CONFIG_DIR, "digits.py")
 
 
 def _unknown_key(argv: list[str]) -> str | None:
     """A message for the first --config.a.b override whose key does not exist, else None."""
     path = _config_file(argv)
     if not os.path.exists(path):
-        return f"config file {path} not found; the configs are in {os.path.join(_REPO, 'configs')}"
-    spec = importlib.util.spec_from_file_location("jax_diffusion_user_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+        return f"config file {path} not found; the configs are in {config_files.CONFIG_DIR}"
+    config = config_files.load_config_file(path)
     for arg in argv:
         if not arg.startswith("--config."):
             continue
