@@ -69,4 +69,14 @@ def get_config() -> ml_collections.ConfigDict:
     sample.seed = 0
     sample.grid_size = 100               # images in the grid PNG
 
+    config.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.metrics = "fid,is,kid"    # any of fid, is, kid, digits, nll (comma-separated)
+    evaluation.num_samples = 50000       # FID is biased upwards at small N; the papers use 50k
+    evaluation.batch_size = 200          # Inception batch
+    evaluation.samples_dir = ""          # "" = generate with config.sample; else read samples_*.npz there
+    evaluation.inception_weights = ""    # pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or .npz
+    evaluation.reference_stats = ""      # "" = computed from the training set, cached in the workdir
+    evaluation.nll_examples = 0          # 0 = the whole eval split
+    evaluation.nll_batch_size = 64
+
     return config

@@ -37,4 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_samples = 1000
     config.sample.batch_size = 500
     config.sample.grid_size = 100
+
+    config.eval.metrics = "digits"
+    config.eval.num_samples = 1000
+    config.eval.nll_examples = 256
     return config

@@ -16,8 +16,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fail(message: str) -> int:
-    """Print one line to stderr and give the exit status for main.py."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print one line to stderr and give the exit status for main.py. A message written on
+    several lines (e.g. the tfds "not prepared" one) is joined into one."""
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"error: {one_line}", file=sys.stderr)
     return 1
 
 
@@ -75,11 +77,30 @@ class _OwnInfoOnly(logging.Filter):
                 or "/clu/" in record.pathname)
 
 
+def _drop_abandoned_checkpoint_reads(previous_hook):
+    """An unraisable-exception hook that drops the echoes of a failed Orbax restore.
+
+    When one array of a damaged checkpoint fails to read, Orbax closes its event loop with the
+    other reads still pending; their coroutines (which catch BaseException, so also the
+    GeneratorExit of being closed) and TensorStore's callbacks into the closed loop then print
+    dozens of tracebacks, racing the one-line CheckpointError. Everything else goes on to
+    `previous_hook`."""
+    def hook(unraisable) -> None:
+        exc, obj = unraisable.exc_value, unraisable.object
+        abandoned_read = (str(exc).startswith("Encountered error while reading array index")
+                          and "_read_array_index_and_device_put" in repr(obj))
+        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        if not (abandoned_read or closed_loop):
+            previous_hook(unraisable)
+    return hook
+
+
 def setup_logging() -> None:
     """INFO for our progress and metrics, warnings and errors from everything."""
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    sys.unraisablehook = _drop_abandoned_checkpoint_reads(sys.unraisablehook)
 
 
 def setup_jax(config: ml_collections.ConfigDict) -> None:
@@ -95,8 +116,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from jax_diffusion.checkpoints import CheckpointError
     from jax_diffusion.data import DatasetNotFoundError
     from jax_diffusion.train import NonFiniteLossError
-    return (ValueError, CheckpointError, DatasetNotFoundError, NonFiniteLossError,
-            NotImplementedError)
+    # FileNotFoundError covers missing datasets, Inception weights and samples files.
+    return (ValueError, FileNotFoundError, CheckpointError, DatasetNotFoundError,
+            NonFiniteLossError, NotImplementedError)
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -107,6 +129,9 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
     elif mode == "sample":
         from jax_diffusion.sampling import run_sample
         run_sample(config, workdir)
+    elif mode == "eval":
+        from jax_diffusion.evaluation.run import run_eval
+        run_eval(config, workdir)
     else:
         raise NotImplementedError(f"--mode={mode} is not yet available in this version; "
-                                  f"use --mode=train or --mode=sample")
+                                  f"use --mode=train, sample or eval")

@@ -236,15 +236,16 @@ def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def load_eval_arrays(
-    config: ml_collections.ConfigDict, max_examples: int | None = None,
+    config: ml_collections.ConfigDict, max_examples: int | None = None, split: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns the first max_examples (all if None) of the eval split, in the dataset's order.
+    """Returns the first max_examples (all if None) of `split` (default: the eval split), in the
+    dataset's order.
 
     Returns (images float32 [n, H, W, C] in [-1, 1], labels int32 [n]). tfds reads
     config.data.eval_split. Digits has no official split and trains on all 1797 images, so its eval
     set is that same whole set (an NLL on digits is a training-set NLL).
     """
-    source = _open_source(config, config.data.eval_split)
+    source = _open_source(config, split or config.data.eval_split)
     count = len(source) if max_examples is None else min(max_examples, len(source))
     to_model_input = _ToModelInput(config)
     examples = [to_model_input.map(source[i]) for i in range(count)]
