@@ -211,7 +211,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             state, metrics = train_step(state, _next_batches(iterator, k, mesh))
             step += k
             pending.append(metrics)
-            at_end = step >= num_steps or preemption.requested
+            # Read the flag once: SIGTERM may arrive while this step is being logged or saved,
+            # and "stop" must then wait for the next step's save, not skip this one's.
+            preempted = preemption.requested
+            at_end = step >= num_steps or preempted
             if (config.train.log_every and step % config.train.log_every == 0) or at_end:
                 flush_metrics()
             if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) \
@@ -221,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 last_saved = f"step {step}"
             if grid_sampler and step % config.train.sample_every == 0:
                 grid_sampler.write(state.ema_params, step, workdir, writer)
-            if preemption.requested:
+            if preempted:
                 logging.info("Preempted: checkpoint saved at step %d", step)
                 break
     finally:
