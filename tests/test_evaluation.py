@@ -392,3 +392,15 @@ def test_missing_samples_file(tmp_path):
     path = str(tmp_path / "samples_0.npz")
     with pytest.raises(FileNotFoundError, match=os.path.basename(path)):
         read_samples(path)
+
+
+def test_convert_weights_writes_an_npz_that_loads(random_weights, tmp_path):
+    """The converter keeps every parameter, drops BatchNorm's step counters, and its output
+    passes load_inception's name and shape checks."""
+    from jax_diffusion.evaluation import convert_weights
+    source, target = str(tmp_path / "in.npz"), str(tmp_path / "out.npz")
+    np.savez(source, **random_weights, **{"Mixed_5b.branch1x1.bn.num_batches_tracked": np.int64(7)})
+    assert convert_weights.main(["convert_weights", source, target]) == 0
+    with np.load(target) as converted:
+        assert set(converted.files) == set(random_weights)
+        np.testing.assert_array_equal(converted["fc.weight"], random_weights["fc.weight"])
