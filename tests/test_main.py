@@ -1,0 +1,313 @@
+"""main.py through the command line: train, resume after SIGTERM, sample (twice), and the
+one-line errors for bad flags, unknown config keys, a missing dataset, a mode not yet
+implemented (--mode=bench), a non-finite loss, and missing, corrupt or incompatible checkpoints.
+
+Few processes: one train run, one resume run (stopped by SIGTERM), two sample runs, one run
+that diverges, and the error runs, which fail before compiling and run concurrently.
+"""
+import filecmp
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jax_diffusion.config_files import load_config_file
+from tiny_config import DIGITS_CONFIG, ROOT, tiny_flags
+
+MAIN = os.path.join(ROOT, "main.py")
+ENV = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2",
+       "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".cache", "jax")}
+TIMEOUT = 240  # seconds per run: a loaded 2-core machine, the first run compiling
+METRICS_LINE = re.compile(r"\] \[(\d+)\] .*loss=")
+
+
+def _command(workdir, *args, **overrides):
+    return [sys.executable, MAIN, f"--workdir={workdir}", *tiny_flags(**overrides), *args]
+
+
+def _run(workdir, *args, **overrides):
+    return subprocess.run(_command(workdir, *args, **overrides), env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _steps(workdir):
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def _logged_steps(stderr):
+    return [int(m.group(1)) for m in METRICS_LINE.finditer(stderr)]
+
+
+def _error_line(result):
+    """The run failed with exactly one `error:` line and no traceback; returns that line."""
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    # Nothing of the message spills onto further lines: the error line is the last line.
+    assert result.stderr.rstrip().splitlines()[-1] == errors[0], result.stderr[-3000:]
+    return errors[0]
+
+
+def _tree_identical(a, b):
+    """Same files with the same bytes under two folders."""
+    compared = filecmp.dircmp(a, b)
+    if compared.left_only or compared.right_only or compared.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(a, b, compared.common_files, shallow=False)
+    return not mismatch and not errors and all(
+        _tree_identical(os.path.join(a, d), os.path.join(b, d)) for d in compared.common_dirs)
+
+
+# ------------------------------------------------------------------ fixtures: the runs
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step run with checkpoints every 2 steps, and a pristine copy of its workdir."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    result = _run(workdir, train__num_steps=4, train__checkpoint_every=2, train__log_every=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    snapshot = str(tmp_path_factory.mktemp("snapshot") / "run")
+    shutil.copytree(workdir, snapshot)
+    return {"workdir": workdir, "snapshot": snapshot, "result": result}
+
+
+@pytest.fixture(scope="module")
+def error_runs(trained, tmp_path_factory):
+    """The runs that must fail, started together (none of them trains or compiles more than
+    the first steps), each on its own copy of the trained workdir when it needs one."""
+    tmp = tmp_path_factory.mktemp("errors")
+
+    def copy(name):
+        target = str(tmp / name)
+        shutil.copytree(trained["snapshot"], target)
+        return target
+
+    corrupt = copy("corrupt")
+    ema_dir = os.path.join(corrupt, "checkpoints", "4", "ema_params")
+    data_files = [os.path.join(d, f) for d, _, files in os.walk(ema_dir) for f in files]
+    largest = max(data_files, key=os.path.getsize)  # the parameter bytes
+    assert os.path.getsize(largest) > 100_000
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    empty_tfds = str(tmp / "empty_tfds")
+    os.makedirs(empty_tfds)
+    runs = {
+        "bogus": (str(tmp / "w_bogus"), ["--bogus"], {}),
+        "unknown_key": (str(tmp / "w_key"), ["--config.train.no_such_key=1"], {}),
+        "no_dataset": (str(tmp / "w_cifar"), [], {"data__dataset": "cifar10",
+                                                  "data__tfds_data_dir": empty_tfds}),
+        "bench": (str(tmp / "w_bench"), ["--mode=bench"], {}),
+        "empty": (str(tmp / "w_empty"), ["--mode=sample"], {}),
+        "corrupt": (corrupt, ["--mode=sample"], {}),
+        "incompatible": (copy("incompatible"), ["--mode=sample"], {"model__ch": 64}),
+        # Resumes at step 4; step 5 (loss from the good step-4 weights) is finite and throws
+        # the weights to ~1e30; step 6 is not finite. The step-6 checkpoint must not appear.
+        # No periodic logging: the check before saving is what has to catch it.
+        "nan": (copy("nan"), [], {"train__num_steps": 8, "train__checkpoint_every": 2,
+                                  "train__log_every": 0, "train__lr": "1e30"}),
+    }
+    processes = {name: subprocess.Popen(_command(workdir, *args, **overrides), env=ENV, cwd=ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+                 for name, (workdir, args, overrides) in runs.items()}
+    results = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+        results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout,
+                                                    stderr)
+    return {"results": results, "workdirs": {name: r[0] for name, r in runs.items()},
+            "empty_tfds": empty_tfds}
+
+
+@pytest.fixture(scope="module")
+def resumed(trained):
+    """main.py again on the trained workdir with many more steps, sent SIGTERM once it has
+    logged a step past 6."""
+    workdir = trained["workdir"]
+    log_path = os.path.join(workdir, "..", "resume_stderr.txt")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            _command(workdir, train__num_steps=100000, train__checkpoint_every=1000,
+                     train__log_every=1), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=log)
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and process.poll() is None:
+            with open(log_path) as f:
+                logged = _logged_steps(f.read())
+            if logged and max(logged) >= 6:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it was signalled"
+        assert logged and max(logged) >= 6, "no step past 6 logged in time"
+        signalled_after = max(logged)
+        sent = time.time()
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=120)
+        exit_seconds = time.time() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    with open(log_path) as f:
+        stderr = f.read()
+    return {"workdir": workdir, "returncode": returncode, "exit_seconds": exit_seconds,
+            "signalled_after": signalled_after, "stderr": stderr}
+
+
+@pytest.fixture(scope="module")
+def sampled(resumed):
+    """--mode=sample on the resumed workdir (20 samples, seed 0)."""
+    workdir = resumed["workdir"]
+    result = _run(workdir, "--mode=sample")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(os.path.join(workdir, "samples", "samples_0.npz")) as f:
+        arrays = {name: f[name] for name in f.files}
+    with open(os.path.join(workdir, "samples_grid.png"), "rb") as f:
+        grid = f.read()
+    return {"workdir": workdir, "result": result, "arrays": arrays, "grid": grid}
+
+
+# ------------------------------------------------------------------ train, resume, sample
+def test_train_run_logs_and_checkpoints(trained):
+    """A 4-step run exits 0, logs finite losses at steps 2 and 4, and leaves checkpoints 2
+    and 4 with the four items (state, ema_params, config, data)."""
+    result = trained["result"]
+    assert _logged_steps(result.stderr) == [2, 4]
+    assert "Traceback" not in result.stderr
+    assert _steps(trained["workdir"]) == [2, 4]
+    step_dir = os.path.join(trained["workdir"], "checkpoints", "4")
+    assert {"state", "ema_params", "config", "data"} <= set(os.listdir(step_dir))
+    losses = [float(x) for x in re.findall(r" loss=([0-9.eE+-]+)", result.stderr)]
+    assert len(losses) == 2 and all(0.0 < x < 5.0 for x in losses)
+
+
+def test_resume_then_sigterm_saves_and_exits_cleanly(trained, resumed):
+    """Run again with more steps: it says "Resuming from <workdir>/checkpoints/4 at step 4",
+    its first logged step is 5, and on SIGTERM it exits 0 within 60 s after saving a
+    checkpoint at a step past the last one it logged (no periodic checkpoint is due before
+    step 1000), keeping the older ones (max_to_keep=3)."""
+    stderr = resumed["stderr"]
+    checkpoint = os.path.join(os.path.abspath(trained["workdir"]), "checkpoints", "4")
+    assert f"Resuming from {checkpoint} at step 4" in stderr
+    assert _logged_steps(stderr)[0] == 5
+    assert resumed["returncode"] == 0, stderr[-3000:]
+    assert resumed["exit_seconds"] < 60
+    assert "Traceback" not in stderr
+    steps = _steps(trained["workdir"])
+    assert steps[:2] == [2, 4] and len(steps) == 3
+    saved = steps[-1]
+    assert saved >= resumed["signalled_after"] > 4 and saved % 1000
+    assert f"Preempted: checkpoint saved at step {saved}" in stderr
+    assert set(_logged_steps(stderr)) == set(range(5, saved + 1))
+
+
+def test_sample_writes_images_labels_and_grid(resumed, sampled):
+    """--mode=sample restores the preemption checkpoint and writes samples/samples_0.npz with
+    uint8 images [20, 8, 8, 1] and int32 labels cycling 0..9, and samples_grid.png."""
+    saved = _steps(resumed["workdir"])[-1]
+    assert f"Sampling 20 images from step {saved} (EMA params) with ddim, 5 steps" in \
+        sampled["result"].stderr
+    images, labels = sampled["arrays"]["images"], sampled["arrays"]["labels"]
+    assert images.dtype == np.uint8 and images.shape == (20, 8, 8, 1)
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, np.arange(20) % 10)
+    assert len(np.unique(images)) > 20  # images, not a constant
+    assert sampled["grid"].startswith(b"\x89PNG")
+    assert os.listdir(os.path.join(sampled["workdir"], "samples")) == ["samples_0.npz"]
+
+
+def test_second_sample_run_replaces_the_files(sampled):
+    """A second --mode=sample (30 samples, another seed) replaces samples_0.npz and the grid,
+    and removes the files of an earlier run that it does not rewrite (samples_1.npz)."""
+    workdir = sampled["workdir"]
+    stale = os.path.join(workdir, "samples", "samples_1.npz")
+    np.savez(stale, images=np.zeros((1, 8, 8, 1), np.uint8), labels=np.zeros((1,), np.int32))
+    result = _run(workdir, "--mode=sample", sample__num_samples=30, sample__seed=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.listdir(os.path.join(workdir, "samples")) == ["samples_0.npz"]
+    with np.load(os.path.join(workdir, "samples", "samples_0.npz")) as f:
+        images, labels = f["images"], f["labels"]
+    assert images.shape == (30, 8, 8, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.arange(30) % 10)
+    assert not np.array_equal(images[:20], sampled["arrays"]["images"])  # the new seed
+    with open(os.path.join(workdir, "samples_grid.png"), "rb") as f:
+        assert f.read() != sampled["grid"]
+
+
+# ------------------------------------------------------------------ one-line errors
+def test_unknown_flag(error_runs):
+    """--bogus: one error line naming the flag, nonzero exit, no traceback."""
+    line = _error_line(error_runs["results"]["bogus"])
+    assert "bogus" in line
+
+
+def test_unknown_config_key_lists_the_valid_keys(error_runs):
+    """--config.train.no_such_key=1: one line naming the key and listing exactly the valid
+    keys of config.train."""
+    line = _error_line(error_runs["results"]["unknown_key"])
+    assert "config.train.no_such_key" in line
+    listed = line.split("valid keys in config.train:", 1)[1].strip()
+    assert listed.split(", ") == sorted(load_config_file(DIGITS_CONFIG).train.keys())
+
+
+def test_missing_dataset_says_how_to_prepare_it(error_runs):
+    """CIFAR-10 with an empty tfds data dir: one line naming the directory and the
+    `tfds build cifar10` command to prepare it."""
+    line = _error_line(error_runs["results"]["no_dataset"])
+    assert "tfds build cifar10 --file_format=array_record" in line
+    assert error_runs["empty_tfds"] in line
+
+
+def test_mode_not_yet_implemented(error_runs):
+    """--mode=bench (listed by --help, not implemented yet; --mode=eval now is): one line
+    saying it is not yet available."""
+    line = _error_line(error_runs["results"]["bench"])
+    assert "--mode=bench" in line and "not yet available" in line
+
+
+def test_sample_from_empty_workdir(error_runs):
+    """--mode=sample with no checkpoint: one line "no checkpoint in <workdir>/checkpoints"."""
+    line = _error_line(error_runs["results"]["empty"])
+    folder = os.path.join(os.path.abspath(error_runs["workdirs"]["empty"]), "checkpoints")
+    assert f"no checkpoint in {folder}" in line
+
+
+def test_sample_from_corrupt_checkpoint(error_runs):
+    """A truncated parameter file in checkpoints/4/ema_params: one line naming the
+    checkpoint, no traceback, and no samples written."""
+    workdir = error_runs["workdirs"]["corrupt"]
+    line = _error_line(error_runs["results"]["corrupt"])
+    assert f"checkpoint {os.path.join(os.path.abspath(workdir), 'checkpoints', '4')} " in line
+    assert "truncated" in line
+    assert not os.path.exists(os.path.join(workdir, "samples"))
+
+
+def test_sample_with_another_model_config(error_runs):
+    """Sampling with --config.model.ch=64 from a ch=32 checkpoint: one line naming the
+    checkpoint and saying it does not match the model in the config."""
+    workdir = error_runs["workdirs"]["incompatible"]
+    line = _error_line(error_runs["results"]["incompatible"])
+    checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", "4")
+    assert f"checkpoint {checkpoint} does not match the model in the config" in line
+
+
+def test_nonfinite_loss_stops_without_saving(trained, error_runs):
+    """lr=1e30 from the step-4 checkpoint: the run stops with one line naming step 6 and the
+    last good checkpoint (step 4); no checkpoint after step 4 is written and checkpoint 4 is
+    byte-for-byte the one the earlier run wrote."""
+    workdir = error_runs["workdirs"]["nan"]
+    line = _error_line(error_runs["results"]["nan"])
+    assert "NaN/Inf at step 6" in line
+    assert "last good checkpoint (step 4)" in line
+    assert _steps(workdir) == [2, 4]
+    for step in ("2", "4"):
+        assert _tree_identical(os.path.join(trained["snapshot"], "checkpoints", step),
+                               os.path.join(workdir, "checkpoints", step))
