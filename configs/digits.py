@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.sample.method = "ddim"
     config.sample.num_steps = 50
+    # eta = 1 (stochastic DDIM): on this small model it scores 0.98 classifier accuracy against
+    # 0.84 for eta = 0, whose 50 coarse deterministic steps leave speckles (README).
+    config.sample.eta = 1.0
     config.sample.num_samples = 1000
     config.sample.batch_size = 500
     config.sample.grid_size = 100

@@ -242,6 +242,33 @@ def test_second_sample_run_replaces_the_files(sampled):
         assert f.read() != sampled["grid"]
 
 
+def test_eval_writes_digits_and_nll_json(sampled):
+    """--mode=eval on the samples of --mode=sample: the digits metrics and the NLL bound each
+    land in eval_<metric>.json with the checkpoint step, the sample count and their source."""
+    import json
+    workdir = sampled["workdir"]
+    result = _run(workdir, "--mode=eval", eval__metrics="digits,nll",
+                  eval__samples_dir=os.path.join(workdir, "samples"), eval__num_samples=30,
+                  eval__nll_examples=8, eval__nll_batch_size=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, "eval_digits.json")) as f:
+        digits = json.load(f)
+    with open(os.path.join(workdir, "eval_nll.json")) as f:
+        nll = json.load(f)
+    step = _steps(workdir)[-1]
+    assert digits["checkpoint_step"] == step and digits["params"] == "ema"
+    assert digits["num_samples"] == 30 and digits["source"].endswith("samples")
+    assert 0.0 <= digits["values"]["accuracy"] <= 1.0 and digits["values"]["frechet"] > 0.0
+    assert nll["num_examples"] == 8 and 0.0 < nll["values"]["bpd"] < 20.0
+
+
+def test_eval_without_inception_weights_names_the_file(sampled):
+    """FID asked for with no weights file: one line naming the file to get and the key."""
+    line = _error_line(_run(sampled["workdir"], "--mode=eval", eval__metrics="fid"))
+    assert "pt_inception-2015-12-05-6726825d.pth" in line
+    assert "config.eval.inception_weights" in line
+
+
 # ------------------------------------------------------------------ one-line errors
 def test_unknown_flag(error_runs):
     """--bogus: one error line naming the flag, nonzero exit, no traceback."""
