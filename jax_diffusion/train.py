@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
