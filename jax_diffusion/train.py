@@ -73,7 +73,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params,
                                               1.0 - ema_decay(train_config.ema_decay, state.step))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updated = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                                 opt_state=opt_state)
