@@ -1,4 +1,4 @@
-# The two commands of the README. Both build .venv from requirements.txt when it is missing or stale.
+# The README's commands. Each builds .venv from requirements.txt when it is missing or stale.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,6 +19,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) scripts/bench_vs_torch.py
 
 clean:
 	rm -rf $(VENV) .cache

@@ -79,4 +79,16 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.nll_examples = 0          # 0 = the whole eval split
     evaluation.nll_batch_size = 64
 
+    # --mode=bench (jax_diffusion/bench.py): random data, compile timed apart, median of windows.
+    config.bench = bench = ml_collections.ConfigDict()
+    bench.parts = "train,fwd,sample"     # comma-separated subset of train, fwd, sample
+    bench.batch_size = 8                 # global training batch; must divide over the devices
+    bench.sample_batch_size = 16         # batch of the forward passes and of sampling
+    bench.num_steps = 5                  # timed calls per window (train steps, forward passes)
+    bench.warmup_steps = 2               # untimed calls after compiling
+    bench.windows = 3                    # timed windows; the median is reported
+    bench.sample_steps = "10,50"         # an int or a comma string: one compiled sampler each
+    bench.method = "ddim"                # sampler for sample_steps: "ddpm" | "ddim" | "dpm_solver++"
+    bench.seed = 0                       # random data and sampling key
+
     return config

@@ -22,15 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.schedule = "cosine"
     config.diffusion.num_timesteps = 1000
 
-    config.train.num_steps = 4000
+    config.train.num_steps = 1500
     config.train.batch_size = 64
     config.train.lr = 1e-3
     config.train.warmup_steps = 200
     config.train.ema_decay = 0.995
     config.train.label_dropout = 0.1
-    config.train.log_every = 200
-    config.train.checkpoint_every = 1000
-    config.train.sample_every = 2000
+    config.train.log_every = 250
+    config.train.checkpoint_every = 500
+    config.train.sample_every = 750
 
     config.sample.method = "ddim"
     config.sample.num_steps = 50

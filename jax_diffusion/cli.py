@@ -133,5 +133,6 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
         from jax_diffusion.evaluation.run import run_eval
         run_eval(config, workdir)
     else:
-        raise NotImplementedError(f"--mode={mode} is not yet available in this version; "
-                                  f"use --mode=train, sample or eval")
+        assert mode == "bench", f"--mode={mode} is not one of {MODES}"
+        from jax_diffusion.bench import run_bench
+        run_bench(config, workdir)
