@@ -1,11 +1,12 @@
 """main.py through the command line: train, resume after SIGTERM, sample (twice), and the
-one-line errors for bad flags, unknown config keys, a missing dataset, a mode not yet
-implemented (--mode=bench), a non-finite loss, and missing, corrupt or incompatible checkpoints.
+one-line errors for bad flags, unknown config keys, a missing dataset, a non-finite loss, and
+missing, corrupt or incompatible checkpoints; and --mode=bench's JSON line.
 
 Few processes: one train run, one resume run (stopped by SIGTERM), two sample runs, one run
 that diverges, and the error runs, which fail before compiling and run concurrently.
 """
 import filecmp
+import json
 import os
 import re
 import shutil
@@ -103,7 +104,6 @@ def error_runs(trained, tmp_path_factory):
         "unknown_key": (str(tmp / "w_key"), ["--config.train.no_such_key=1"], {}),
         "no_dataset": (str(tmp / "w_cifar"), [], {"data__dataset": "cifar10",
                                                   "data__tfds_data_dir": empty_tfds}),
-        "bench": (str(tmp / "w_bench"), ["--mode=bench"], {}),
         "empty": (str(tmp / "w_empty"), ["--mode=sample"], {}),
         "corrupt": (corrupt, ["--mode=sample"], {}),
         "incompatible": (copy("incompatible"), ["--mode=sample"], {"model__ch": 64}),
@@ -293,11 +293,29 @@ def test_missing_dataset_says_how_to_prepare_it(error_runs):
     assert error_runs["empty_tfds"] in line
 
 
-def test_mode_not_yet_implemented(error_runs):
-    """--mode=bench (listed by --help, not implemented yet; --mode=eval now is): one line
-    saying it is not yet available."""
-    line = _error_line(error_runs["results"]["bench"])
-    assert "--mode=bench" in line and "not yet available" in line
+BENCH_KEYS = ("device", "n_devices", "params", "batch", "dtype", "train_img_per_s",
+              "train_step_ms", "train_compile_s", "sample_img_per_s", "sample_compile_s",
+              "fwd_img_per_s", "flops_per_train_img", "achieved_tflops", "mfu",
+              "peak_memory_bytes")
+
+
+def test_bench_prints_one_json_line_with_every_key(tmp_path):
+    """--mode=bench on the tiny model with small bench settings: exit 0, and the last stdout
+    line is one JSON object with every key of the issue; sampling keyed <method>_<steps>,
+    achieved TFLOP/s = FLOPs per image x img/s, and no MFU on a CPU (no known peak)."""
+    result = _run(str(tmp_path), "--mode=bench", bench__num_steps=2, bench__warmup_steps=1,
+                  bench__windows=2, bench__sample_steps="2,4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(BENCH_KEYS) <= set(report), set(BENCH_KEYS) - set(report)
+    assert set(report["sample_img_per_s"]) == set(report["sample_compile_s"]) == {"ddim_2",
+                                                                                 "ddim_4"}
+    assert report["batch"] == 8 and report["dtype"] == "float32"
+    assert report["train_img_per_s"] > 0 and report["fwd_img_per_s"] > 0
+    assert report["train_img_per_s"] == pytest.approx(8e3 / report["train_step_ms"])
+    assert report["achieved_tflops"] == pytest.approx(
+        report["flops_per_train_img"] * report["train_img_per_s"] / 1e12)
+    assert report["device"] == "cpu" and report["mfu"] is None
 
 
 def test_sample_from_empty_workdir(error_runs):
