@@ -22,8 +22,8 @@ import optax
 from jax_diffusion import checkpoints, data, parallel, sampling
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
 from jax_diffusion.models import create_model
-from jax_diffusion.train_state import (TrainState, create_optimizer, create_train_state,
-                                       learning_rate_schedule)
+from jax_diffusion.train_state import (TrainState, abstract_train_state, create_optimizer,
+                                       create_train_state, learning_rate_schedule)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -161,12 +161,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     iterator = data.create_train_iterator(config, seed=config.train.seed,
                                           process_index=jax.process_index(),
                                           process_count=jax.process_count())
-    state = create_train_state(config, model, tx, mesh)
     manager = checkpoints.create_manager(workdir, config.train.max_to_keep)
-    if manager.latest_step() is not None:
+    if manager.latest_step() is None:
+        state = create_train_state(config, model, tx, mesh)
+    else:  # restore onto the abstract state: no throw-away initialisation of a large model
         step = manager.latest_step()
         state, data_state = checkpoints.restore_train_state(
-            manager, step, state, parallel.replicated(mesh))
+            manager, step, abstract_train_state(config, model), parallel.replicated(mesh))
         iterator.set_state(data_state)
         logging.info("Resuming from %s at step %d", checkpoints.checkpoint_dir(workdir) +
                      f"/{step}", step)
