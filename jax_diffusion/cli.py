@@ -12,7 +12,6 @@ from absl import flags
 from jax_diffusion import config_files
 
 MODES = ("train", "sample", "eval", "bench")
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fail(message: str) -> int:
@@ -106,7 +105,7 @@ def setup_logging() -> None:
 def setup_jax(config: ml_collections.ConfigDict) -> None:
     """The persistent compilation cache, so that a second run does not compile again."""
     import jax
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".cache", "jax"))
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(config_files.REPO_ROOT, ".cache", "jax"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

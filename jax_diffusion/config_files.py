@@ -6,7 +6,8 @@ import os
 
 import ml_collections
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -7,11 +7,12 @@ the batch is sharded, so a run gives the same numbers on 1 device or 8.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -40,6 +41,31 @@ def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
     if batch_size % n:
         raise ValueError(f"{what}={batch_size} must be divisible by the number of devices ({n}); "
                          f"pick a multiple of {n}")
+
+
+def round_up_to_devices(n: int, mesh: Mesh) -> int:
+    """The smallest multiple of the mesh's device count that is >= n."""
+    devices = mesh.devices.size
+    return -(-n // devices) * devices
+
+
+def map_batches(fn: Callable[..., Any], arrays: tuple[np.ndarray, ...], batch_size: int,
+                mesh: Mesh, progress: str | None = None) -> Any:
+    """fn(i, *batch_i) over batches of `batch_size` rows of the host `arrays`, each batch a global
+    array sharded on "data"; the outputs (a pytree of [batch_size, ...] arrays) are fetched,
+    concatenated and trimmed to the N input rows.
+
+    The last batch is filled up by repeating rows, so one compiled `fn` serves every batch.
+    `progress` names a progress bar; None shows none."""
+    check_divisible(batch_size, mesh, "the batch size")
+    num = len(arrays[0])
+    num_batches = -(-num // batch_size)
+    rows = np.resize(np.arange(num), num_batches * batch_size)
+    outputs = []
+    for i in tqdm(range(num_batches), desc=progress, unit="batch", disable=progress is None):
+        picked = rows[i * batch_size:(i + 1) * batch_size]
+        outputs.append(to_host(fn(i, *(global_batch(a[picked], mesh) for a in arrays))))
+    return jax.tree.map(lambda *parts: np.concatenate(parts)[:num], *outputs)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

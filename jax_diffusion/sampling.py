@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from jax_diffusion import checkpoints, images, parallel, samplers, schedules
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
@@ -84,23 +83,17 @@ def generate_samples(sample_fn: SampleFn, params, labels: np.ndarray, batch_size
                      seed: int, mesh, progress: bool = True) -> np.ndarray:
     """All samples for `labels`, batch by batch; batch i uses key fold_in(seed, i), so the
     images depend on the seed and batch size, not on the device count."""
-    num = len(labels)
-    num_batches = -(-num // batch_size)
-    padded = np.resize(labels, num_batches * batch_size).astype(np.int32)  # last batch filled up
     base_key = jax.random.PRNGKey(seed)
-    out = []
-    for i in tqdm(range(num_batches), desc="sampling", unit="batch", disable=not progress):
-        chunk = parallel.global_batch(padded[i * batch_size:(i + 1) * batch_size], mesh)
-        out.append(parallel.to_host(sample_fn(params, jax.random.fold_in(base_key, i), chunk)))
-    return np.concatenate(out)[:num]
+    return parallel.map_batches(
+        lambda i, chunk: sample_fn(params, jax.random.fold_in(base_key, i), chunk),
+        (labels.astype(np.int32),), batch_size, mesh, "sampling" if progress else None)
 
 
 class GridSampler:
     """Writes a grid of EMA samples during training: PNG under workdir/grids and TensorBoard."""
 
     def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh):
-        n_dev = mesh.devices.size
-        self.num = -(-config.sample.grid_size // n_dev) * n_dev
+        self.num = parallel.round_up_to_devices(config.sample.grid_size, mesh)
         self.labels = default_labels(self.num, config.model.num_classes)
         self.mesh = mesh
         self.seed = config.sample.seed
@@ -137,8 +130,8 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     logging.info("Sampling %d images from step %d (%s params) with %s, %d steps",
                  sample_config.num_samples, step, "EMA" if sample_config.use_ema else "raw",
                  sample_config.method, sample_config.num_steps)
-    batch_size = min(sample_config.batch_size, sample_config.num_samples)
-    batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    batch_size = parallel.round_up_to_devices(
+        min(sample_config.batch_size, sample_config.num_samples), mesh)
     labels = default_labels(sample_config.num_samples, config.model.num_classes)
     sample_fn = make_sample_fn(config, model, mesh, batch_size)
     samples = generate_samples(sample_fn, params, labels, batch_size, sample_config.seed, mesh)

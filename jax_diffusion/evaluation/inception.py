@@ -333,20 +333,8 @@ def inception_features(module: FIDInceptionV3, variables: dict, images_uint8: np
             or images_uint8.shape[-1] not in (1, 3)):
         raise ValueError(f"inception_features needs uint8 [N, H, W, 1 or 3] images, got "
                          f"{images_uint8.dtype} {images_uint8.shape}")
-    num = len(images_uint8)
-    batch_size = max(1, min(batch_size, num))
-    if mesh is None:
-        place = jnp.asarray
-    else:
-        batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-        variables = parallel.replicate(variables, mesh)
-        place = functools.partial(parallel.global_batch, mesh=mesh)
-    pools, logits = [], []
-    for start in range(0, num, batch_size):
-        batch = images_uint8[start:start + batch_size]
-        padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:],
-                                                 np.uint8)])
-        pool, logit = parallel.to_host(_features(module, variables, place(padded)))
-        pools.append(pool[:len(batch)])
-        logits.append(logit[:len(batch)])
-    return np.concatenate(pools), np.concatenate(logits)
+    mesh = parallel.create_mesh(jax.local_devices()[:1]) if mesh is None else mesh
+    batch_size = parallel.round_up_to_devices(max(1, min(batch_size, len(images_uint8))), mesh)
+    variables = parallel.replicate(variables, mesh)
+    return parallel.map_batches(lambda i, batch: _features(module, variables, batch),
+                                (images_uint8,), batch_size, mesh)

@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from jax_diffusion import data, digits_metrics, parallel, sampling
 from jax_diffusion.diffusion import create_diffusion
@@ -58,7 +57,7 @@ def load_samples(config: ml_collections.ConfigDict, params, model: nn.Module, me
             raise ValueError(f"{config.eval.samples_dir} holds {len(images)} samples but "
                              f"config.eval.num_samples={num}; sample more or lower it")
         return images[:num], labels[:num], {"source": config.eval.samples_dir}
-    batch = -(-min(config.sample.batch_size, num) // mesh.devices.size) * mesh.devices.size
+    batch = parallel.round_up_to_devices(min(config.sample.batch_size, num), mesh)
     labels = sampling.default_labels(num, config.model.num_classes)
     sample_fn = sampling.make_sample_fn(config, model, mesh, batch)
     images = sampling.generate_samples(sample_fn, params, labels, batch, config.sample.seed, mesh)
@@ -109,17 +108,10 @@ def nll_bits_per_dim(config: ml_collections.ConfigDict, model: nn.Module, params
     bpd_fn = jax.jit(bpd, in_shardings=(parallel.replicated(mesh), batch_sharding,
                                         batch_sharding, parallel.replicated(mesh)),
                      out_shardings=batch_sharding)
-    num = len(images)
-    num_batches = -(-num // batch_size)
-    index = np.resize(np.arange(num), num_batches * batch_size)  # last batch filled up
     key = jax.random.PRNGKey(seed)
-    out = []
-    for i in tqdm(range(num_batches), desc="nll", unit="batch"):
-        rows = index[i * batch_size:(i + 1) * batch_size]
-        x = parallel.global_batch(images[rows].astype(np.float32), mesh)
-        y = parallel.global_batch(labels[rows].astype(np.int32), mesh)
-        out.append(parallel.to_host(bpd_fn(params, x, y, jax.random.fold_in(key, i))))
-    return np.concatenate(out)[:num]
+    return parallel.map_batches(
+        lambda i, x, y: bpd_fn(params, x, y, jax.random.fold_in(key, i)),
+        (images.astype(np.float32), labels.astype(np.int32)), batch_size, mesh, "nll")
 
 
 def _write(workdir: str, metric: str, record: dict, writer) -> None:
