@@ -28,8 +28,8 @@ def main(argv: list[str]) -> int:
     if not _WORKDIR.value:
         return cli.fail("--workdir is required, e.g. --workdir=runs/digits")
     cli.setup_logging()
-    cli.setup_jax(_CONFIG.value)
     try:
+        cli.setup_jax(_CONFIG.value)
         cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
     except cli.user_errors() as e:  # evaluated only when an exception arrives
         logging.debug("traceback", exc_info=True)

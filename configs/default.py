@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.weight_decay = 0.0
     train.ema_decay = 0.999
     train.label_dropout = 0.0            # probability of replacing the label by the null label (guidance)
-    train.steps_per_jit = 1              # > 1: several steps per compiled call (lax.scan) to hide dispatch
+    train.steps_per_jit = 1              # > 1: several steps per compiled call, to hide dispatch
     train.log_every = 100
     train.checkpoint_every = 1000
     train.sample_every = 1000            # 0 disables sample grids
@@ -90,5 +90,15 @@ def get_config() -> ml_collections.ConfigDict:
     bench.sample_steps = "10,50"         # an int or a comma string: one compiled sampler each
     bench.method = "ddim"                # sampler for sample_steps: "ddpm" | "ddim" | "dpm_solver++"
     bench.seed = 0                       # random data and sampling key
+
+    # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/distributed.py.
+    config.distributed = dist = ml_collections.ConfigDict()
+    dist.cluster = "auto"                # "auto": SLURM with several tasks or a Cloud TPU VM joins by itself; "none"
+    dist.coordinator_address = ""        # host:port of process 0, e.g. "10.0.0.2:1234"; "" = auto / single process
+    dist.num_processes = 0               # with coordinator_address: how many processes join
+    dist.process_id = -1                 # with coordinator_address: this process's id, 0..num_processes-1
+    dist.local_device_count = 0          # > 0 forces that many CPU devices (tests); 0 honours XLA_FLAGS
+    dist.initialization_timeout = 300    # seconds to wait for every process to join
+    dist.heartbeat_timeout = 100         # seconds of silence after which a process counts as dead
 
     return config

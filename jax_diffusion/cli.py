@@ -103,21 +103,31 @@ def setup_logging() -> None:
 
 
 def setup_jax(config: ml_collections.ConfigDict) -> None:
-    """The persistent compilation cache, so that a second run does not compile again."""
+    """The persistent compilation cache (a second run does not compile again), then the join of
+    a multi-process run; processes other than 0 log only warnings and errors."""
     import jax
+    from absl import logging as absl_logging
+    from jax_diffusion import distributed
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(config_files.REPO_ROOT, ".cache", "jax"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if distributed.initialize(config.distributed):
+        logging.info(
+            "Process %d of %d: %d local devices, %d in all", jax.process_index(),
+            jax.process_count(), jax.local_device_count(), jax.device_count())
+        if jax.process_index() > 0:
+            absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: shown as one line (the traceback at -v=1)."""
     from jax_diffusion.checkpoints import CheckpointError
     from jax_diffusion.data import DatasetNotFoundError
+    from jax_diffusion.distributed import DistributedSetupError
     from jax_diffusion.train import NonFiniteLossError
     # FileNotFoundError covers missing datasets, Inception weights and samples files.
     return (ValueError, FileNotFoundError, CheckpointError, DatasetNotFoundError,
-            NonFiniteLossError, NotImplementedError)
+            DistributedSetupError, NonFiniteLossError, NotImplementedError)
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -36,11 +36,14 @@ def batch_sharded(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
 
 
 def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
-    """A global batch must split evenly over the devices."""
+    """A global batch must split evenly over the devices of all processes."""
     n = mesh.devices.size
     if batch_size % n:
-        raise ValueError(f"{what}={batch_size} must be divisible by the number of devices ({n}); "
-                         f"pick a multiple of {n}")
+        processes = jax.process_count()
+        where = (f"{n} devices: {processes} processes x {n // processes}" if processes > 1
+                 else f"{n} devices")
+        raise ValueError(f"{what}={batch_size} must be divisible by the global number of devices "
+                         f"({where}); pick a multiple of {n}")
 
 
 def round_up_to_devices(n: int, mesh: Mesh) -> int:
@@ -55,16 +58,18 @@ def map_batches(fn: Callable[..., Any], arrays: tuple[np.ndarray, ...], batch_si
     array sharded on "data"; the outputs (a pytree of [batch_size, ...] arrays) are fetched,
     concatenated and trimmed to the N input rows.
 
-    The last batch is filled up by repeating rows, so one compiled `fn` serves every batch.
-    `progress` names a progress bar; None shows none."""
+    Every process passes the same `arrays`, feeds only its own devices' rows, and gets all the
+    outputs. The last batch is filled up by repeating rows, so one compiled `fn` serves every
+    batch. `progress` names a progress bar (process 0 only); None shows none."""
     check_divisible(batch_size, mesh, "the batch size")
     num = len(arrays[0])
     num_batches = -(-num // batch_size)
     rows = np.resize(np.arange(num), num_batches * batch_size)
     outputs = []
-    for i in tqdm(range(num_batches), desc=progress, unit="batch", disable=progress is None):
+    quiet = progress is None or jax.process_index() > 0
+    for i in tqdm(range(num_batches), desc=progress, unit="batch", disable=quiet):
         picked = rows[i * batch_size:(i + 1) * batch_size]
-        outputs.append(to_host(fn(i, *(global_batch(a[picked], mesh) for a in arrays))))
+        outputs.append(to_host(fn(i, *(shard_global_array(a[picked], mesh) for a in arrays))))
     return jax.tree.map(lambda *parts: np.concatenate(parts)[:num], *outputs)
 
 
@@ -73,8 +78,15 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
+def shard_global_array(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A batch-sharded global array from a host array that every process holds whole (labels to
+    sample, images to score): each process places only its own devices' rows."""
+    return jax.make_array_from_callback(array.shape, batch_sharded(mesh), lambda index: array[index])
+
+
 def global_batch(local: Any, mesh: Mesh, leading_axes: int = 0) -> Any:
-    """Assemble the global, batch-sharded arrays from this process's rows of the batch."""
+    """Assemble the global, batch-sharded arrays from this process's rows of the batch (training
+    data: process p reads rows p*B/P:(p+1)*B/P of every global batch)."""
     sharding = batch_sharded(mesh, leading_axes)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 

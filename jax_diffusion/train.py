@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from jax_diffusion import checkpoints, data, parallel, sampling
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
@@ -124,18 +125,33 @@ def validate_intervals(config: ml_collections.ConfigDict, num_steps: int) -> Non
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag that the loop checks between steps."""
+    """SIGTERM (the preemption notice of TPU VMs, SLURM and Kubernetes) as a stop request that
+    the loop checks between steps, at the same step on every process.
+
+    One process: a Python handler sets a flag. Several: JAX's preemption service (started by
+    jax.distributed) catches SIGTERM, and `reached_preemption_sync_point` turns true at one
+    common step on all processes, so they save the same checkpoint together; a process that
+    stopped alone would leave the others waiting in a collective."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._flag = False
+        self._multi_process = jax.process_count() > 1
+        if not self._multi_process:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
+        self._flag = True
+
+    def requested(self, step: int) -> bool:
+        """Whether to save and stop after `step`; called once per step on every process."""
+        if self._multi_process:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._multi_process:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _next_batches(iterator, k: int, mesh) -> dict:
@@ -214,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             pending.append(metrics)
             # Read the flag once: SIGTERM may arrive while this step is being logged or saved,
             # and "stop" must then wait for the next step's save, not skip this one's.
-            preempted = preemption.requested
+            preempted = preemption.requested(step)
             at_end = step >= num_steps or preempted
             if (config.train.log_every and step % config.train.log_every == 0) or at_end:
                 flush_metrics()
