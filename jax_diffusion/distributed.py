@@ -27,11 +27,11 @@ class DistributedSetupError(RuntimeError):
 def detected_cluster(environ: Mapping[str, str], tpu_chips_present: bool = False) -> str | None:
     """"slurm" or "tpu" when the environment is one that JAX's own detection handles, else None.
 
-    SLURM counts only with several tasks (one task is an ordinary single-process run). A Cloud
-    TPU VM is recognised by its chips (/dev/accel*) or the variables its runtime sets; on a
-    single host initialize() is harmless, on a pod it is required."""
-    if int(environ.get("SLURM_NTASKS", environ.get("SLURM_NPROCS", "1")) or 1) > 1 \
-            and "SLURM_PROCID" in environ:
+    SLURM counts only inside a job step (srun) of several tasks: a batch script of a job with
+    several tasks runs once, as an ordinary single process. A Cloud TPU VM is recognised by its
+    chips (/dev/accel*) or the variables its runtime sets; on a single host initialize() is
+    harmless, on a pod it is required."""
+    if int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and "SLURM_PROCID" in environ:
         return "slurm"
     if any(environ.get(name) for name in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
                                            "TPU_ACCELERATOR_TYPE")) or tpu_chips_present:

@@ -268,8 +268,10 @@ def test_batch_that_does_not_divide_over_all_devices(runs):
 # ------------------------------------------------------------------ start-up configuration
 def test_cluster_detection_from_the_environment():
     assert distributed.detected_cluster({}) is None
-    assert distributed.detected_cluster({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
-    assert distributed.detected_cluster({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}) == "slurm"
+    assert distributed.detected_cluster({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) is None
+    # The batch script of an 8-task job is not a job step: it runs once.
+    assert distributed.detected_cluster({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) is None
+    assert distributed.detected_cluster({"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3"}) == "slurm"
     assert distributed.detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == "tpu"
     assert distributed.detected_cluster({}, tpu_chips_present=True) == "tpu"
 
@@ -280,7 +282,7 @@ def test_single_process_configs_do_not_initialize():
     assert distributed.initialize(config.distributed, environ={}) is False
     config.distributed.cluster = "none"
     assert distributed.initialize(config.distributed,
-                                  environ={"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}) is False
+                                  environ={"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3"}) is False
 
 
 @pytest.mark.parametrize("overrides, named", [
