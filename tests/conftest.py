@@ -4,6 +4,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from jax_diffusion import cpu_flags  # noqa: E402
+
+cpu_flags.use_fast_cpu_convolutions()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -1,7 +1,7 @@
 """The benchmark without timing anything: the analytic training FLOPs against XLA's count of the
 compiled train step, the MFU arithmetic and peak table, the config parsers, and the parsing and
-ratio helpers of scripts/bench_vs_torch.py on fake runs. `--mode=bench` itself runs end to end
-in test_main.py."""
+ratio helpers of scripts/bench_vs_torch.py on fake runs, and that the XLA:CPU convolution flag
+takes effect. `--mode=bench` itself runs end to end in test_main.py."""
 import importlib.util
 import os
 
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_diffusion import bench, parallel
+from jax_diffusion import bench, cpu_flags, parallel
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.models import create_model
@@ -111,15 +111,19 @@ def test_summary_medians_and_ratios():
                 "bfloat16": [_jax(6.0, None), _jax(8.0, None), _jax(7.0, None)]}
     torch_runs = {"float32": [_torch(5.0, 20.0), _torch(4.0, 22.0), _torch(6.0, 21.0)],
                   "bfloat16": [_torch(2.0, 10.0), _torch(3.5, 11.0), _torch(3.0, 12.0)]}
-    summary = bench_vs_torch.summarize(jax_runs, torch_runs)
+    split_runs = {"float32": [_jax(None, 50.0), _jax(None, 63.0), _jax(None, 60.0)],
+                  "bfloat16": [_jax(None, 1.0), _jax(None, 2.0), _jax(None, 3.0)]}
+    summary = bench_vs_torch.summarize(jax_runs, torch_runs, split_runs)
     assert summary["float32"] == {
         "jax_train_img_per_s": 12.0, "torch_train_img_per_s": 5.0, "train_ratio": 2.4,
-        "jax_fwd_img_per_s": 42.0, "torch_fwd_img_per_s": 21.0, "fwd_ratio": 2.0}
+        "jax_fwd_img_per_s": 42.0, "torch_fwd_img_per_s": 21.0, "fwd_ratio": 2.0,
+        "jax_fwd_2dev_img_per_s": 60.0, "fwd_2dev_ratio": 60.0 / 21.0}
     assert summary["bfloat16"]["train_ratio"] == pytest.approx(7.0 / 3.0)
     assert summary["bfloat16"]["jax_fwd_img_per_s"] is None
     assert summary["bfloat16"]["fwd_ratio"] is None
     lines = bench_vs_torch.format_summary(summary)
-    assert len(lines) == 4 and "2.40" in lines[0] and "n/a" in lines[3]
+    assert len(lines) == 6 and "2.40" in lines[0] and "2.86" in lines[2] and "n/a" in lines[4]
+    assert len(bench_vs_torch.format_summary(bench_vs_torch.summarize(jax_runs, torch_runs))) == 4
 
 
 def test_side_by_side_commands_match_the_issue():
@@ -129,9 +133,44 @@ def test_side_by_side_commands_match_the_issue():
     assert any(arg.endswith("configs/cifar10.py") for arg in jax_command)
     assert "--config.bench.batch_size=8" in jax_command
     assert "--config.bench.sample_batch_size=16" in jax_command
+    assert "--config.distributed.local_device_count=1" in jax_command
+    split = bench_vs_torch.jax_command("float32", "/tmp/w", split_forward=True)
+    assert "--config.bench.parts=fwd" in split and "--config.model.dtype=float32" in split
+    devices = bench_vs_torch.CPU_DEVICES
+    assert f"--config.distributed.local_device_count={devices}" in split and 16 % devices == 0
     torch_command = bench_vs_torch.torch_command("python", "bfloat16")
     assert torch_command[1] == os.path.normpath(os.path.join(ROOT, "..", "shared", "bench",
                                                              "torch_baseline.py"))
     assert torch_command[2:] == ["--arch=ddpm", "--batch", "8", "--fwd-batch", "16", "--bf16"]
     assert "--bf16" not in bench_vs_torch.torch_command("python", "float32")
     assert "torch==2.13.0" in bench_vs_torch.TORCH_PACKAGES
+
+
+# ------------------------------------------------------------------ XLA:CPU convolution flag
+def test_fast_cpu_convolution_flag_is_added_once_and_respects_the_user():
+    environ = {}
+    cpu_flags.use_fast_cpu_convolutions(environ)
+    assert environ["XLA_FLAGS"] == cpu_flags.EIGEN_CONVOLUTIONS
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+    cpu_flags.use_fast_cpu_convolutions(environ)
+    cpu_flags.use_fast_cpu_convolutions(environ)
+    assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/d {cpu_flags.EIGEN_CONVOLUTIONS}"
+    users = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"}
+    cpu_flags.use_fast_cpu_convolutions(users)
+    assert users["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
+
+
+def test_convolutions_compile_to_plain_xla_convolutions():
+    """conftest.py applies the flag as main.py does. A U-Net-sized conv and its gradients then
+    compile to plain `convolution` ops; without the flag XLA:CPU wraps them in YNNPACK custom
+    fusions (`ynn_fusion`), whose kernel gradient is ~4x slower. Compiled, never run."""
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y * y)
+
+    x = jax.ShapeDtypeStruct((8, 32, 32, 128), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    assert hlo.count(" convolution(") == 3  # forward, input gradient, kernel gradient
+    assert "ynn_fusion" not in hlo
