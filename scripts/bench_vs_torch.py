@@ -5,8 +5,9 @@
 
 Creates .cache/torch-venv with torch==2.13.0, diffusers and numpy when it is missing, then runs,
 `--rounds` times, alternating so that drifts of a shared machine hit both sides alike: the JAX
-bench (train batch 8, forward batch 16) and the PyTorch baseline with the same batches, in
-float32 and in bfloat16. Each run's result is the last JSON line of its stdout. Prints the
+bench on one device (train batch 8, forward batch 16), the JAX forward pass again with its batch
+split over one CPU device per core, and the PyTorch baseline with the same batches, in float32
+and in bfloat16. Each run's result is the last JSON line of its stdout. Prints the
 medians over the rounds and the JAX/PyTorch ratios of train and forward img/s to stderr, and
 one JSON summary line on stdout. Long: each run builds and times the 35.7M-parameter model.
 """
@@ -28,6 +29,8 @@ TORCH_PACKAGES = ("torch==2.13.0", "diffusers", "numpy")
 PRECISIONS = ("float32", "bfloat16")
 METRICS = ("train_img_per_s", "fwd_img_per_s")
 TRAIN_BATCH, FWD_BATCH = 8, 16
+# One CPU device per core for the split forward run, as many as divide the forward batch.
+CPU_DEVICES = max(d for d in range(1, min(os.cpu_count() or 1, FWD_BATCH) + 1) if FWD_BATCH % d == 0)
 
 
 def log(message: str) -> None:
@@ -54,9 +57,15 @@ def median_or_none(values: list[float | None]) -> float | None:
     return statistics.median(measured) if measured else None
 
 
-def summarize(jax_runs: dict[str, list[dict]], torch_runs: dict[str, list[dict]]) -> dict:
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(jax_runs: dict[str, list[dict]], torch_runs: dict[str, list[dict]],
+              jax_split_runs: dict[str, list[dict]] | None = None) -> dict:
     """Per precision: medians over the rounds of each side's train and forward img/s, and the
-    ratios JAX / PyTorch (None when a side has no measurement)."""
+    ratios JAX / PyTorch (None when a side has no measurement). `jax_split_runs`: forward-only
+    JAX runs with the batch split over one CPU device per core (fwd_2dev_*)."""
     summary = {}
     for precision in PRECISIONS:
         row = {}
@@ -65,8 +74,11 @@ def summarize(jax_runs: dict[str, list[dict]], torch_runs: dict[str, list[dict]]
             torch_value = median_or_none([run.get(metric) for run in torch_runs[precision]])
             row[f"jax_{metric}"] = jax_value
             row[f"torch_{metric}"] = torch_value
-            row[f"{metric.split('_')[0]}_ratio"] = (
-                jax_value / torch_value if jax_value is not None and torch_value else None)
+            row[f"{metric.split('_')[0]}_ratio"] = _ratio(jax_value, torch_value)
+        if jax_split_runs is not None:
+            split = median_or_none([run.get("fwd_img_per_s") for run in jax_split_runs[precision]])
+            row["jax_fwd_2dev_img_per_s"] = split
+            row["fwd_2dev_ratio"] = _ratio(split, row["torch_fwd_img_per_s"])
         summary[precision] = row
     return summary
 
@@ -77,10 +89,12 @@ def format_summary(summary: dict) -> list[str]:
         return "n/a" if value is None else format(value, spec)
     lines = []
     for precision, row in summary.items():
-        for part in ("train", "fwd"):
+        for part in ("train", "fwd", "fwd_2dev"):
+            if f"{part}_ratio" not in row:
+                continue
             jax_value = number(row[f"jax_{part}_img_per_s"], "9.2f")
-            torch_value = number(row[f"torch_{part}_img_per_s"], "9.2f")
-            lines.append(f"{precision:9s} {part:5s} JAX {jax_value} img/s  PyTorch {torch_value}"
+            torch_value = number(row[f"torch_{part.split('_')[0]}_img_per_s"], "9.2f")
+            lines.append(f"{precision:9s} {part:8s} JAX {jax_value} img/s  PyTorch {torch_value}"
                          f" img/s  JAX/PyTorch {number(row[f'{part}_ratio'], '.2f')}")
     return lines
 
@@ -97,12 +111,18 @@ def ensure_torch_venv() -> str:
     return python
 
 
-def jax_command(precision: str, workdir: str) -> list[str]:
-    # parts=train,fwd: the baseline measures no sampling. One window of 5 steps after 2
-    # warm-up ones, as the baseline times; the rounds give the medians.
+def jax_command(precision: str, workdir: str, split_forward: bool = False) -> list[str]:
+    """parts=train,fwd on one device: the baseline measures no sampling. One window of 5 steps
+    after 2 warm-up ones, as the baseline times; the rounds give the medians.
+
+    `split_forward`: the forward pass alone with its batch split over CPU_DEVICES devices, one
+    per core. XLA:CPU runs some ops (the GroupNorm reductions among them) on one thread; two
+    devices run two programs side by side and keep both cores busy."""
+    devices = CPU_DEVICES if split_forward else 1
     return [sys.executable, os.path.join(REPO, "main.py"),
             f"--config={os.path.join(REPO, 'configs', 'cifar10.py')}", f"--workdir={workdir}",
-            "--mode=bench", "--config.bench.parts=train,fwd",
+            "--mode=bench", f"--config.bench.parts={'fwd' if split_forward else 'train,fwd'}",
+            f"--config.distributed.local_device_count={devices}",
             f"--config.bench.batch_size={TRAIN_BATCH}",
             f"--config.bench.sample_batch_size={FWD_BATCH}", "--config.bench.num_steps=5",
             "--config.bench.warmup_steps=2", "--config.bench.windows=1",
@@ -131,17 +151,21 @@ def main() -> None:
         raise SystemExit(f"bench_vs_torch: {TORCH_BASELINE} not found")
     torch_python = ensure_torch_venv()
     jax_runs = {p: [] for p in PRECISIONS}
+    jax_split_runs = {p: [] for p in PRECISIONS}
     torch_runs = {p: [] for p in PRECISIONS}
     with tempfile.TemporaryDirectory() as workdir:
         for round_index in range(args.rounds):
             for precision in PRECISIONS:
                 log(f"--- round {round_index + 1}/{args.rounds}, {precision}")
                 jax_runs[precision].append(run_json(jax_command(precision, workdir)))
+                jax_split_runs[precision].append(run_json(
+                    jax_command(precision, workdir, split_forward=True)))
                 torch_runs[precision].append(run_json(torch_command(torch_python, precision)))
-    summary = summarize(jax_runs, torch_runs)
+    summary = summarize(jax_runs, torch_runs, jax_split_runs)
     for line in format_summary(summary):
         log(line)
     print(json.dumps({"rounds": args.rounds, "train_batch": TRAIN_BATCH, "fwd_batch": FWD_BATCH,
+                      "split_forward_devices": CPU_DEVICES,
                       "device": jax_runs[PRECISIONS[0]][0].get("device"), **summary}), flush=True)
 
 
