@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_diffusion.models.upsample_conv import UpsampleConv
+
 GROUPS = 32
 
 
@@ -23,13 +25,52 @@ def conv(features: int, kernel: int, dtype: jnp.dtype, name: str, stride: int = 
                    dtype=dtype, kernel_init=nn.initializers.zeros if zero_init else default_init(), name=name)
 
 
+class GroupNorm(nn.Module):
+    """GroupNorm (32 groups) in float32, then optionally AdaGN's `* (1 + scale) + shift`.
+
+    Same parameters ("scale", "bias") and the same statistics as flax's GroupNorm (the mean and
+    the mean of squares, var = E[x^2] - E[x]^2), in another order: each statistic is reduced over
+    H x W per channel first, with the channels contiguous, and only then averaged within each
+    group. flax reshapes to [..., groups, C // groups] and reduces over an axis 4 channels wide,
+    which XLA:CPU vectorises badly: this order is 2x faster in the forward pass and 2-3x in the
+    gradient (docs/cpu_performance.md). The normalisation, the affine and AdaGN fold into one
+    per-(image, channel) scale and offset, so they cost a single pass over x.
+    """
+
+    dtype: jnp.dtype = jnp.float32
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, scale: jax.Array | None = None, shift: jax.Array | None = None) -> jax.Array:
+        """x: [B, ..., C]; scale, shift: [B, C] or None. Returns x's shape in `dtype`."""
+        channels = x.shape[-1]
+        gamma = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        beta = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        x = x.astype(jnp.float32)
+        spatial = tuple(range(1, x.ndim - 1))
+        mean = _group_average(jnp.mean(x, axis=spatial))
+        mean_sq = _group_average(jnp.mean(jnp.square(x), axis=spatial))
+        var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)  # clamp round-off, as flax does
+        mul = gamma * jax.lax.rsqrt(var + self.epsilon)
+        add = jnp.broadcast_to(beta, mul.shape)
+        if scale is not None:
+            mul = mul * (1 + scale.astype(jnp.float32))
+            add = add * (1 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
+        expand = (slice(None),) + (None,) * len(spatial) + (slice(None),)
+        return ((x - mean[expand]) * mul[expand] + add[expand]).astype(self.dtype)
+
+
+def _group_average(per_channel: jax.Array) -> jax.Array:
+    """[B, C] per-channel statistics -> [B, C], each channel holding its group's average."""
+    batch, channels = per_channel.shape
+    grouped = per_channel.reshape(batch, GROUPS, channels // GROUPS).mean(-1, keepdims=True)
+    return jnp.broadcast_to(grouped, (batch, GROUPS, channels // GROUPS)).reshape(batch, channels)
+
+
 def group_norm(x: jax.Array, name: str, dtype: jnp.dtype, scale: jax.Array | None = None,
                shift: jax.Array | None = None) -> jax.Array:
-    """GroupNorm(32 groups) in float32; AdaGN `norm(x) * (1 + scale) + shift` when scale/shift are given."""
-    h = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, dtype=jnp.float32, name=name)(x.astype(jnp.float32))
-    if scale is not None:
-        h = h * (1 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
-    return h.astype(dtype)
+    """GroupNorm(32 groups) in float32; AdaGN `norm(x) * (1 + scale) + shift` when scale/shift ([B, C]) are given."""
+    return GroupNorm(dtype, name=name)(x, scale, shift)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -56,15 +97,17 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour, then a 3x3 convolution when conv_resample."""
+    """Double H and W: nearest-neighbour, then a 3x3 convolution when conv_resample (computed as one
+    sub-pixel convolution, see upsample_conv.py)."""
 
     use_conv: bool
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = upsample_nearest(x)
-        return conv(x.shape[-1], 3, self.dtype, "conv")(x) if self.use_conv else x
+        if self.use_conv:
+            return UpsampleConv(x.shape[-1], default_init(), self.dtype, name="conv")(x)
+        return upsample_nearest(x)
 
 
 class ResBlock(nn.Module):
@@ -88,19 +131,21 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         h = nn.silu(group_norm(x, "norm1", self.dtype))
-        if self.resample != "none":
-            resize = upsample_nearest if self.resample == "up" else avg_pool2
-            h, x = resize(h), resize(x)
-        h = conv(self.out_ch, 3, self.dtype, "conv1")(h)
+        if self.resample == "up":  # conv1 of the upsampled h, computed as one sub-pixel convolution
+            h = UpsampleConv(self.out_ch, default_init(), self.dtype, name="conv1")(h)
+            x = upsample_nearest(x)
+        else:
+            if self.resample == "down":
+                h, x = avg_pool2(h), avg_pool2(x)
+            h = conv(self.out_ch, 3, self.dtype, "conv1")(h)
 
         emb_width = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
         e = nn.Dense(emb_width, dtype=self.dtype, kernel_init=default_init(), name="emb_proj")(nn.silu(emb))
-        e = e[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
             h = group_norm(h, "norm2", self.dtype, scale, shift)
         else:
-            h = group_norm(h + e, "norm2", self.dtype)
+            h = group_norm(h + e[:, None, None, :], "norm2", self.dtype)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
         h = conv(self.out_ch, 3, self.dtype, "conv2", zero_init=True)(h)
 

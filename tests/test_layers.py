@@ -1,0 +1,117 @@
+"""Layer oracles: GroupNorm (+AdaGN) and the sub-pixel upsampling convolution against float64
+formulas written out plainly, and their parameters against flax's own layers."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_diffusion.models.layers import GROUPS, GroupNorm, default_init
+from jax_diffusion.models.upsample_conv import UpsampleConv, upsample_conv3x3
+
+RNG = np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------- GroupNorm
+
+
+def group_norm_oracle(x, gamma, beta, scale=None, shift=None, eps=1e-5):
+    """float64: normalise each (image, group) over its pixels and channels, then the affine, then AdaGN."""
+    x = np.asarray(x, np.float64)
+    b, c = x.shape[0], x.shape[-1]
+    grouped = x.reshape(b, -1, GROUPS, c // GROUPS)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    var = ((grouped - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    y = ((grouped - mean) / np.sqrt(var + eps)).reshape(x.shape) * gamma + beta
+    if scale is not None:
+        expand = (slice(None),) + (None,) * (x.ndim - 2) + (slice(None),)
+        y = y * (1 + scale[expand]) + shift[expand]
+    return y
+
+
+@pytest.mark.parametrize("shape, offset", [((2, 6, 5, 64), 0.0), ((3, 4, 4, 128), 3.0), ((2, 7, 96), -1.5)])
+@pytest.mark.parametrize("adagn", [False, True])
+def test_group_norm_matches_the_formula(shape, offset, adagn):
+    """Offset: activations whose mean is 3x their spread still normalise to float32 accuracy, although
+    the variance is E[x^2] - E[x]^2 (flax's fast-variance form)."""
+    c = shape[-1]
+    x = (offset + RNG.standard_normal(shape) * RNG.uniform(0.5, 2.0, c)).astype(np.float32)
+    gamma, beta = RNG.uniform(0.5, 1.5, c).astype(np.float32), RNG.standard_normal(c).astype(np.float32)
+    scale = shift = None
+    if adagn:
+        scale, shift = (0.3 * RNG.standard_normal((shape[0], c))).astype(np.float32), RNG.standard_normal((shape[0], c)).astype(np.float32)
+    out = GroupNorm().apply({"params": {"scale": gamma, "bias": beta}}, x, scale, shift)
+    assert out.dtype == jnp.float32 and out.shape == shape
+    np.testing.assert_allclose(out, group_norm_oracle(x, gamma, beta, scale, shift), rtol=1e-5, atol=2e-5)
+
+
+def test_group_norm_matches_flax_and_has_its_parameters():
+    x = RNG.standard_normal((2, 8, 8, 64)).astype(np.float32)
+    ours = GroupNorm().init(jax.random.key(0), x)
+    theirs = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, theirs)
+    params = {"params": {"scale": RNG.uniform(0.5, 1.5, 64).astype(np.float32),
+                         "bias": RNG.standard_normal(64).astype(np.float32)}}
+    np.testing.assert_allclose(GroupNorm().apply(params, x), nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5).apply(params, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_normalises_each_group_separately():
+    """Groups with very different scales: each comes out with mean 0 and variance 1."""
+    x = RNG.standard_normal((1, 5, 5, 64)) * np.repeat(10.0 ** RNG.uniform(-1, 2, GROUPS), 2)
+    out = np.asarray(GroupNorm().apply({"params": {"scale": np.ones(64), "bias": np.zeros(64)}},
+                                       x.astype(np.float32)), np.float64).reshape(25, GROUPS, 2)
+    np.testing.assert_allclose(out.mean(axis=(0, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(out.var(axis=(0, 2)), 1, atol=2e-3)  # eps=1e-5 shrinks the smallest group
+
+
+# ---------------------------------------------------------------- upsampling convolution
+
+
+def upsample_conv_oracle(x, kernel):
+    """float64: repeat every pixel 2x2, zero-pad by 1, and sum the 3x3 window's taps."""
+    up = np.repeat(np.repeat(np.asarray(x, np.float64), 2, axis=1), 2, axis=2)
+    padded = np.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = up.shape[1:3]
+    return sum(padded[:, i:i + h, j:j + w] @ np.asarray(kernel, np.float64)[i, j]
+               for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("shape, c_out", [((2, 3, 5, 4), 6), ((1, 1, 1, 3), 2), ((2, 4, 4, 8), 8)])
+def test_upsample_conv_equals_the_convolution_of_the_upsampled_map(shape, c_out):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    kernel = RNG.standard_normal((3, 3, shape[-1], c_out)).astype(np.float32)
+    out = jax.jit(upsample_conv3x3)(x, kernel)
+    assert out.shape == (shape[0], 2 * shape[1], 2 * shape[2], c_out)
+    np.testing.assert_allclose(out, upsample_conv_oracle(x, kernel), rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_conv_gradients_equal_those_of_the_plain_form():
+    x = RNG.standard_normal((2, 4, 4, 8)).astype(np.float32)
+    kernel = RNG.standard_normal((3, 3, 8, 5)).astype(np.float32)
+    cotangent = RNG.standard_normal((2, 8, 8, 5)).astype(np.float32)
+
+    def plain(x, kernel):
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return jax.lax.conv_general_dilated(up, kernel, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    grads = [jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
+             for f in (upsample_conv3x3, plain)]
+    for ours, reference in zip(*grads):
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+        assert float(jnp.abs(reference).max()) > 1.0
+
+
+def test_upsample_conv_has_the_parameters_of_nn_conv():
+    """Same names, shapes and initial values as the nn.Conv it replaces, so checkpoints carry over."""
+    x = jnp.zeros((1, 4, 4, 8))
+    ours = UpsampleConv(16, default_init()).init(jax.random.key(3), x)
+    theirs = nn.Conv(16, (3, 3), padding=1, kernel_init=default_init()).init(jax.random.key(3), jnp.zeros((1, 8, 8, 8)))
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(lambda leaf: RNG.standard_normal(leaf.shape).astype(np.float32), ours)
+    up = jnp.repeat(jnp.repeat(RNG.standard_normal((1, 4, 4, 8)).astype(np.float32), 2, axis=1), 2, axis=2)
+    np.testing.assert_allclose(UpsampleConv(16, default_init()).apply(params, up[:, ::2, ::2]),
+                               nn.Conv(16, (3, 3), padding=1).apply(params, up), rtol=1e-5, atol=1e-5)
