@@ -70,15 +70,20 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
             return jnp.mean(terms["loss"]), terms
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_params = optax.incremental_update(params, state.ema_params,
-                                              1.0 - ema_decay(train_config.ema_decay, state.step))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updated = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                                opt_state=opt_state)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+
+        def update(state: TrainState) -> TrainState:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema_params = optax.incremental_update(params, state.ema_params,
+                                                  1.0 - ema_decay(train_config.ema_decay, state.step))
+            return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                                 opt_state=opt_state)
+
+        # A cond, not a select of new against old: with the select, both copies of the state are
+        # live at once and XLA copies every donated buffer (~10% of the CPU step).
+        new_state = jax.lax.cond(finite, update, lambda state: state, state)
         metrics = {name: jnp.mean(value) for name, value in terms.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, lr=lr_schedule(state.step),
                        finite=finite.astype(jnp.float32))

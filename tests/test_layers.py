@@ -1,12 +1,12 @@
-"""Layer oracles: GroupNorm (+AdaGN) and the sub-pixel upsampling convolution against float64
-formulas written out plainly, and their parameters against flax's own layers."""
+"""Layer oracles: GroupNorm (+AdaGN), self-attention and the sub-pixel upsampling convolution against
+float64 formulas written out plainly, and their parameters against flax's own layers."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_diffusion.models.layers import GROUPS, GroupNorm, default_init
+from jax_diffusion.models.layers import GROUPS, AttentionBlock, GroupNorm, default_init
 from jax_diffusion.models.upsample_conv import UpsampleConv, upsample_conv3x3
 
 RNG = np.random.default_rng(0)
@@ -63,6 +63,36 @@ def test_group_norm_normalises_each_group_separately():
                                        x.astype(np.float32)), np.float64).reshape(25, GROUPS, 2)
     np.testing.assert_allclose(out.mean(axis=(0, 2)), 0, atol=1e-5)
     np.testing.assert_allclose(out.var(axis=(0, 2)), 1, atol=2e-3)  # eps=1e-5 shrinks the smallest group
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attention_oracle(x, p, heads):
+    """float64: x + proj_out(softmax(q k^T / sqrt(d)) v), with q, k, v per head laid out [q | k | v]
+    in the qkv projection's 3C outputs (improved-diffusion's layout)."""
+    b, hh, ww, c = x.shape
+    h = group_norm_oracle(x, p["norm"]["scale"], p["norm"]["bias"]).reshape(b, hh * ww, c)
+    qkv = (h @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(b, hh * ww, heads, 3, c // heads)
+    q, k, v = (qkv[:, :, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, heads, L, d]
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(c // heads)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, hh, ww, c)
+    return x + out @ p["proj_out"]["kernel"] + p["proj_out"]["bias"]
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_block_matches_the_formula(heads):
+    x = RNG.standard_normal((2, 4, 3, 64)).astype(np.float32)
+    block = AttentionBlock(num_heads=heads)
+    shapes = jax.eval_shape(block.init, jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda s: (RNG.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(np.float32), shapes)
+    assert params["qkv"]["kernel"].shape == (64, 192)  # nn.Dense(3C)'s parameters
+    out = jax.jit(block.apply)({"params": params}, x)
+    reference = attention_oracle(np.asarray(x, np.float64), jax.tree.map(lambda a: np.asarray(a, np.float64), params), heads)
+    np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4)
+    assert float(np.abs(reference - x).max()) > 0.5  # the attention branch is not negligible
 
 
 # ---------------------------------------------------------------- upsampling convolution

@@ -154,6 +154,27 @@ class ResBlock(nn.Module):
         return x + h
 
 
+class QKVProjection(nn.Module):
+    """The fused q, k, v projection, with nn.Dense(3C)'s parameters ("kernel" [C, 3C], "bias"), applied
+    as three matmuls with slices of the kernel: slicing q, k and v out of one [..., 3C] output copies
+    each of them, and their gradients again in the backward pass."""
+
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """h: [B, L, C] -> q, k, v, each [B, L, heads, C // heads]."""
+        c = h.shape[-1]
+        kernel = self.param("kernel", default_init(), (c, 3 * c), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (3 * c,), jnp.float32)
+        kernel = kernel.astype(self.dtype).reshape(c, self.heads, 3, c // self.heads)
+        bias = bias.astype(self.dtype).reshape(self.heads, 3, c // self.heads)
+        h = h.astype(self.dtype)
+        q, k, v = (jnp.einsum("blc,chd->blhd", h, kernel[:, :, i]) + bias[:, i] for i in range(3))
+        return q, k, v
+
+
 class AttentionBlock(nn.Module):
     """x + proj_out(MultiHeadSelfAttention(GroupNorm(x))) over the H * W positions.
 
@@ -170,9 +191,8 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
         heads = c // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
-        h = group_norm(x, "norm", self.dtype)
-        qkv = nn.Dense(3 * c, dtype=self.dtype, kernel_init=default_init(), name="qkv")(h)
-        q, k, v = jnp.split(qkv.reshape(b, height * width, heads, 3 * (c // heads)), 3, axis=-1)
+        h = group_norm(x, "norm", self.dtype).reshape(b, height * width, c)
+        q, k, v = QKVProjection(heads, self.dtype, name="qkv")(h)
         # The XLA implementation is the exact math: float32 logits (scaled by 1/sqrt(head_dim)) and
         # softmax, weights cast back to dtype for the product with v.
         h = jax.nn.dot_product_attention(q, k, v, implementation="xla").reshape(b, height, width, c)
