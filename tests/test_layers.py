@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_diffusion.models.layers import GROUPS, AttentionBlock, GroupNorm, default_init
+from jax_diffusion.models.layers import GROUPS, AttentionBlock, GroupNorm, QKVProjection, default_init
 from jax_diffusion.models.upsample_conv import UpsampleConv, upsample_conv3x3
 
 RNG = np.random.default_rng(0)
@@ -93,6 +93,22 @@ def test_attention_block_matches_the_formula(heads):
     reference = attention_oracle(np.asarray(x, np.float64), jax.tree.map(lambda a: np.asarray(a, np.float64), params), heads)
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4)
     assert float(np.abs(reference - x).max()) > 0.5  # the attention branch is not negligible
+
+
+def test_qkv_projection_has_the_parameters_of_nn_dense():
+    """Same names, shapes and initial values as nn.Dense(3C), so checkpoints carry over; the outputs
+    are the [q | k | v] slices of each head's part of nn.Dense's output."""
+    h = RNG.standard_normal((2, 5, 64)).astype(np.float32)
+    ours = QKVProjection(heads=4).init(jax.random.key(5), h)
+    dense = nn.Dense(192, kernel_init=default_init())
+    theirs = dense.init(jax.random.key(5), h)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(lambda leaf: RNG.standard_normal(leaf.shape).astype(np.float32), ours)
+    fused = dense.apply(params, h).reshape(2, 5, 4, 3, 16)
+    for i, part in enumerate(QKVProjection(heads=4).apply(params, h)):
+        np.testing.assert_allclose(part, fused[:, :, :, i], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- upsampling convolution
