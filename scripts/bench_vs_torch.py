@@ -116,8 +116,8 @@ def jax_command(precision: str, workdir: str, split_forward: bool = False) -> li
     after 2 warm-up ones, as the baseline times; the rounds give the medians.
 
     `split_forward`: the forward pass alone with its batch split over CPU_DEVICES devices, one
-    per core. XLA:CPU runs some ops (the GroupNorm reductions among them) on one thread; two
-    devices run two programs side by side and keep both cores busy."""
+    per core. XLA:CPU runs some ops on one thread; two devices run two programs side by side
+    and keep both cores busy."""
     devices = CPU_DEVICES if split_forward else 1
     return [sys.executable, os.path.join(REPO, "main.py"),
             f"--config={os.path.join(REPO, 'configs', 'cifar10.py')}", f"--workdir={workdir}",

@@ -9,7 +9,7 @@ x itself, one per output phase (a, b), with the kernel taps that land on the sam
 
 along each axis. That is 4 x 4 = 16 multiply-adds per input pixel and channel pair instead of
 4 x 9 = 36 on the upsampled map: 2.25x fewer FLOPs, and no 4x larger intermediate. The result equals
-the plain form up to float rounding (tests/test_models.py). The parameters are nn.Conv's ("kernel"
+the plain form up to float rounding (tests/test_layers.py). The parameters are nn.Conv's ("kernel"
 [3, 3, C_in, C_out] and "bias"), so checkpoints do not depend on which form computed them.
 """
 import flax.linen as nn
