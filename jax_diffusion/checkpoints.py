@@ -12,6 +12,7 @@ checkpoint and says what to do.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -80,6 +81,17 @@ def _path_str(path) -> str:
     return "/".join(str(p) for p in parts)
 
 
+def _root_cause(e: BaseException) -> str:
+    """'Type: first line' of the innermost chained exception. Orbax wraps TensorStore's precise
+    error (which file, which byte range) in a generic one."""
+    seen = {id(e)}
+    while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        e = inner
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _check_compatible(manager: ocp.CheckpointManager, step: int, item: str, target: Any,
                       subtree: str | None = None) -> None:
     """Compare the stored tree (or its `subtree`) with the target before restoring, to name
@@ -89,7 +101,7 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, item: str, targ
         stored = manager.item_metadata(step)[item]
         stored_tree = stored.tree if hasattr(stored, "tree") else stored
     except Exception as e:  # noqa: BLE001  (any read failure here means a damaged checkpoint)
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"checkpoint {path} is unreadable ({_root_cause(e)}); "
                               f"it may be truncated: delete it or pick another step") from None
     if stored_tree is None:
         raise CheckpointError(f"checkpoint {path} has no readable '{item}' item; it may be "
@@ -119,16 +131,39 @@ def _abstract(tree: Any, sharding: Sharding) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+class _DropOrphanedTaskErrors(logging.Filter):
+    """Drops asyncio's reports of tasks nobody awaited.
+
+    When one of Orbax's concurrent reads fails, it stops waiting for the others. If those fail
+    too, asyncio prints each one's traceback when the task is garbage-collected, sometimes at
+    exit, after the one-line error that already names the damaged checkpoint.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Task exception was never retrieved",
+                                                   "Task was destroyed but it is pending"))
+
+
+_ORPHANED_TASK_ERRORS = _DropOrphanedTaskErrors()
+
+
+def silence_orphaned_read_errors() -> None:
+    """Install the filter above on asyncio's logger, for the rest of the process (a failed
+    restore ends it). Idempotent."""
+    logging.getLogger("asyncio").addFilter(_ORPHANED_TASK_ERRORS)
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, **items: Any) -> Any:
     try:
         return manager.restore(step, args=ocp.args.Composite(**items))
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many types for bad files)
+        silence_orphaned_read_errors()
         raise CheckpointError(
-            f"checkpoint {_step_path(manager, step)} could not be restored "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it may be "
-            f"truncated or from another model: delete it or pick another step") from None
+            f"checkpoint {_step_path(manager, step)} could not be restored ({_root_cause(e)}); "
+            f"it may be truncated or from another model: delete it or pick another step"
+        ) from None
 
 
 def restore_train_state(manager: ocp.CheckpointManager, step: int, state_template: Any,

@@ -327,10 +327,12 @@ def test_sample_from_empty_workdir(error_runs):
 
 def test_sample_from_corrupt_checkpoint(error_runs):
     """A truncated parameter file in checkpoints/4/ema_params: one line naming the
-    checkpoint, no traceback, and no samples written."""
+    checkpoint and the damaged item, no traceback, and no samples written."""
     workdir = error_runs["workdirs"]["corrupt"]
     line = _error_line(error_runs["results"]["corrupt"])
-    assert f"checkpoint {os.path.join(os.path.abspath(workdir), 'checkpoints', '4')} " in line
+    checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", "4")
+    assert f"checkpoint {checkpoint} " in line
+    assert os.path.join(checkpoint, "ema_params") in line  # TensorStore's cause, not Orbax's wrapper
     assert "truncated" in line
     assert not os.path.exists(os.path.join(workdir, "samples"))
 

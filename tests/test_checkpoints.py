@@ -1,0 +1,58 @@
+"""How a failed restore reports itself: the innermost cause, and no stray asyncio tracebacks."""
+import asyncio
+import gc
+import logging
+
+import pytest
+
+from jax_diffusion import checkpoints
+
+
+def _orphaned_task_reports(caplog) -> list[logging.LogRecord]:
+    """Leave a failed asyncio task unawaited, as Orbax does with its other reads once one read
+    has failed, and return what asyncio logs when the task is collected."""
+    async def failing_read():
+        raise ValueError("byte range is not valid")
+
+    caplog.clear()
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(failing_read())
+    loop.run_until_complete(asyncio.sleep(0))  # the task runs and fails; nobody awaits it
+    loop.close()
+    assert task.done()
+    del task
+    gc.collect()
+    return [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_failed_restore_silences_orphaned_read_tracebacks(caplog):
+    asyncio_logger = logging.getLogger("asyncio")
+    installed = checkpoints._ORPHANED_TASK_ERRORS in asyncio_logger.filters
+    asyncio_logger.removeFilter(checkpoints._ORPHANED_TASK_ERRORS)  # whatever ran before
+    try:
+        reports = _orphaned_task_reports(caplog)
+        assert len(reports) == 1 and reports[0].exc_info is not None  # what would be printed
+        checkpoints.silence_orphaned_read_errors()
+        checkpoints.silence_orphaned_read_errors()
+        assert asyncio_logger.filters.count(checkpoints._ORPHANED_TASK_ERRORS) == 1
+        assert _orphaned_task_reports(caplog) == []
+        asyncio_logger.error("Unclosed client session")  # other asyncio reports still pass
+        assert [r.getMessage() for r in caplog.records] == ["Unclosed client session"]
+    finally:
+        if not installed:
+            asyncio_logger.removeFilter(checkpoints._ORPHANED_TASK_ERRORS)
+
+
+def test_root_cause_is_the_innermost_first_line():
+    try:
+        try:
+            raise ValueError('OUT_OF_RANGE: Error reading "conv.kernel"\nfull spec: {...}')
+        except ValueError as inner:
+            raise Exception("Encountered error while reading array index") from inner
+    except Exception as outer:
+        assert checkpoints._root_cause(outer) == 'ValueError: OUT_OF_RANGE: Error reading "conv.kernel"'
+    cyclic = RuntimeError("a")
+    cyclic.__context__ = KeyError("b")
+    cyclic.__context__.__context__ = cyclic
+    assert checkpoints._root_cause(cyclic) == "KeyError: 'b'"
+    assert checkpoints._root_cause(OSError()) == "OSError"
