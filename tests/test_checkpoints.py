@@ -3,8 +3,6 @@ import asyncio
 import gc
 import logging
 
-import pytest
-
 from jax_diffusion import checkpoints
 
 
