@@ -65,7 +65,7 @@ def summarize(jax_runs: dict[str, list[dict]], torch_runs: dict[str, list[dict]]
               jax_split_runs: dict[str, list[dict]] | None = None) -> dict:
     """Per precision: medians over the rounds of each side's train and forward img/s, and the
     ratios JAX / PyTorch (None when a side has no measurement). `jax_split_runs`: forward-only
-    JAX runs with the batch split over one CPU device per core (fwd_2dev_*)."""
+    JAX runs with the batch split over one CPU device per core (fwd_split_*)."""
     summary = {}
     for precision in PRECISIONS:
         row = {}
@@ -77,8 +77,8 @@ def summarize(jax_runs: dict[str, list[dict]], torch_runs: dict[str, list[dict]]
             row[f"{metric.split('_')[0]}_ratio"] = _ratio(jax_value, torch_value)
         if jax_split_runs is not None:
             split = median_or_none([run.get("fwd_img_per_s") for run in jax_split_runs[precision]])
-            row["jax_fwd_2dev_img_per_s"] = split
-            row["fwd_2dev_ratio"] = _ratio(split, row["torch_fwd_img_per_s"])
+            row["jax_fwd_split_img_per_s"] = split
+            row["fwd_split_ratio"] = _ratio(split, row["torch_fwd_img_per_s"])
         summary[precision] = row
     return summary
 
@@ -89,12 +89,12 @@ def format_summary(summary: dict) -> list[str]:
         return "n/a" if value is None else format(value, spec)
     lines = []
     for precision, row in summary.items():
-        for part in ("train", "fwd", "fwd_2dev"):
+        for part in ("train", "fwd", "fwd_split"):
             if f"{part}_ratio" not in row:
                 continue
             jax_value = number(row[f"jax_{part}_img_per_s"], "9.2f")
             torch_value = number(row[f"torch_{part.split('_')[0]}_img_per_s"], "9.2f")
-            lines.append(f"{precision:9s} {part:8s} JAX {jax_value} img/s  PyTorch {torch_value}"
+            lines.append(f"{precision:9s} {part:9s} JAX {jax_value} img/s  PyTorch {torch_value}"
                          f" img/s  JAX/PyTorch {number(row[f'{part}_ratio'], '.2f')}")
     return lines
 

@@ -118,7 +118,7 @@ def test_summary_medians_and_ratios():
     assert summary["float32"] == {
         "jax_train_img_per_s": 12.0, "torch_train_img_per_s": 5.0, "train_ratio": 2.4,
         "jax_fwd_img_per_s": 42.0, "torch_fwd_img_per_s": 21.0, "fwd_ratio": 2.0,
-        "jax_fwd_2dev_img_per_s": 60.0, "fwd_2dev_ratio": 60.0 / 21.0}
+        "jax_fwd_split_img_per_s": 60.0, "fwd_split_ratio": 60.0 / 21.0}
     assert summary["bfloat16"]["train_ratio"] == pytest.approx(7.0 / 3.0)
     assert summary["bfloat16"]["jax_fwd_img_per_s"] is None
     assert summary["bfloat16"]["fwd_ratio"] is None
