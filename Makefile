@@ -1,27 +1,42 @@
-# The README's commands. Each builds .venv from requirements.txt when it is missing or stale.
+# The README's commands. Each builds .venv when it is missing or its requirements changed.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/.cache/jax
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast lint bench clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+# Test-only references (PyTorch, diffusers, torch-fidelity, ruff, pytest).
+# torch-fidelity without its requirements: they pull torchvision (see requirements-test.txt).
+TORCH_FIDELITY := torch-fidelity==0.4.0
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt Makefile
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps $(TORCH_FIDELITY)
 	touch $@
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-test: $(VENV)/.installed
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
+
+# The tiers a maintainer runs while editing: no multi-process runs, no long training.
+test-fast: $(VENV)/.test-installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_vs_torch.py
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV)
