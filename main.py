@@ -1,4 +1,4 @@
-"""jax_diffusion entry point: parse flags, set up logging and the compilation cache, dispatch.
+"""jax_diffusion entry point: parse flags, set up logging, run the mode.
 
   python main.py --config=configs/cifar10.py --workdir=runs/cifar10 --mode=train
   python main.py --config=configs/digits.py --workdir=runs/digits --mode=sample \
@@ -13,7 +13,7 @@ from jax_diffusion import cpu_flags  # noqa: E402
 
 cpu_flags.use_fast_cpu_convolutions()
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jax_diffusion import cli  # noqa: E402  (after the XLA flags)
@@ -23,7 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
     "Experiment config file (configs/*.py); override keys with --config.section.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
-_MODE = flags.DEFINE_enum("mode", "train", cli.MODES, "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", list(cli.MODES), "What to do.")
 
 
 def main(argv: list[str]) -> int:
@@ -32,15 +32,8 @@ def main(argv: list[str]) -> int:
     if not _WORKDIR.value:
         return cli.fail("--workdir is required, e.g. --workdir=runs/digits")
     cli.setup_logging()
-    try:
-        cli.setup_jax(_CONFIG.value)
-        cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
-    except cli.user_errors() as e:  # evaluated only when an exception arrives
-        logging.debug("traceback", exc_info=True)
-        return cli.fail(str(e))
-    return 0
+    return cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
     app.run(main, flags_parser=cli.parse_flags)
-    sys.exit(0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -21,9 +22,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
+from jax_diffusion.errors import CheckpointError
 
-class CheckpointError(Exception):
-    """A checkpoint is missing, unreadable or does not fit the model in the config."""
+# The Orbax release whose failed-restore behaviour `quiet_failed_restore_noise` knows (its
+# internals are recognised by name): re-check the filter when upgrading orbax-checkpoint.
+ORBAX_VERSION_TARGETED = "0.12.8"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -101,6 +104,7 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, item: str, targ
         stored = manager.item_metadata(step)[item]
         stored_tree = stored.tree if hasattr(stored, "tree") else stored
     except Exception as e:  # noqa: BLE001  (any read failure here means a damaged checkpoint)
+        quiet_failed_restore_noise()
         raise CheckpointError(f"checkpoint {path} is unreadable ({_root_cause(e)}); "
                               f"it may be truncated: delete it or pick another step") from None
     if stored_tree is None:
@@ -132,12 +136,7 @@ def _abstract(tree: Any, sharding: Sharding) -> Any:
 
 
 class _DropOrphanedTaskErrors(logging.Filter):
-    """Drops asyncio's reports of tasks nobody awaited.
-
-    When one of Orbax's concurrent reads fails, it stops waiting for the others. If those fail
-    too, asyncio prints each one's traceback when the task is garbage-collected, sometimes at
-    exit, after the one-line error that already names the damaged checkpoint.
-    """
+    """Drops asyncio's reports of tasks nobody awaited ("Task exception was never retrieved")."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(("Task exception was never retrieved",
@@ -147,10 +146,34 @@ class _DropOrphanedTaskErrors(logging.Filter):
 _ORPHANED_TASK_ERRORS = _DropOrphanedTaskErrors()
 
 
-def silence_orphaned_read_errors() -> None:
-    """Install the filter above on asyncio's logger, for the rest of the process (a failed
-    restore ends it). Idempotent."""
+def _drop_abandoned_reads(previous_hook):
+    """An unraisable-exception hook that drops the reads Orbax abandoned; the rest goes on to
+    `previous_hook`."""
+    def hook(unraisable) -> None:
+        exc, obj = unraisable.exc_value, unraisable.object
+        abandoned_read = (str(exc).startswith("Encountered error while reading array index")
+                          and "_read_array_index_and_device_put" in repr(obj))
+        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        if not (abandoned_read or closed_loop):
+            previous_hook(unraisable)
+    hook.quiets_orbax = True
+    return hook
+
+
+def quiet_failed_restore_noise() -> None:
+    """Silence the echoes of a failed Orbax restore (orbax-checkpoint ORBAX_VERSION_TARGETED),
+    for the rest of the process, which then ends with the one-line CheckpointError. Idempotent.
+
+    When one array of a damaged checkpoint fails to read, Orbax stops waiting for its other
+    concurrent reads and closes their event loop. Those reads then fail too and report it two
+    ways, racing the error line: asyncio logs each unawaited task's traceback when the task is
+    garbage-collected, sometimes at exit; and the abandoned coroutines (which catch
+    BaseException, so also the GeneratorExit of being closed) and TensorStore's callbacks into
+    the closed loop raise where nobody catches them, which Python reports through
+    sys.unraisablehook."""
     logging.getLogger("asyncio").addFilter(_ORPHANED_TASK_ERRORS)
+    if not getattr(sys.unraisablehook, "quiets_orbax", False):
+        sys.unraisablehook = _drop_abandoned_reads(sys.unraisablehook)
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, **items: Any) -> Any:
@@ -159,7 +182,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, **items: Any) -> Any:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many types for bad files)
-        silence_orphaned_read_errors()
+        quiet_failed_restore_noise()
         raise CheckpointError(
             f"checkpoint {_step_path(manager, step)} could not be restored ({_root_cause(e)}); "
             f"it may be truncated or from another model: delete it or pick another step"

@@ -1,17 +1,37 @@
-"""What main.py needs besides flag definitions: one-line errors for bad flags and config keys,
-JAX set-up, and the dispatch by --mode."""
+"""The entry layer under main.py: one-line errors for bad flags and config keys, JAX set-up,
+the config checked once, and the dispatch by --mode from one table.
+
+Every mode is a function `(config, workdir) -> None` in the module that owns it, named in
+`MODES` and imported only when that mode runs (training and evaluation import TensorFlow for
+TensorBoard; a bad flag should not wait for that). A `UserError` becomes one `error:` line and
+exit status 1; any other exception is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import ml_collections
 from absl import flags
 
 from jax_diffusion import config_files
+from jax_diffusion.errors import ConfigError, UserError
 
-MODES = ("train", "sample", "eval", "bench")
+# --mode -> "module:function"; each function is (config, workdir) -> None.
+MODES: dict[str, str] = {
+    "train": "jax_diffusion.train:run_train",
+    "sample": "jax_diffusion.sample_command:run_sample",
+    "eval": "jax_diffusion.evaluation.run:run_eval",
+    "bench": "jax_diffusion.bench:run_bench",
+}
+
+
+def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], None]:
+    module, function = MODES[mode].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def fail(message: str) -> int:
@@ -32,11 +52,15 @@ def _config_file(argv: list[str]) -> str:
 
 
 def _unknown_key(argv: list[str]) -> str | None:
-    """A message for the first --config.a.b override whose key does not exist, else None."""
+    """A message for a config file that does not load or for the first --config.a.b override
+    whose key does not exist, else None."""
     path = _config_file(argv)
     if not os.path.exists(path):
         return f"config file {path} not found; the configs are in {config_files.CONFIG_DIR}"
-    config = config_files.load_config_file(path)
+    try:
+        config = config_files.load_config_file(path)
+    except ConfigError as e:
+        return str(e)
     for arg in argv:
         if not arg.startswith("--config."):
             continue
@@ -52,8 +76,8 @@ def _unknown_key(argv: list[str]) -> str | None:
 
 
 def exit_on_unknown_keys(argv: list[str]) -> None:
-    """Check --config.a.b overrides before ml_collections applies them (it raises a bare
-    KeyError with a traceback while the config flag is being defined)."""
+    """Check the config file and the --config.a.b overrides before ml_collections applies them
+    (it raises a bare KeyError with a traceback while the config flag is being defined)."""
     message = _unknown_key(argv[1:])
     if message:
         sys.exit(fail(message))
@@ -76,30 +100,17 @@ class _OwnInfoOnly(logging.Filter):
                 or "/clu/" in record.pathname)
 
 
-def _drop_abandoned_checkpoint_reads(previous_hook):
-    """An unraisable-exception hook that drops the echoes of a failed Orbax restore.
-
-    When one array of a damaged checkpoint fails to read, Orbax closes its event loop with the
-    other reads still pending; their coroutines (which catch BaseException, so also the
-    GeneratorExit of being closed) and TensorStore's callbacks into the closed loop then print
-    dozens of tracebacks, racing the one-line CheckpointError. Everything else goes on to
-    `previous_hook`."""
-    def hook(unraisable) -> None:
-        exc, obj = unraisable.exc_value, unraisable.object
-        abandoned_read = (str(exc).startswith("Encountered error while reading array index")
-                          and "_read_array_index_and_device_put" in repr(obj))
-        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-        if not (abandoned_read or closed_loop):
-            previous_hook(unraisable)
-    return hook
-
-
 def setup_logging() -> None:
     """INFO for our progress and metrics, warnings and errors from everything."""
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    sys.unraisablehook = _drop_abandoned_checkpoint_reads(sys.unraisablehook)
+
+
+def compilation_cache_dir() -> str:
+    """$JAX_COMPILATION_CACHE_DIR, else `xla/` in the user cache directory (never the repo)."""
+    from jax_diffusion.downloads import cache_dir
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cache_dir(), "xla")
 
 
 def setup_jax(config: ml_collections.ConfigDict) -> None:
@@ -107,9 +118,9 @@ def setup_jax(config: ml_collections.ConfigDict) -> None:
     a multi-process run; processes other than 0 log only warnings and errors."""
     import jax
     from absl import logging as absl_logging
+
     from jax_diffusion import distributed
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(config_files.REPO_ROOT, ".cache", "jax"))
-    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if distributed.initialize(config.distributed):
         logging.info(
@@ -119,29 +130,16 @@ def setup_jax(config: ml_collections.ConfigDict) -> None:
             absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: shown as one line (the traceback at -v=1)."""
-    from jax_diffusion.checkpoints import CheckpointError
-    from jax_diffusion.data import DatasetNotFoundError
-    from jax_diffusion.distributed import DistributedSetupError
-    from jax_diffusion.train import NonFiniteLossError
-    # FileNotFoundError covers missing datasets, Inception weights and samples files.
-    return (ValueError, FileNotFoundError, CheckpointError, DatasetNotFoundError,
-            DistributedSetupError, NonFiniteLossError, NotImplementedError)
-
-
-def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Dispatch by --mode."""
-    if mode == "train":
-        from jax_diffusion.train import train_and_evaluate
-        train_and_evaluate(config, workdir)
-    elif mode == "sample":
-        from jax_diffusion.sampling import run_sample
-        run_sample(config, workdir)
-    elif mode == "eval":
-        from jax_diffusion.evaluation.run import run_eval
-        run_eval(config, workdir)
-    else:
-        assert mode == "bench", f"--mode={mode} is not one of {MODES}"
-        from jax_diffusion.bench import run_bench
-        run_bench(config, workdir)
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Validate, set up JAX, run the mode; returns the exit status. A UserError is one line (its
+    traceback at -v=1); anything else propagates with its traceback."""
+    from jax_diffusion import config_validation, parallel
+    try:
+        config_validation.validate_config(config, mode, workdir)
+        setup_jax(config)
+        config_validation.check_device_divisibility(config, mode, parallel.create_mesh())
+        mode_function(mode)(config, workdir)
+    except UserError as e:
+        logging.debug("traceback", exc_info=True)
+        return fail(str(e))
+    return 0

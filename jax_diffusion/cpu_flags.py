@@ -11,7 +11,7 @@ every jax upgrade (make bench).
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 _FLAG_NAME = EIGEN_CONVOLUTIONS.split("=")[0]

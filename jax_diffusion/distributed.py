@@ -12,16 +12,14 @@ import glob
 import os
 import socket
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import ml_collections
 
+from jax_diffusion.errors import ConfigError, DistributedSetupError
+
 CLUSTERS = ("auto", "none")
-
-
-class DistributedSetupError(RuntimeError):
-    """The processes of a multi-process run could not be joined."""
 
 
 def detected_cluster(environ: Mapping[str, str], tpu_chips_present: bool = False) -> str | None:
@@ -39,25 +37,26 @@ def detected_cluster(environ: Mapping[str, str], tpu_chips_present: bool = False
     return None
 
 
-def _validate(dist: ml_collections.ConfigDict) -> None:
+def validate_distributed_config(dist: ml_collections.ConfigDict) -> None:
+    """config.distributed on its own; ConfigError names the key."""
     if dist.cluster not in CLUSTERS:
-        raise ValueError(f"config.distributed.cluster={dist.cluster!r} is unknown; allowed: "
-                         f"{', '.join(CLUSTERS)}")
+        raise ConfigError(f"config.distributed.cluster={dist.cluster!r} is unknown; allowed: "
+                          f"{', '.join(CLUSTERS)}")
     if dist.local_device_count < 0:
-        raise ValueError(f"config.distributed.local_device_count={dist.local_device_count} must "
-                         f"be >= 0 (0 leaves the device count alone)")
+        raise ConfigError(f"config.distributed.local_device_count={dist.local_device_count} must "
+                          f"be >= 0 (0 leaves the device count alone)")
     if not (dist.coordinator_address or dist.num_processes > 1):
         return
     if not dist.coordinator_address or ":" not in dist.coordinator_address:
-        raise ValueError(f"config.distributed.coordinator_address={dist.coordinator_address!r} "
-                         f"must be host:port of process 0, e.g. 10.0.0.2:1234, the same on "
-                         f"every process")
+        raise ConfigError(f"config.distributed.coordinator_address={dist.coordinator_address!r} "
+                          f"must be host:port of process 0, e.g. 10.0.0.2:1234, the same on "
+                          f"every process")
     if dist.num_processes < 1:
-        raise ValueError(f"config.distributed.num_processes={dist.num_processes} must be the "
-                         f"number of processes (>= 1) when coordinator_address is set")
+        raise ConfigError(f"config.distributed.num_processes={dist.num_processes} must be the "
+                          f"number of processes (>= 1) when coordinator_address is set")
     if not 0 <= dist.process_id < dist.num_processes:
-        raise ValueError(f"config.distributed.process_id={dist.process_id} must be in "
-                         f"[0, {dist.num_processes}): a distinct id on every process")
+        raise ConfigError(f"config.distributed.process_id={dist.process_id} must be in "
+                          f"[0, {dist.num_processes}): a distinct id on every process")
 
 
 def wait_for_coordinator(address: str, timeout: float) -> None:
@@ -87,7 +86,7 @@ def initialize(dist: ml_collections.ConfigDict,
 
     Must run before anything touches a device. `dist` is config.distributed."""
     environ = os.environ if environ is None else environ
-    _validate(dist)
+    validate_distributed_config(dist)
     if dist.local_device_count > 0:  # CPU only: tests and demos of multi-device code
         jax.config.update("jax_num_cpu_devices", dist.local_device_count)
     explicit = bool(dist.coordinator_address)

@@ -39,6 +39,10 @@ class InputFileError(UserError, ValueError):
     """A file the user pointed at (samples, statistics, weights) is missing or malformed."""
 
 
+class MissingInputFileError(InputFileError, FileNotFoundError):
+    """A file the user pointed at does not exist."""
+
+
 class DownloadError(UserError, OSError):
     """A download failed, was interrupted or did not match its expected SHA-256."""
 

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 
-def to_uint8(x: jnp.ndarray) -> jnp.ndarray:
-    """[-1, 1] floats to uint8 0..255 (round to nearest level)."""
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+def to_uint8(x: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """[-1, 1] floats to uint8 0..255 (round to nearest level); numpy in, numpy out (no device
+    transfer), else a jax array (also under jit)."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.clip(xp.round((x + 1.0) * 127.5), 0, 255).astype(xp.uint8)
 
 
 def make_grid(images: np.ndarray, ncols: int, pad: int = 1) -> np.ndarray:

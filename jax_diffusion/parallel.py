@@ -7,13 +7,17 @@ the batch is sharded, so a run gives the same numbers on 1 device or 8.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
+
+from jax_diffusion.errors import ConfigError
 
 DATA_AXIS = "data"
 
@@ -42,8 +46,8 @@ def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
         processes = jax.process_count()
         where = (f"{n} devices: {processes} processes x {n // processes}" if processes > 1
                  else f"{n} devices")
-        raise ValueError(f"{what}={batch_size} must be divisible by the global number of devices "
-                         f"({where}); pick a multiple of {n}")
+        raise ConfigError(f"{what}={batch_size} must be divisible by the global number of devices "
+                          f"({where}); pick a multiple of {n}")
 
 
 def round_up_to_devices(n: int, mesh: Mesh) -> int:

@@ -1,15 +1,11 @@
-"""Sampling from a trained model: restore the (EMA) parameters onto the current devices and
-generate batch-sharded samples with the sampler in `config.sample`.
-
---mode=sample writes `<workdir>/samples/samples_<process>.npz` (images uint8 [N, H, W, C],
-labels int32 [N]) and `<workdir>/samples_grid.png`.
+"""Sampling from a trained model (library): restore the (EMA) parameters onto the current
+devices, generate batch-sharded samples with the sampler in `config.sample`, and the grids that
+training writes. `--mode=sample` (sample_command.py) and `--mode=eval` build on it.
 """
 from __future__ import annotations
 
-import glob
-import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -18,7 +14,7 @@ import numpy as np
 
 from jax_diffusion import checkpoints, images, parallel, samplers, schedules
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
-from jax_diffusion.models import create_model
+from jax_diffusion.errors import ConfigError
 from jax_diffusion.train_state import abstract_train_state
 
 SampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
@@ -29,11 +25,11 @@ def sampling_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
     the DDIM stride when one gives exactly that many steps, else even sections."""
     steps, total = config.sample.num_steps, config.diffusion.num_timesteps
     if config.sample.method not in samplers.METHODS:
-        raise ValueError(f"config.sample.method={config.sample.method!r} is unknown; "
-                         f"allowed: {', '.join(samplers.METHODS)}")
+        raise ConfigError(f"config.sample.method={config.sample.method!r} is unknown; "
+                          f"allowed: {', '.join(samplers.METHODS)}")
     if not 1 <= steps <= total:
-        raise ValueError(f"config.sample.num_steps={steps} must be between 1 and "
-                         f"config.diffusion.num_timesteps={total}")
+        raise ConfigError(f"config.sample.num_steps={steps} must be between 1 and "
+                          f"config.diffusion.num_timesteps={total}")
     if steps == total:
         return create_diffusion(config.diffusion)
     if config.sample.method == "dpm_solver++":
@@ -119,35 +115,3 @@ def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str, mesh,
     params = checkpoints.restore_params(manager, step, abstract_train_state(config, model),
                                         parallel.replicated(mesh), use_ema=config.sample.use_ema)
     return params, step
-
-
-def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """--mode=sample: returns the samples folder."""
-    mesh = parallel.create_mesh()
-    model = create_model(config.model)
-    params, step = restore_for_sampling(config, workdir, mesh, model)
-    sample_config = config.sample
-    logging.info("Sampling %d images from step %d (%s params) with %s, %d steps",
-                 sample_config.num_samples, step, "EMA" if sample_config.use_ema else "raw",
-                 sample_config.method, sample_config.num_steps)
-    batch_size = parallel.round_up_to_devices(
-        min(sample_config.batch_size, sample_config.num_samples), mesh)
-    labels = default_labels(sample_config.num_samples, config.model.num_classes)
-    sample_fn = make_sample_fn(config, model, mesh, batch_size)
-    samples = generate_samples(sample_fn, params, labels, batch_size, sample_config.seed, mesh)
-
-    out_dir = os.path.join(workdir, "samples")
-    if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        for old in glob.glob(os.path.join(out_dir, "samples_*.npz")):
-            os.remove(old)  # a new run replaces the files of an earlier one
-        np.savez(os.path.join(out_dir, "samples_0.npz"), images=samples, labels=labels)
-        if config.model.num_classes > 0:
-            grid = images.make_grid(images.class_rows(samples, labels, config.model.num_classes),
-                                    ncols=10)
-        else:
-            grid = images.make_grid(samples[:100], ncols=10)
-        images.save_png(grid, os.path.join(workdir, "samples_grid.png"), scale=2)
-        logging.info("Wrote %d samples to %s and the grid to %s", len(samples), out_dir,
-                     os.path.join(workdir, "samples_grid.png"))
-    return out_dir

@@ -1,4 +1,5 @@
-"""Training: create_train_state -> make_train_step -> train_and_evaluate (the loop).
+"""Training: create_train_state -> make_train_step -> train (the loop); `run_train` is
+--mode=train.
 
 The step is one jit-compiled function over the device mesh: the batch is sharded on "data", the
 state replicated and donated, and XLA averages the gradients across devices. Random numbers
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -22,13 +23,10 @@ from jax.experimental import multihost_utils
 
 from jax_diffusion import checkpoints, data, parallel, sampling
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
+from jax_diffusion.errors import ConfigError, NonFiniteLossError
 from jax_diffusion.models import create_model
 from jax_diffusion.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state, learning_rate_schedule)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient became NaN or Inf."""
 
 
 def ema_decay(decay: float, step: jax.Array) -> jax.Array:
@@ -104,29 +102,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def run_length(config: ml_collections.ConfigDict) -> int:
-    """Total steps: num_steps, or epochs x iterations_per_epoch (one pass when that is 0)."""
+    """Total steps: num_steps, or epochs x iterations_per_epoch (one pass when that is 0).
+    The config validation checked the multiple of steps_per_jit except for a length that
+    depends on the dataset size, checked here."""
     train = config.train
-    if train.epochs > 0:
-        per_epoch = train.iterations_per_epoch
-        if per_epoch <= 0:
-            per_epoch = max(1, data.dataset_info(config)[0] // train.batch_size)
-        return train.epochs * per_epoch
-    return train.num_steps
-
-
-def validate_intervals(config: ml_collections.ConfigDict, num_steps: int) -> None:
-    """Intervals must be whole numbers of compiled calls of steps_per_jit steps."""
-    k = config.train.steps_per_jit
-    if k < 1:
-        raise ValueError(f"config.train.steps_per_jit={k} must be >= 1")
-    for name in ("log_every", "checkpoint_every", "sample_every"):
-        value = config.train[name]
-        if value < 0 or (value and value % k):
-            raise ValueError(f"config.train.{name}={value} must be 0 or a positive multiple of "
-                             f"config.train.steps_per_jit={k}")
-    if num_steps % k:
-        raise ValueError(f"the run length ({num_steps} steps) must be a multiple of "
-                         f"config.train.steps_per_jit={k}")
+    if train.epochs <= 0:
+        return train.num_steps
+    per_epoch = train.iterations_per_epoch
+    if per_epoch <= 0:
+        per_epoch = max(1, data.dataset_info(config)[0] // train.batch_size)
+    length = train.epochs * per_epoch
+    if length % train.steps_per_jit:
+        raise ConfigError(f"config.train.epochs={train.epochs} gives {length} steps "
+                          f"({per_epoch} per epoch), which must be a multiple of "
+                          f"config.train.steps_per_jit={train.steps_per_jit}")
+    return length
 
 
 class _Preemption:
@@ -166,14 +156,14 @@ def _next_batches(iterator, k: int, mesh) -> dict:
     return parallel.global_batch(local, mesh, leading_axes=1)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train per `config`, resuming from the latest checkpoint in `workdir` if there is one."""
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train per `config` (validated), resuming from the latest checkpoint in `workdir` if there
+    is one; returns the final state."""
     from clu import metric_writers  # imports TensorFlow: only when training
 
     mesh = parallel.create_mesh()
     parallel.check_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     num_steps = run_length(config)
-    validate_intervals(config, num_steps)
     k = config.train.steps_per_jit
 
     model = create_model(config.model)
@@ -254,3 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         manager.wait_until_finished()
         writer.flush()
     return state
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """--mode=train."""
+    train(config, workdir)

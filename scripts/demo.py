@@ -1,14 +1,13 @@
-"""`make demo`: train the class-conditional digits model, sample 100 images per digit with DDIM
-through `main.py --mode=sample`, and score them with a classifier trained on the real digits.
+"""`make demo`: train the class-conditional digits model, sample 100 images per digit, and score
+them with a classifier trained on the real digits: `main.py` with --mode=train, sample, eval.
 
-Extra arguments are passed to both main.py calls, e.g. `--config.train.num_steps=500`.
+Extra arguments are passed to every main.py call, e.g. `--config.train.num_steps=500`.
 """
+import json
 import os
 import subprocess
 import sys
 import time
-
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKDIR = os.path.join(ROOT, "runs", "digits")
@@ -23,23 +22,24 @@ def run_main(mode: str, extra: list[str]) -> None:
 
 
 def main() -> None:
-    start = time.time()
     extra = sys.argv[1:]
+    times = {"start": time.time()}
     run_main("train", extra)
-    trained = time.time()
+    times["train"] = time.time()
     run_main("sample", ["--config.sample.num_samples=1000", *extra])
-    sampled = time.time()
-
-    sys.path.insert(0, ROOT)
-    from jax_diffusion import digits_metrics
-    samples = np.load(os.path.join(WORKDIR, "samples", "samples_0.npz"))
-    scores = digits_metrics.evaluate(samples["images"], samples["labels"])
-    print(f"\ndemo done in {time.time() - start:.0f} s (train {trained - start:.0f} s, "
-          f"sample {sampled - trained:.0f} s)")
-    print(f"  {scores['num_samples']} samples: {WORKDIR}/samples/samples_0.npz")
+    times["sample"] = time.time()
+    samples_dir = os.path.join(WORKDIR, "samples")
+    run_main("eval", ["--config.eval.metrics=digits", f"--config.eval.samples_dir={samples_dir}",
+                      "--config.eval.num_samples=1000", *extra])
+    with open(os.path.join(WORKDIR, "eval_digits.json")) as f:
+        scores = json.load(f)
+    print(f"\ndemo done in {time.time() - times['start']:.0f} s (train "
+          f"{times['train'] - times['start']:.0f} s, sample {times['sample'] - times['train']:.0f} s)")
+    print(f"  {scores['num_samples']} samples: {samples_dir}/samples_0.npz")
     print(f"  grid (row = digit 0..9):  {WORKDIR}/samples_grid.png")
-    print(f"  classifier accuracy on the samples' labels: {scores['accuracy']:.3f}; "
-          f"Frechet distance in the classifier's features: {scores['frechet']:.2f}")
+    print(f"  classifier accuracy on the samples' labels: {scores['values']['accuracy']:.3f}; "
+          f"Frechet distance in the classifier's features: {scores['values']['frechet']:.2f} "
+          f"({WORKDIR}/eval_digits.json)")
     print(f"  TensorBoard: tensorboard --logdir {WORKDIR}")
 
 

@@ -1,8 +1,8 @@
-"""Test set-up: 8 forced CPU devices and the persistent compilation cache, before JAX touches a device."""
+"""Test set-up: 8 forced CPU devices and the persistent compilation cache (the one main.py
+uses), before JAX touches a device."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from jax_diffusion import cpu_flags  # noqa: E402
 
@@ -10,8 +10,9 @@ cpu_flags.use_fast_cpu_convolutions()
 
 import jax  # noqa: E402
 
+from jax_diffusion.cli import compilation_cache_dir  # noqa: E402
+
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_compilation_cache_dir", os.environ.get(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".cache", "jax")))
+jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+from tiny_config import ROOT, tiny_config
 
 from jax_diffusion import bench, cpu_flags, parallel
 from jax_diffusion.diffusion import create_diffusion
@@ -15,7 +16,6 @@ from jax_diffusion.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.models import create_model
 from jax_diffusion.train import make_train_step
 from jax_diffusion.train_state import abstract_train_state, create_optimizer
-from tiny_config import ROOT, tiny_config
 
 
 def _load_script():
@@ -85,7 +85,7 @@ def test_parse_steps_and_parts():
     for bad in ("", "ten", "10,0"):
         with pytest.raises(ValueError, match="config.bench.sample_steps"):
             bench.parse_steps(bad)
-    with pytest.raises(ValueError, match="subset of train, fwd, sample"):
+    with pytest.raises(ValueError, match="unknown .'eval'.; allowed: train, fwd, sample"):
         bench.parse_parts("train,eval")
 
 

@@ -8,13 +8,12 @@ import pytest
 import scipy.linalg
 from numpy.lib.stride_tricks import sliding_window_view
 
-from jax_diffusion import digits_metrics
-from jax_diffusion.parallel import create_mesh
 from jax_diffusion.evaluation import (InceptionWeightsNotFoundError, expected_weight_shapes,
                                       frechet_distance, inception_features, inception_score,
                                       kernel_inception_distance, load_inception, preprocess,
                                       read_samples)
-
+from jax_diffusion.evaluation import digits as digits_metrics
+from jax_diffusion.parallel import create_mesh
 
 # ---------------------------------------------------------------------------------------------
 # FID

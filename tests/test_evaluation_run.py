@@ -2,11 +2,12 @@
 import jax
 import numpy as np
 import pytest
+from tiny_config import tiny_config
 
 from jax_diffusion import data, parallel
-from jax_diffusion.evaluation import run
+from jax_diffusion.config_files import comma_list
+from jax_diffusion.evaluation import nll, run
 from jax_diffusion.models import create_model, example_inputs
-from tiny_config import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_nll_sharded_on_8_devices_equals_1_device(nll_setup):
     for devices in (jax.devices()[:1], jax.devices()[:8]):
         mesh = parallel.create_mesh(devices)
         replicated = parallel.replicate(params, mesh)
-        results.append(run.nll_bits_per_dim(config, model, replicated, images, labels, mesh,
+        results.append(nll.nll_bits_per_dim(config, model, replicated, images, labels, mesh,
                                             batch_size=8))
     one, eight = results
     assert one.shape == (12,) and np.all(np.isfinite(one)) and np.all(one > 0)
@@ -42,11 +43,11 @@ def test_nll_depends_on_the_model(nll_setup):
     config, model, params, images, labels = nll_setup
     mesh = parallel.create_mesh(jax.devices()[:8])
     scaled = jax.tree.map(lambda p: 3.0 * p, params)
-    a = run.nll_bits_per_dim(config, model, params, images, labels, mesh, batch_size=8)
-    b = run.nll_bits_per_dim(config, model, scaled, images, labels, mesh, batch_size=8)
+    a = nll.nll_bits_per_dim(config, model, params, images, labels, mesh, batch_size=8)
+    b = nll.nll_bits_per_dim(config, model, scaled, images, labels, mesh, batch_size=8)
     assert np.abs(a - b).max() > 1e-3
 
 
 def test_unknown_metric_is_named():
     with pytest.raises(ValueError, match=r"unknown \['fdi'\]; allowed: fid, is, kid, digits, nll"):
-        run.parse_metrics("fdi,is")
+        comma_list("fdi,is", "config.eval.metrics", run.METRICS)

@@ -12,29 +12,16 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from cli_helpers import ENV, TIMEOUT, command, error_line, run_main
+from tiny_config import DIGITS_CONFIG, ROOT
 
 from jax_diffusion.config_files import load_config_file
-from tiny_config import DIGITS_CONFIG, ROOT, tiny_flags
 
-MAIN = os.path.join(ROOT, "main.py")
-ENV = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2",
-       "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".cache", "jax")}
-TIMEOUT = 240  # seconds per run: a loaded 2-core machine, the first run compiling
 METRICS_LINE = re.compile(r"\] \[(\d+)\] .*loss=")
-
-
-def _command(workdir, *args, **overrides):
-    return [sys.executable, MAIN, f"--workdir={workdir}", *tiny_flags(**overrides), *args]
-
-
-def _run(workdir, *args, **overrides):
-    return subprocess.run(_command(workdir, *args, **overrides), env=ENV, cwd=ROOT,
-                          capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def _steps(workdir):
@@ -44,17 +31,6 @@ def _steps(workdir):
 
 def _logged_steps(stderr):
     return [int(m.group(1)) for m in METRICS_LINE.finditer(stderr)]
-
-
-def _error_line(result):
-    """The run failed with exactly one `error:` line and no traceback; returns that line."""
-    assert result.returncode != 0, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    # Nothing of the message spills onto further lines: the error line is the last line.
-    assert result.stderr.rstrip().splitlines()[-1] == errors[0], result.stderr[-3000:]
-    return errors[0]
 
 
 def _tree_identical(a, b):
@@ -72,7 +48,7 @@ def _tree_identical(a, b):
 def trained(tmp_path_factory):
     """A 4-step run with checkpoints every 2 steps, and a pristine copy of its workdir."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    result = _run(workdir, train__num_steps=4, train__checkpoint_every=2, train__log_every=2)
+    result = run_main(workdir, train__num_steps=4, train__checkpoint_every=2, train__log_every=2)
     assert result.returncode == 0, result.stderr[-3000:]
     snapshot = str(tmp_path_factory.mktemp("snapshot") / "run")
     shutil.copytree(workdir, snapshot)
@@ -113,7 +89,7 @@ def error_runs(trained, tmp_path_factory):
         "nan": (copy("nan"), [], {"train__num_steps": 8, "train__checkpoint_every": 2,
                                   "train__log_every": 0, "train__lr": "1e30"}),
     }
-    processes = {name: subprocess.Popen(_command(workdir, *args, **overrides), env=ENV, cwd=ROOT,
+    processes = {name: subprocess.Popen(command(workdir, *args, **overrides), env=ENV, cwd=ROOT,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)
                  for name, (workdir, args, overrides) in runs.items()}
@@ -134,7 +110,7 @@ def resumed(trained):
     log_path = os.path.join(workdir, "..", "resume_stderr.txt")
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            _command(workdir, train__num_steps=100000, train__checkpoint_every=1000,
+            command(workdir, train__num_steps=100000, train__checkpoint_every=1000,
                      train__log_every=1), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
             stderr=log)
     try:
@@ -166,7 +142,7 @@ def resumed(trained):
 def sampled(resumed):
     """--mode=sample on the resumed workdir (20 samples, seed 0)."""
     workdir = resumed["workdir"]
-    result = _run(workdir, "--mode=sample")
+    result = run_main(workdir, "--mode=sample")
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(os.path.join(workdir, "samples", "samples_0.npz")) as f:
         arrays = {name: f[name] for name in f.files}
@@ -230,7 +206,7 @@ def test_second_sample_run_replaces_the_files(sampled):
     workdir = sampled["workdir"]
     stale = os.path.join(workdir, "samples", "samples_1.npz")
     np.savez(stale, images=np.zeros((1, 8, 8, 1), np.uint8), labels=np.zeros((1,), np.int32))
-    result = _run(workdir, "--mode=sample", sample__num_samples=30, sample__seed=1)
+    result = run_main(workdir, "--mode=sample", sample__num_samples=30, sample__seed=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(os.path.join(workdir, "samples")) == ["samples_0.npz"]
     with np.load(os.path.join(workdir, "samples", "samples_0.npz")) as f:
@@ -247,7 +223,7 @@ def test_eval_writes_digits_and_nll_json(sampled):
     land in eval_<metric>.json with the checkpoint step, the sample count and their source."""
     import json
     workdir = sampled["workdir"]
-    result = _run(workdir, "--mode=eval", eval__metrics="digits,nll",
+    result = run_main(workdir, "--mode=eval", eval__metrics="digits,nll",
                   eval__samples_dir=os.path.join(workdir, "samples"), eval__num_samples=30,
                   eval__nll_examples=8, eval__nll_batch_size=8)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -264,7 +240,7 @@ def test_eval_writes_digits_and_nll_json(sampled):
 
 def test_eval_without_inception_weights_names_the_file(sampled):
     """FID asked for with no weights file: one line naming the file to get and the key."""
-    line = _error_line(_run(sampled["workdir"], "--mode=eval", eval__metrics="fid"))
+    line = error_line(run_main(sampled["workdir"], "--mode=eval", eval__metrics="fid"))
     assert "pt_inception-2015-12-05-6726825d.pth" in line
     assert "config.eval.inception_weights" in line
 
@@ -272,14 +248,14 @@ def test_eval_without_inception_weights_names_the_file(sampled):
 # ------------------------------------------------------------------ one-line errors
 def test_unknown_flag(error_runs):
     """--bogus: one error line naming the flag, nonzero exit, no traceback."""
-    line = _error_line(error_runs["results"]["bogus"])
+    line = error_line(error_runs["results"]["bogus"])
     assert "bogus" in line
 
 
 def test_unknown_config_key_lists_the_valid_keys(error_runs):
     """--config.train.no_such_key=1: one line naming the key and listing exactly the valid
     keys of config.train."""
-    line = _error_line(error_runs["results"]["unknown_key"])
+    line = error_line(error_runs["results"]["unknown_key"])
     assert "config.train.no_such_key" in line
     listed = line.split("valid keys in config.train:", 1)[1].strip()
     assert listed.split(", ") == sorted(load_config_file(DIGITS_CONFIG).train.keys())
@@ -288,7 +264,7 @@ def test_unknown_config_key_lists_the_valid_keys(error_runs):
 def test_missing_dataset_says_how_to_prepare_it(error_runs):
     """CIFAR-10 with an empty tfds data dir: one line naming the directory and the
     `tfds build cifar10` command to prepare it."""
-    line = _error_line(error_runs["results"]["no_dataset"])
+    line = error_line(error_runs["results"]["no_dataset"])
     assert "tfds build cifar10 --file_format=array_record" in line
     assert error_runs["empty_tfds"] in line
 
@@ -303,7 +279,7 @@ def test_bench_prints_one_json_line_with_every_key(tmp_path):
     """--mode=bench on the tiny model with small bench settings: exit 0, and the last stdout
     line is one JSON object with every key of the issue; sampling keyed <method>_<steps>,
     achieved TFLOP/s = FLOPs per image x img/s, and no MFU on a CPU (no known peak)."""
-    result = _run(str(tmp_path), "--mode=bench", bench__num_steps=2, bench__warmup_steps=1,
+    result = run_main(str(tmp_path), "--mode=bench", bench__num_steps=2, bench__warmup_steps=1,
                   bench__windows=2, bench__sample_steps="2,4")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -320,7 +296,7 @@ def test_bench_prints_one_json_line_with_every_key(tmp_path):
 
 def test_sample_from_empty_workdir(error_runs):
     """--mode=sample with no checkpoint: one line "no checkpoint in <workdir>/checkpoints"."""
-    line = _error_line(error_runs["results"]["empty"])
+    line = error_line(error_runs["results"]["empty"])
     folder = os.path.join(os.path.abspath(error_runs["workdirs"]["empty"]), "checkpoints")
     assert f"no checkpoint in {folder}" in line
 
@@ -329,7 +305,7 @@ def test_sample_from_corrupt_checkpoint(error_runs):
     """A truncated parameter file in checkpoints/4/ema_params: one line naming the
     checkpoint and the damaged item, no traceback, and no samples written."""
     workdir = error_runs["workdirs"]["corrupt"]
-    line = _error_line(error_runs["results"]["corrupt"])
+    line = error_line(error_runs["results"]["corrupt"])
     checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", "4")
     assert f"checkpoint {checkpoint} " in line
     assert os.path.join(checkpoint, "ema_params") in line  # TensorStore's cause, not Orbax's wrapper
@@ -341,7 +317,7 @@ def test_sample_with_another_model_config(error_runs):
     """Sampling with --config.model.ch=64 from a ch=32 checkpoint: one line naming the
     checkpoint and saying it does not match the model in the config."""
     workdir = error_runs["workdirs"]["incompatible"]
-    line = _error_line(error_runs["results"]["incompatible"])
+    line = error_line(error_runs["results"]["incompatible"])
     checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", "4")
     assert f"checkpoint {checkpoint} does not match the model in the config" in line
 
@@ -351,7 +327,7 @@ def test_nonfinite_loss_stops_without_saving(trained, error_runs):
     last good checkpoint (step 4); no checkpoint after step 4 is written and checkpoint 4 is
     byte-for-byte the one the earlier run wrote."""
     workdir = error_runs["workdirs"]["nan"]
-    line = _error_line(error_runs["results"]["nan"])
+    line = error_line(error_runs["results"]["nan"])
     assert "NaN/Inf at step 6" in line
     assert "last good checkpoint (step 4)" in line
     assert _steps(workdir) == [2, 4]

@@ -31,16 +31,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from cli_helpers import ENV, MAIN
+from tiny_config import ROOT, tiny_config, tiny_flags
 
 from jax_diffusion import checkpoints, distributed, parallel
 from jax_diffusion.models import create_model
 from jax_diffusion.train_state import abstract_train_state
-from tiny_config import ROOT, tiny_config, tiny_flags
 
-MAIN = os.path.join(ROOT, "main.py")
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": ROOT,
-       "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
-       "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".cache", "jax")}
+pytestmark = pytest.mark.slow  # two real processes per run: minutes on a 2-core machine
 TIMEOUT = 300        # seconds for any one run (two processes compiling on a loaded 2-core machine)
 HEARTBEAT = 5        # config.distributed.heartbeat_timeout in these runs
 OVERRIDES = dict(model__ch=64, train__num_steps=4, train__log_every=1, train__checkpoint_every=2)

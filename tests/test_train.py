@@ -1,15 +1,16 @@
 """Training system, in process: data-parallel equivalence (1 vs 8 devices), bit-exact resume
-through train_and_evaluate, restoring onto another device count for sampling, and sample
+through train.train, restoring onto another device count for sampling, and sample
 quality of a short-trained digits model judged by a classifier trained on the real digits."""
 import jax
 import numpy as np
 import pytest
 import threadpoolctl
-
-from jax_diffusion import checkpoints, data, digits_metrics, parallel, sampling, train
-from jax_diffusion.diffusion import create_diffusion
-from jax_diffusion.models import create_model
 from tiny_config import tiny_config
+
+from jax_diffusion import checkpoints, data, parallel, sampling, train
+from jax_diffusion.diffusion import create_diffusion
+from jax_diffusion.evaluation import digits as digits_metrics
+from jax_diffusion.models import create_model
 
 
 def _components(config):
@@ -118,7 +119,7 @@ def _flat(tree):
 # ------------------------------------------------------------------ 2. exact resume
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
-    """Workdir "split": train_and_evaluate to step 3, then again to step 6 (a resume);
+    """Workdir "split": train.train to step 3, then again to step 6 (a resume);
     workdir "straight": to step 6 in one run. Records the host batches every run saw."""
     seen = {}
     original = train._next_batches
@@ -137,7 +138,7 @@ def resume_runs(tmp_path_factory):
             seen[current] = []
             config = tiny_config(train__num_steps=num_steps, train__checkpoint_every=3,
                                  train__log_every=3)
-            states[current] = train.train_and_evaluate(config, workdir)
+            states[current] = train.train(config, workdir)
     finally:
         train._next_batches = original
     return {"split": split, "straight": straight, "seen": seen, "states": states,

@@ -1,117 +1,146 @@
 """--mode=eval: the metrics in `config.eval.metrics` for a checkpoint, each written to
 `<workdir>/eval_<metric>.json` and to TensorBoard.
 
-  fid, is, kid  FID Inception-v3 features of generated samples (weights from
-                config.eval.inception_weights) against reference statistics of the training set
+  fid, is, kid  FID Inception-v3 features of generated samples against reference statistics
+                of the training set (evaluation/reference_stats.py)
   digits        classifier accuracy and Frechet distance for the offline digits model
-  nll           the variational bound in bits/dim on the eval split (calc_bpd_loop)
+  nll           the variational bound in bits/dim on the eval split
 
-Samples come from `config.eval.samples_dir` (the samples_*.npz of --mode=sample) or, when that is
-empty, are generated on the fly with the sampler in config.sample.
+Every metric is a small function of one `EvalContext`, which produces what the metrics share
+(the samples, their Inception features, the reference statistics) lazily, each at most once.
+Adding a metric is one function and one entry in `METRICS`. Samples come from
+`config.eval.samples_dir` (the samples_*.npz of --mode=sample) or are generated with the
+sampler in `config.sample`.
 """
 from __future__ import annotations
 
-import glob
+import functools
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion import data, digits_metrics, parallel, sampling
-from jax_diffusion.diffusion import create_diffusion
-from jax_diffusion.evaluation import inception, metrics
-from jax_diffusion.evaluation.samples import read_samples
+from jax_diffusion import data, parallel, sampling
+from jax_diffusion.config_files import comma_list
+from jax_diffusion.evaluation import digits, inception, metrics, nll, reference_stats
+from jax_diffusion.evaluation.samples import read_samples_dir
 from jax_diffusion.models import create_model
 
-METRICS = ("fid", "is", "kid", "digits", "nll")
 FID_BIAS_WARNING_BELOW = 50_000
 
-
-def parse_metrics(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in METRICS]
-    if unknown or not names:
-        raise ValueError(f"config.eval.metrics={text!r}: unknown {unknown or 'empty'}; allowed: "
-                         f"{', '.join(METRICS)} (comma-separated)")
-    return names
+FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def load_samples(config: ml_collections.ConfigDict, params, model: nn.Module, mesh
-                 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(images uint8, labels, description) of config.eval.num_samples samples."""
-    num = config.eval.num_samples
-    if config.eval.samples_dir:
-        paths = sorted(glob.glob(os.path.join(config.eval.samples_dir, "samples_*.npz")))
-        if not paths:
-            raise FileNotFoundError(f"no samples_*.npz in config.eval.samples_dir="
-                                    f"{config.eval.samples_dir}; write them with --mode=sample")
-        parts = [read_samples(path) for path in paths]
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] if p[1] is not None else np.zeros(len(p[0]), np.int32)
-                                 for p in parts])
-        if len(images) < num:
-            raise ValueError(f"{config.eval.samples_dir} holds {len(images)} samples but "
-                             f"config.eval.num_samples={num}; sample more or lower it")
-        return images[:num], labels[:num], {"source": config.eval.samples_dir}
-    batch = parallel.round_up_to_devices(min(config.sample.batch_size, num), mesh)
-    labels = sampling.default_labels(num, config.model.num_classes)
-    sample_fn = sampling.make_sample_fn(config, model, mesh, batch)
-    images = sampling.generate_samples(sample_fn, params, labels, batch, config.sample.seed, mesh)
-    return images, labels, {"source": "generated", "sampler": config.sample.method,
-                            "sampler_steps": config.sample.num_steps, "eta": config.sample.eta,
-                            "guidance_scale": config.sample.guidance_scale}
+def inception_feature_fn(config: ml_collections.ConfigDict, mesh) -> FeatureFn:
+    """uint8 images -> (pool [N, 2048], logits [N, 1008]) of the FID Inception-v3 with the
+    weights in config.eval.inception_weights, batch-sharded over `mesh`."""
+    module, variables = inception.load_inception(config.eval.inception_weights)
+    return functools.partial(inception.inception_features, module, variables,
+                             batch_size=config.eval.batch_size, mesh=mesh)
 
 
-def reference_statistics(config: ml_collections.ConfigDict, module, variables, mesh,
-                         workdir: str) -> dict:
-    """mu, sigma (and features, for KID) of the training set, cached in the workdir, or the
-    user's `config.eval.reference_stats` npz with mu and sigma."""
-    if config.eval.reference_stats:
-        with np.load(config.eval.reference_stats) as file:
-            if "mu" not in file or "sigma" not in file:
-                raise ValueError(f"{config.eval.reference_stats}: needs arrays 'mu' and 'sigma'")
-            return {name: file[name] for name in file.files}
-    cache = os.path.join(workdir, f"reference_stats_{config.data.dataset}.npz")
-    if os.path.exists(cache):
-        with np.load(cache) as file:
-            return {name: file[name] for name in file.files}
-    images, _ = data.load_eval_arrays(config, split=config.data.train_split,
-                                      max_examples=config.eval.num_samples)
-    uint8 = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    pool, _ = inception.inception_features(module, variables, uint8,
-                                           batch_size=config.eval.batch_size, mesh=mesh)
-    mu, sigma = metrics.feature_statistics(pool)
-    stats = {"mu": mu, "sigma": sigma, "features": pool.astype(np.float32)}
-    if jax.process_index() == 0:
-        np.savez(cache, **stats)
-    return stats
+class EvalContext:
+    """What the metrics of one checkpoint share, each computed on first use and kept."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh,
+                 model: nn.Module, params, step: int):
+        self.config, self.workdir, self.mesh = config, workdir, mesh
+        self.model, self.params, self.step = model, params, step
+
+    @property
+    def record(self) -> dict:
+        """The fields every eval JSON carries."""
+        return {"checkpoint_step": self.step,
+                "params": "ema" if self.config.sample.use_ema else "raw"}
+
+    @functools.cached_property
+    def samples(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(images uint8, labels, description of their source) of config.eval.num_samples."""
+        config, num = self.config, self.config.eval.num_samples
+        if num < FID_BIAS_WARNING_BELOW and {"fid", "kid"} & set(wanted_metrics(config)):
+            logging.warning("FID/KID from %d samples: both are biased upwards at small N; the "
+                            "papers use 50,000", num)
+        if config.eval.samples_dir:
+            images, labels = read_samples_dir(config.eval.samples_dir, num)
+            return images, labels, {"source": config.eval.samples_dir}
+        batch = parallel.round_up_to_devices(min(config.sample.batch_size, num), self.mesh)
+        labels = sampling.default_labels(num, config.model.num_classes)
+        sample_fn = sampling.make_sample_fn(config, self.model, self.mesh, batch)
+        images = sampling.generate_samples(sample_fn, self.params, labels, batch,
+                                           config.sample.seed, self.mesh)
+        return images, labels, {"source": "generated", "sampler": config.sample.method,
+                                "sampler_steps": config.sample.num_steps,
+                                "eta": config.sample.eta,
+                                "guidance_scale": config.sample.guidance_scale}
+
+    @property
+    def sample_record(self) -> dict:
+        images, _, source = self.samples
+        return dict(self.record, num_samples=int(len(images)), **source)
+
+    @functools.cached_property
+    def inception(self) -> FeatureFn:
+        return inception_feature_fn(self.config, self.mesh)
+
+    @functools.cached_property
+    def sample_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pool features, logits) of the samples."""
+        return self.inception(self.samples[0])
+
+    @functools.cached_property
+    def reference(self) -> dict[str, np.ndarray]:
+        return reference_stats.reference_statistics(self.config, self.inception, self.workdir)
 
 
-def nll_bits_per_dim(config: ml_collections.ConfigDict, model: nn.Module, params,
-                     images: np.ndarray, labels: np.ndarray, mesh, batch_size: int,
-                     seed: int = 0) -> np.ndarray:
-    """Per-image NLL bound in bits/dim (calc_bpd_loop), batch-sharded over the mesh."""
-    parallel.check_divisible(batch_size, mesh, "config.eval.nll_batch_size")
-    diffusion = create_diffusion(config.diffusion)
-    conditional = config.model.num_classes > 0
-    batch_sharding = parallel.batch_sharded(mesh)
+def fid(ctx: EvalContext) -> dict:
+    pool, _ = ctx.sample_features
+    ref = ctx.reference
+    value = metrics.frechet_distance(*metrics.feature_statistics(pool), ref["mu"], ref["sigma"])
+    return dict(ctx.sample_record, values={"fid": value})
 
-    def bpd(params, x, y, key):
-        def model_fn(x_t, t):
-            return model.apply({"params": params}, x_t, t, y if conditional else None)
-        return diffusion.calc_bpd_loop(model_fn, x, key)["total_bpd"]
 
-    bpd_fn = jax.jit(bpd, in_shardings=(parallel.replicated(mesh), batch_sharding,
-                                        batch_sharding, parallel.replicated(mesh)),
-                     out_shardings=batch_sharding)
-    key = jax.random.PRNGKey(seed)
-    return parallel.map_batches(
-        lambda i, x, y: bpd_fn(params, x, y, jax.random.fold_in(key, i)),
-        (images.astype(np.float32), labels.astype(np.int32)), batch_size, mesh, "nll")
+def inception_score(ctx: EvalContext) -> dict:
+    mean, std = metrics.inception_score(ctx.sample_features[1])
+    return dict(ctx.sample_record, values={"is": mean, "is_std": std})
+
+
+def kid(ctx: EvalContext) -> dict:
+    mean, std = metrics.kernel_inception_distance(ctx.sample_features[0],
+                                                  ctx.reference["features"])
+    return dict(ctx.sample_record, values={"kid": mean, "kid_std": std})
+
+
+def digits_quality(ctx: EvalContext) -> dict:
+    images, labels, _ = ctx.samples
+    scores = digits.evaluate(images, labels, ctx.config.data.image_size)
+    return dict(ctx.sample_record,
+                values={"accuracy": scores["accuracy"], "frechet": scores["frechet"]})
+
+
+def nll_bound(ctx: EvalContext) -> dict:
+    config = ctx.config
+    images, labels = data.load_eval_arrays(config, max_examples=config.eval.nll_examples or None)
+    bpd = nll.nll_bits_per_dim(config, ctx.model, ctx.params, images, labels, ctx.mesh,
+                               config.eval.nll_batch_size)
+    return dict(ctx.record, num_examples=int(len(bpd)), split=config.data.eval_split,
+                values={"bpd": float(np.mean(bpd)),
+                        "bpd_sem": float(np.std(bpd) / np.sqrt(len(bpd)))})
+
+
+METRICS: dict[str, Callable[[EvalContext], dict]] = {
+    "fid": fid, "is": inception_score, "kid": kid, "digits": digits_quality, "nll": nll_bound}
+# The metrics that score samples (the others, NLL, score the data).
+SAMPLE_METRICS = frozenset({"fid", "is", "kid", "digits"})
+INCEPTION_METRICS = frozenset({"fid", "is", "kid"})
+
+
+def wanted_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return comma_list(config.eval.metrics, "config.eval.metrics", METRICS)
 
 
 def _write(workdir: str, metric: str, record: dict, writer) -> None:
@@ -129,54 +158,14 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=eval."""
     from clu import metric_writers  # imports TensorFlow: only when evaluating
 
-    wanted = parse_metrics(config.eval.metrics)
+    wanted = wanted_metrics(config)
     mesh = parallel.create_mesh()
     model = create_model(config.model)
     params, step = sampling.restore_for_sampling(config, workdir, mesh, model)
+    ctx = EvalContext(config, workdir, mesh, model, params, step)
+    if INCEPTION_METRICS & set(wanted):
+        ctx.inception  # noqa: B018  (load the weights before minutes of sampling)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    common = {"checkpoint_step": step, "params": "ema" if config.sample.use_ema else "raw"}
-
-    sample_metrics = [m for m in wanted if m != "nll"]
-    if sample_metrics:
-        if "digits" not in sample_metrics:  # fail before sampling if the weights are missing
-            module, variables = inception.load_inception(config.eval.inception_weights)
-        images, labels, source = load_samples(config, params, model, mesh)
-        if len(images) < FID_BIAS_WARNING_BELOW and {"fid", "kid"} & set(sample_metrics):
-            logging.warning("FID/KID from %d samples: both are biased upwards at small N; the "
-                            "papers use 50,000", len(images))
-        record = dict(common, num_samples=int(len(images)), **source)
-        if "digits" in sample_metrics:
-            scores = digits_metrics.evaluate(images, labels, config.data.image_size)
-            _write(workdir, "digits", dict(record, values={
-                "accuracy": scores["accuracy"], "frechet": scores["frechet"]}), writer)
-        if {"fid", "is", "kid"} & set(sample_metrics):
-            pool, logits = inception.inception_features(module, variables, images,
-                                                        batch_size=config.eval.batch_size,
-                                                        mesh=mesh)
-            if "is" in sample_metrics:
-                mean, std = metrics.inception_score(logits)
-                _write(workdir, "is", dict(record, values={"is": mean, "is_std": std}), writer)
-            if {"fid", "kid"} & set(sample_metrics):
-                ref = reference_statistics(config, module, variables, mesh, workdir)
-            if "fid" in sample_metrics:
-                fid = metrics.frechet_distance(*metrics.feature_statistics(pool), ref["mu"],
-                                               ref["sigma"])
-                _write(workdir, "fid", dict(record, values={"fid": fid}), writer)
-            if "kid" in sample_metrics:
-                if "features" not in ref:
-                    raise ValueError("KID needs reference features; config.eval.reference_stats "
-                                     "holds only mu/sigma: drop kid or the reference_stats file")
-                mean, std = metrics.kernel_inception_distance(pool, ref["features"])
-                _write(workdir, "kid", dict(record, values={"kid": mean, "kid_std": std}), writer)
-
-    if "nll" in wanted:
-        max_examples = config.eval.nll_examples or None
-        images, labels = data.load_eval_arrays(config, max_examples=max_examples)
-        bpd = nll_bits_per_dim(config, model, params, images, labels, mesh,
-                               config.eval.nll_batch_size)
-        _write(workdir, "nll", dict(common, num_examples=int(len(bpd)),
-                                    split=config.data.eval_split,
-                                    values={"bpd": float(np.mean(bpd)),
-                                            "bpd_sem": float(np.std(bpd) / np.sqrt(len(bpd)))}),
-               writer)
+    for name in wanted:
+        _write(workdir, name, METRICS[name](ctx), writer)
     writer.flush()

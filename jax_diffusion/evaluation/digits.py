@@ -13,7 +13,7 @@ import threadpoolctl
 from sklearn.neural_network import MLPClassifier
 
 from jax_diffusion import data
-from jax_diffusion.evaluation import frechet_distance
+from jax_diffusion.evaluation.metrics import frechet_distance
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,134 @@
+"""--mode=eval's table of metrics in-process on a tiny checkpoint: all five metrics at once,
+every single one and every pair, with a small random feature network standing in for the FID
+Inception (the real network is tested against its references in test_evaluation.py)."""
+import itertools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from tiny_config import tiny_config
+
+from jax_diffusion import checkpoints, parallel, sampling
+from jax_diffusion.evaluation import run
+from jax_diffusion.models import create_model
+from jax_diffusion.train_state import create_optimizer, create_train_state
+
+ALL = ("digits", "fid", "is", "kid", "nll")
+STEP = 3
+
+
+def _config(metrics: str, samples_dir: str = ""):
+    return tiny_config(eval__metrics=metrics, eval__num_samples=20, eval__nll_examples=8,
+                       eval__nll_batch_size=8, eval__samples_dir=samples_dir,
+                       diffusion__num_timesteps=100, sample__batch_size=16)
+
+
+class RandomFeatures:
+    """uint8 images -> (features [N, 16], logits [N, 10]) through a fixed random projection:
+    a deterministic function of the pixels, counting how many image sets it was given."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        flat = images.reshape(len(images), -1).astype(np.float64) / 255.0
+        rng = np.random.default_rng(0)
+        pool = np.tanh(flat @ rng.normal(size=(flat.shape[1], 16)) / 4.0)
+        return pool, pool @ rng.normal(size=(16, 10))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A workdir holding one checkpoint of the tiny model (random weights, its zero-initialised
+    output layer perturbed so the model is not the trivial eps = 0)."""
+    workdir = str(tmp_path_factory.mktemp("eval_run"))
+    config = _config("nll")
+    model = create_model(config.model)
+    mesh = parallel.create_mesh()
+    state = create_train_state(config, model, create_optimizer(config.train), mesh)
+    noisy = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                         state.ema_params)
+    manager = checkpoints.create_manager(workdir)
+    checkpoints.save(manager, STEP, state.replace(ema_params=noisy), config, {})
+    manager.wait_until_finished()
+    return workdir
+
+
+@pytest.fixture
+def features(monkeypatch):
+    extractor = RandomFeatures()
+    monkeypatch.setattr(run, "inception_feature_fn", lambda config, mesh: extractor)
+    return extractor
+
+
+def _records(workdir, names):
+    records = {}
+    for name in names:
+        with open(os.path.join(workdir, f"eval_{name}.json")) as f:
+            records[name] = json.load(f)
+    return records
+
+
+def test_all_five_metrics_in_one_run_share_samples_and_features(checkpoint, features,
+                                                                  monkeypatch):
+    """digits,fid,is,kid,nll together: five JSON files with finite values; the samples are drawn
+    once and the feature network runs twice (samples, reference set), whatever the count of
+    metrics using them."""
+    generated = []
+    original = sampling.generate_samples
+
+    def counting(*args, **kwargs):
+        generated.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate_samples", counting)
+    for name in ALL:
+        path = os.path.join(checkpoint, f"eval_{name}.json")
+        if os.path.exists(path):
+            os.remove(path)
+    run.run_eval(_config(",".join(ALL)), checkpoint)
+    records = _records(checkpoint, ALL)
+    assert len(generated) == 1 and features.calls == 2
+    for name, record in records.items():
+        assert record["checkpoint_step"] == STEP and record["params"] == "ema"
+        assert all(np.isfinite(v) for v in record["values"].values()), (name, record)
+    assert records["fid"]["num_samples"] == 20 and records["fid"]["source"] == "generated"
+    assert records["fid"]["values"]["fid"] > 0 and records["is"]["values"]["is"] >= 1.0
+    assert 0.0 <= records["digits"]["values"]["accuracy"] <= 1.0
+    assert records["nll"]["num_examples"] == 8 and records["nll"]["values"]["bpd"] > 0
+    assert os.path.exists(os.path.join(checkpoint, "reference_stats_digits.npz"))
+
+
+@pytest.fixture(scope="module")
+def samples_dir(checkpoint):
+    """Samples written once by --mode=sample's writer, shared by the single and pair runs."""
+    config = _config("nll")
+    mesh = parallel.create_mesh()
+    model = create_model(config.model)
+    params, _ = sampling.restore_for_sampling(config, checkpoint, mesh, model)
+    labels = sampling.default_labels(20, 10)
+    sample_fn = sampling.make_sample_fn(config, model, mesh, 16)
+    images = sampling.generate_samples(sample_fn, params, labels, 16, 0, mesh, progress=False)
+    folder = os.path.join(checkpoint, "samples")
+    os.makedirs(folder, exist_ok=True)
+    np.savez(os.path.join(folder, "samples_0.npz"), images=images, labels=labels)
+    return folder
+
+
+@pytest.mark.parametrize("names", [(name,) for name in ALL]
+                         + list(itertools.combinations(ALL, 2)))
+def test_every_single_metric_and_every_pair(checkpoint, samples_dir, features, tmp_path, names):
+    """Each metric alone and each pair writes exactly its JSON files (the bug this guards:
+    digits with fid raised UnboundLocalError after sampling)."""
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    os.symlink(os.path.join(checkpoint, "checkpoints"), os.path.join(workdir, "checkpoints"))
+    run.run_eval(_config(",".join(names), samples_dir), workdir)
+    written = sorted(f[len("eval_"):-len(".json")] for f in os.listdir(workdir)
+                     if f.startswith("eval_"))
+    assert written == sorted(names)
+    for record in _records(workdir, names).values():
+        assert all(np.isfinite(v) for v in record["values"].values())
