@@ -220,9 +220,9 @@ def prepare_on_process_zero(
         outcome = channel.wait(key, timeout)
     except TimeoutError as e:
         raise DatasetNotFoundError(
-            f"process {process_index} waited config.data.prepare_timeout={timeout:g} s for "
-            f"process 0 to prepare {what} ({e}); raise the timeout if preparing takes longer, "
-            f"or prepare the data before starting the run") from None
+            f"process {process_index} got no word from process 0 on preparing {what} ({e}; "
+            f"the wait is config.data.prepare_timeout={timeout:g} s): raise the timeout if "
+            f"preparing takes longer, or prepare the data before starting the run") from None
     if outcome != _PREPARED:
         raise DatasetNotFoundError(f"process 0 could not prepare {what}: {outcome}")
     if not is_prepared():
@@ -303,6 +303,7 @@ def _tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:
     searched = (
         f"{data_dir} (config.data.tfds_data_dir={config.data.tfds_data_dir!r}; '' means the tfds "
         f"default, $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+
     def try_open() -> tuple[Any, Exception | None]:
         """Returns (the source, None), or (None, tfds' error) when the split is not prepared."""
         try:
@@ -327,12 +328,12 @@ def _tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:
         _download_and_prepare(
             tfds.builder(name, data_dir=data_dir, file_format="array_record"), not_prepared)
 
-    multi_process = jax.process_count() > 1
+    process_count = jax.process_count()
     prepare_on_process_zero(
         lambda: try_open()[0] is not None, prepare,
         what=f"tfds dataset {name!r} in {data_dir}", key=f"jax_diffusion/tfds/{name}/{data_dir}",
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        channel=JaxKeyValueChannel() if multi_process else None,
+        process_index=jax.process_index(), process_count=process_count,
+        channel=JaxKeyValueChannel() if process_count > 1 else None,
         timeout=config.data.prepare_timeout)
     source, error = try_open()
     if source is None:

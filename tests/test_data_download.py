@@ -128,8 +128,8 @@ def server(archive):
     thread.join(timeout=10)
 
 
-def _closed_port() -> int:
-    """A loopback port nothing listens on (connections are refused)."""
+def _free_port() -> int:
+    """A loopback port nothing listens on: connections are refused, a coordinator can bind it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -222,7 +222,7 @@ def test_first_run_prepares_cifar10_and_trains_then_reuses_it(server, archive, t
 
 @pytest.mark.slow
 def test_server_down_gives_one_line(archive, tmp_path):
-    port = _closed_port()
+    port = _free_port()
     data_dir = tmp_path / "tfds"
     result = _main(f"http://127.0.0.1:{port}/{ARCHIVE_NAME}", archive, tmp_path / "run", data_dir)
     line = _error_line(result)
@@ -234,7 +234,7 @@ def test_server_down_gives_one_line(archive, tmp_path):
 # ---------------------------------------------------------------- in process
 
 def test_unreachable_server_fails_within_seconds(redirected, tmp_path):
-    port = _closed_port()
+    port = _free_port()
     redirected(f"http://127.0.0.1:{port}/{ARCHIVE_NAME}")
     config = _cifar_config(tmp_path)
     start = time.monotonic()
@@ -284,7 +284,7 @@ def test_reachable_hosts_and_proxies(server, monkeypatch):
     # Behind a proxy, the proxy is what must answer, not the (unresolvable) origin.
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
     assert data.unreachable_download_host(["https://example.invalid/a.tar.gz"]) is None
-    port = _closed_port()
+    port = _free_port()
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
     problem = data.unreachable_download_host(["https://example.invalid/a.tar.gz"])
     assert problem.startswith(f"cannot connect to 127.0.0.1:{port}")
@@ -442,9 +442,7 @@ _TWO_PROCESS_CHILD = textwrap.dedent('''
 def test_two_real_processes_prepare_once(server, archive, tmp_path):
     """Two jax.distributed processes open CIFAR-10 in one empty data dir at the same time:
     one download, process 1 logs that it waits, both read the 200 training images."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}"}
     before = server.gets
     children = [subprocess.Popen(
@@ -467,3 +465,29 @@ def test_two_real_processes_prepare_once(server, archive, tmp_path):
     assert "Preparing tfds dataset 'cifar10'" in outputs[0][1]
     assert "Preparing tfds dataset" not in outputs[1][1]
     assert "waits for process 0 to prepare" in outputs[1][1]
+
+
+_KEY_VALUE_CHILD = textwrap.dedent('''
+    import sys
+    import jax
+    from jax_diffusion import data
+
+    jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 1, 0, initialization_timeout=60)
+    channel = data.JaxKeyValueChannel()
+    channel.publish("k", "first")
+    channel.publish("k", "prepared")  # process 0 publishes again on every later open
+    print(channel.wait("k", 1.0))
+    try:
+        channel.wait("never/published", 0.2)
+    except TimeoutError:
+        print("TimeoutError")
+''')
+
+
+def test_jax_key_value_channel_round_trip_and_timeout():
+    """The real coordination service (one process): publish, overwrite, read, time out."""
+    port = _free_port()
+    result = subprocess.run([sys.executable, "-c", _KEY_VALUE_CHILD, str(port)], env=ENV,
+                            cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["prepared", "TimeoutError"]
