@@ -273,20 +273,21 @@ def _download_and_prepare(builder: Any, not_prepared: Callable[[str], str]) -> N
     except NonMatchingChecksumError as e:
         raise DownloadError(
             f"a file downloaded for tfds dataset {name!r} does not match the checksum tfds "
-            f"registers for it ({_first_line(e)}): the download was corrupted or replaced; run "
-            f"again, or prepare the dataset elsewhere with tfds build") from e
+            f"registers for it ({_one_line(e)}): the download was corrupted or replaced; run "
+            f"again, or prepare it elsewhere with tfds build {name} "
+            f"--file_format=array_record") from e
     except (requests.RequestException, tfds.download.DownloadError) as e:
         raise DownloadError(
-            f"downloading tfds dataset {name!r} failed ({_first_line(e)}); check the network and "
+            f"downloading tfds dataset {name!r} failed ({_one_line(e)}); check the network and "
             f"run again, or prepare it elsewhere with tfds build {name} "
             f"--file_format=array_record") from e
     logging.info("Prepared tfds dataset %r in %s in %.0f s", name, builder.data_path,
                  time.monotonic() - start)
 
 
-def _first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()),
-                type(error).__name__)
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or \
+        type(error).__name__
 
 
 def _tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:

@@ -74,7 +74,8 @@ def _cifar_archive() -> tuple[bytes, dict[str, tuple[np.ndarray, np.ndarray]]]:
 
 
 class CountingServer(http.server.ThreadingHTTPServer):
-    """Serves `files` ({path: bytes}) on 127.0.0.1 and counts connections and GET requests."""
+    """Serves `files` ({path: bytes}) on 127.0.0.1 and counts connections and GET requests.
+    Under /cut/<path> it announces the whole file but closes the connection halfway."""
 
     daemon_threads = True
 
@@ -94,14 +95,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.server.gets += 1
-        body = self.server.files.get(self.path)
+        cut = self.path.startswith("/cut/")
+        body = self.server.files.get(self.path.removeprefix("/cut") if cut else self.path)
         if body is None:
             self.send_error(404)
             return
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body[: len(body) // 2] if cut else body)
+        self.close_connection = True
 
     def log_message(self, format, *args):
         pass
@@ -298,6 +301,13 @@ def test_a_checksum_mismatch_is_refused_and_nothing_is_prepared(server, redirect
     with pytest.raises(DownloadError, match="does not match the checksum tfds registers"):
         data.dataset_info(_cifar_config(tmp_path))
     assert server.gets == before + 1
+    assert not _prepared(tmp_path)
+
+
+def test_an_interrupted_download_is_one_clear_error(server, redirected, tmp_path):
+    redirected(server.url.replace(f"/{ARCHIVE_NAME}", f"/cut/{ARCHIVE_NAME}"))
+    with pytest.raises(DownloadError, match="downloading tfds dataset 'cifar10' failed"):
+        data.dataset_info(_cifar_config(tmp_path))
     assert not _prepared(tmp_path)
 
 
