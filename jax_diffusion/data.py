@@ -253,6 +253,11 @@ def _download_and_prepare(builder: Any, not_prepared: Callable[[str], str]) -> N
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
     name = builder.name
+    manual_dir = builder.data_dir_root / "downloads" / "manual"  # where tfds looks by default
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not any(manual_dir.glob("*")):
+        raise DatasetNotFoundError(not_prepared(
+            f"tfds cannot download it: its files must first be fetched by hand into "
+            f"{manual_dir} (see https://www.tensorflow.org/datasets/catalog/{name})"))
     urls = sorted(builder.url_infos or ())
     if urls:
         problem = unreachable_download_host(urls)

@@ -311,6 +311,13 @@ def test_an_interrupted_download_is_one_clear_error(server, redirected, tmp_path
     assert not _prepared(tmp_path)
 
 
+def test_a_dataset_that_needs_a_manual_download_says_so(tmp_path):
+    config = tiny_config(data__dataset="imagenet2012", data__tfds_data_dir=str(tmp_path))
+    with pytest.raises(DatasetNotFoundError, match="fetched by hand into") as error:
+        data.dataset_info(config)
+    assert str(tmp_path / "downloads" / "manual") in str(error.value)
+
+
 def test_download_off_stops_without_connecting(server, redirected, tmp_path):
     redirected(server.url)
     connections = server.connections
