@@ -4,9 +4,10 @@ Two kinds of data feed one grain pipeline:
 - "digits": scikit-learn's 8x8 digits (shipped inside the scikit-learn wheel, so it works offline),
   resized to `config.data.image_size` and held in memory;
 - any tfds image dataset prepared as array_record, read with `tfds.data_source` (no TensorFlow
-  needed).
-  When it is not prepared and config.data.download is true, tfds' own builder downloads it
-  (checksums verified as tfds registers them) and prepares it on first use; see `_tfds_source`.
+  needed). When it is not prepared and config.data.download is true, tfds' own builder
+  downloads it (checksums verified as tfds registers them) and prepares it on first use, after
+  a bounded check that the download hosts answer; in a multi-process run process 0 prepares and
+  the others wait for it (`prepare_on_process_zero`).
 
 Both are random-access sources (`len` and `source[i]` -> {"image", "label"}) and go through
 `iterator_from_source`: a seeded shuffle that changes every epoch, the tail of each epoch dropped,
