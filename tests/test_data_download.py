@@ -9,8 +9,9 @@ requests; tests/tfds_redirect.py points the builder's URL and registered checksu
 - the server down: main.py stops with one line naming the host, and the library call returns
   within seconds; a resolver that never answers and a connect that never completes are cut off
   by the probe's timeout;
-- a registered checksum that does not match is refused by tfds (nothing prepared), and
-  config.data.download=False stops without a connection;
+- a registered checksum that does not match is refused by tfds and a download cut off halfway
+  is one error (nothing prepared either time); config.data.download=False stops without a
+  connection; a dataset tfds cannot download names the manual-download directory;
 - several processes: process 0 prepares, the others wait for its outcome (fake processes on
   threads for every branch, and two real jax.distributed processes on the real builder).
 """
@@ -28,6 +29,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from tfds_redirect import ARCHIVE_NAME, redirect_cifar10
 from tiny_config import ROOT, tiny_config, tiny_flags
 
@@ -211,7 +213,6 @@ def test_first_run_prepares_cifar10_and_trains_then_reuses_it(server, archive, t
         order = [index[image.tobytes()] for image in images]
         assert sorted(order) == list(range(count))
         np.testing.assert_array_equal(labels, expected_labels[order])
-    import tensorflow_datasets as tfds
     names = tfds.builder("cifar10", data_dir=str(data_dir)).info.features["label"].names
     assert names == CLASS_NAMES
 
