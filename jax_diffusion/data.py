@@ -3,7 +3,11 @@
 Two kinds of data feed one grain pipeline:
 - "digits": scikit-learn's 8x8 digits (shipped inside the scikit-learn wheel, so it works offline),
   resized to `config.data.image_size` and held in memory;
-- any tfds image dataset prepared as array_record, read with `tfds.data_source` (no TensorFlow needed).
+- any tfds image dataset prepared as array_record, read with `tfds.data_source` (no TensorFlow
+  needed). When it is not prepared and config.data.download is true, tfds' own builder
+  downloads it (checksums verified as tfds registers them) and prepares it on first use, after
+  a bounded check that the download hosts answer; in a multi-process run process 0 prepares and
+  the others wait for it (`prepare_on_process_zero`).
 
 Both are random-access sources (`len` and `source[i]` -> {"image", "label"}) and go through
 `iterator_from_source`: a seeded shuffle that changes every epoch, the tail of each epoch dropped,
@@ -15,23 +19,34 @@ Image convention for sources: uint8 images are in [0, 255] (tfds), float images 
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+import queue
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 import sklearn.datasets
 from PIL import Image
+
+# DatasetNotFoundError stays importable from here: callers catch it as data.DatasetNotFoundError.
+from jax_diffusion.errors import DatasetNotFoundError, DownloadError
 
 DIGITS = "digits"
 # Pipeline elements are whole local batches, so two reader threads and two buffered batches keep
 # the next batch ready without holding many batches in memory; more parallelism comes from
 # config.data.worker_count processes.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The tfds dataset named by config.data.dataset is not prepared in the data directory searched."""
+# Seconds for resolving and connecting to each download host before a download starts.
+_PROBE_TIMEOUT = 5.0
+# What process 0 publishes when the dataset is ready; anything else is its error message.
+_PREPARED = "prepared"
 
 
 class ArraySource:
@@ -60,11 +75,13 @@ def _to_model_range(image: np.ndarray) -> np.ndarray:
         return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     if np.issubdtype(image.dtype, np.floating):
         return image.astype(np.float32) * np.float32(2.0) - np.float32(1.0)
-    raise ValueError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {image.dtype}")
+    raise ValueError(
+        f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {image.dtype}")
 
 
 def _digits_unit_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Returns scikit-learn's digits as (float32 [1797, S, S, 1] in [0, 1], int32 [1797] labels 0-9)."""
+    """Returns scikit-learn's digits as (float32 [1797, S, S, 1] in [0, 1], int32 [1797] labels
+    0-9)."""
     digits = sklearn.datasets.load_digits()
     images = (digits.images / 16.0).astype(np.float32)  # integer pixel values 0..16
     if image_size != images.shape[1]:
@@ -73,7 +90,8 @@ def _digits_unit_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray]:
         # blocks, bicubic overshoots outside [0, 1]). PIL widens the filter when shrinking, so
         # sizes below 8 are antialiased too.
         images = np.stack([
-            np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR))
+            np.asarray(Image.fromarray(image).resize((image_size, image_size),
+                                                     Image.Resampling.BILINEAR))
             for image in images])
     return images[..., None], digits.target.astype(np.int32)
 
@@ -81,15 +99,208 @@ def _digits_unit_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray]:
 def load_digits_arrays(image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Returns scikit-learn's 8x8 digits resized (bilinear) to image_size.
 
-    Returns (images float32 [1797, image_size, image_size, 1] in [-1, 1], labels int32 [1797] in 0..9),
-    in scikit-learn's order (labels equal `load_digits().target`).
+    Returns (images float32 [1797, image_size, image_size, 1] in [-1, 1], labels int32 [1797] in
+    0..9), in scikit-learn's order (labels equal `load_digits().target`).
     """
     images, labels = _digits_unit_arrays(image_size)
     return _to_model_range(images), labels
 
 
+def unreachable_download_host(urls: Iterable[str], timeout: float | None = None) -> str | None:
+    """Returns why a host that `urls` download from cannot be reached, or None if all answer.
+
+    tfds' downloader sets no timeout and retries a refused connection ten times with a growing
+    backoff, so a machine without network would wait minutes; this check bounds the wait. Each
+    distinct host (or the proxy that requests would use for it) gets a DNS lookup plus a TCP
+    connect within `timeout` seconds, all hosts in parallel. The lookup runs in a daemon thread
+    because getaddrinfo has no timeout of its own. Non-network URLs (files, gs://) are skipped.
+    `timeout` defaults to _PROBE_TIMEOUT.
+    """
+    import requests
+
+    timeout = _PROBE_TIMEOUT if timeout is None else timeout
+
+    default_ports = {"http": 80, "https": 443, "ftp": 21}
+    hosts = set()
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in default_ports:
+            continue
+        proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+        if proxy:
+            parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        hosts.add((parts.hostname, parts.port or default_ports.get(parts.scheme, 80)))
+
+    errors: queue.SimpleQueue = queue.SimpleQueue()
+
+    def connect(host: str, port: int) -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            errors.put(None)
+        except OSError as e:
+            errors.put(f"cannot connect to {host}:{port}: {e}")
+
+    for host, port in sorted(hosts):
+        threading.Thread(target=connect, args=(host, port), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    for _ in hosts:
+        try:
+            error = errors.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return (f"no answer from {', '.join(f'{h}:{p}' for h, p in sorted(hosts))} within "
+                    f"{timeout:g} s")
+        if error:
+            return error
+    return None
+
+
+class OutcomeChannel(Protocol):
+    """How process 0 tells the other processes that a dataset is ready (or why it is not)."""
+
+    def publish(self, key: str, outcome: str) -> None: ...
+
+    def wait(self, key: str, timeout: float) -> str:
+        """Returns the outcome published under `key`; raises TimeoutError after `timeout` s."""
+
+
+class JaxKeyValueChannel:
+    """The key-value store of jax.distributed's coordination service (what JAX's own
+    checkpointing uses to agree across processes)."""
+
+    def __init__(self):
+        from jax._src import distributed  # the client has no public accessor
+        self._client = distributed.global_state.client
+
+    def publish(self, key: str, outcome: str) -> None:
+        self._client.key_value_set(key, outcome, allow_overwrite=True)
+
+    def wait(self, key: str, timeout: float) -> str:
+        try:
+            return self._client.blocking_key_value_get(key, int(timeout * 1000))
+        except jax.errors.JaxRuntimeError as e:
+            raise TimeoutError(str(e).splitlines()[0] if str(e) else "timed out") from e
+
+
+def prepare_on_process_zero(
+    is_prepared: Callable[[], bool],
+    prepare: Callable[[], None],
+    *,
+    what: str,
+    key: str,
+    process_index: int,
+    process_count: int,
+    channel: OutcomeChannel | None,
+    timeout: float,
+) -> None:
+    """Makes sure the data described by `what` is prepared, with process 0 as its only writer.
+
+    One process: prepares it if it is missing. Several: process 0 prepares it if missing and
+    then publishes the outcome under `key` (also when it found the data already there); every
+    other process that does not see the data waits up to `timeout` s for that outcome instead of
+    writing into the same directory, then reads process 0's copy, which must therefore be on a
+    filesystem all processes share (a host-local directory gives a clear error, not a second
+    writer). A failure on process 0 reaches the others as their own error at once.
+    """
+    if process_count == 1:
+        if not is_prepared():
+            prepare()
+        return
+    if process_index == 0:
+        try:
+            if not is_prepared():
+                prepare()
+        except Exception as e:
+            channel.publish(key, str(e) or type(e).__name__)
+            raise
+        channel.publish(key, _PREPARED)
+        return
+    if is_prepared():
+        return
+    logging.info("Process %d waits for process 0 to prepare %s", process_index, what)
+    try:
+        outcome = channel.wait(key, timeout)
+    except TimeoutError as e:
+        raise DatasetNotFoundError(
+            f"process {process_index} got no word from process 0 on preparing {what} ({e}; "
+            f"the wait is config.data.prepare_timeout={timeout:g} s): raise the timeout if "
+            f"preparing takes longer, or prepare the data before starting the run") from None
+    if outcome != _PREPARED:
+        raise DatasetNotFoundError(f"process 0 could not prepare {what}: {outcome}")
+    if not is_prepared():
+        raise DatasetNotFoundError(
+            f"process 0 prepared {what}, but process {process_index} does not see it: the data "
+            f"directory must be one shared filesystem path on every host (NFS, GCS FUSE), or "
+            f"prepare the data on every host before the run")
+
+
+def _tfds_not_prepared(name: str, split: str, searched: str, reason: str) -> str:
+    return (
+        f"tfds dataset {name!r} (split {split!r}) is not prepared in {searched}, and {reason}. "
+        f"Prepare it on a machine with network access with\n"
+        f"    tfds build {name} --file_format=array_record --data_dir=<dir>\n"
+        f"(building needs tensorflow, which requirements.txt installs) and copy <dir> here, or "
+        f"point --config.data.tfds_data_dir at an existing prepared copy.")
+
+
+def _download_and_prepare(builder: Any, not_prepared: Callable[[str], str]) -> None:
+    """Builds `builder`'s dataset as array_record files with tfds' own download manager.
+
+    tfds verifies every download against the checksum it has registered for the URL, writes
+    into a temporary directory and renames it when complete, and keeps the archives in
+    <data dir>/downloads. `not_prepared(reason)` gives the message when nothing can be fetched.
+    """
+    import requests
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+    name = builder.name
+    manual_dir = builder.data_dir_root / "downloads" / "manual"  # where tfds looks by default
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not any(manual_dir.glob("*")):
+        raise DatasetNotFoundError(not_prepared(
+            f"tfds cannot download it: its files must first be fetched by hand into "
+            f"{manual_dir} (see https://www.tensorflow.org/datasets/catalog/{name})"))
+    urls = sorted(builder.url_infos or ())
+    if urls:
+        problem = unreachable_download_host(urls)
+        if problem:
+            raise DatasetNotFoundError(not_prepared(f"it cannot be downloaded here ({problem})"))
+    else:
+        logging.warning("tfds registers no download URL for %r, so the network cannot be checked "
+                        "first; without network the download may wait for minutes", name)
+    logging.info("Preparing tfds dataset %r in %s: downloading %s, verifying the checksums tfds "
+                 "registers and writing array_record files; later runs reuse them",
+                 name, builder.data_path, ", ".join(urls) or "its files")
+    start = time.monotonic()
+    try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            # GCS holds only tfrecord copies: build from the original source.
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except NonMatchingChecksumError as e:
+        raise DownloadError(
+            f"a file downloaded for tfds dataset {name!r} does not match the checksum tfds "
+            f"registers for it ({_one_line(e)}): the download was corrupted or replaced; run "
+            f"again, or prepare it elsewhere with tfds build {name} "
+            f"--file_format=array_record") from e
+    except (requests.RequestException, tfds.download.DownloadError) as e:
+        raise DownloadError(
+            f"downloading tfds dataset {name!r} failed ({_one_line(e)}); check the network and "
+            f"run again, or prepare it elsewhere with tfds build {name} "
+            f"--file_format=array_record") from e
+    logging.info("Prepared tfds dataset %r in %s in %.0f s", name, builder.data_path,
+                 time.monotonic() - start)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or \
+        type(error).__name__
+
+
 def _tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:
-    """Returns the tfds array_record data source of `split`, or raises DatasetNotFoundError at once."""
+    """Returns the tfds array_record data source of `split`, preparing the dataset first when it
+    is missing and config.data.download is true (see `prepare_on_process_zero` for several
+    processes); raises DatasetNotFoundError within seconds when it is missing and cannot be
+    downloaded (downloading off, or a download host unreachable)."""
     # Imported here so that the digits path does not pay for importing tfds.
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import constants
@@ -97,31 +308,55 @@ def _tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:
     name = config.data.dataset
     data_dir = config.data.tfds_data_dir or constants.get_default_data_dir()
     searched = (
-        f"{data_dir} (config.data.tfds_data_dir={config.data.tfds_data_dir!r}; '' means the tfds default, "
-        f"$TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    try:
-        return tfds.data_source(
-            name, split=split, data_dir=data_dir, download=False, try_gcs=False,
-            builder_kwargs={"file_format": "array_record"})
-    except tfds.core.DatasetNotFoundError as e:
-        raise DatasetNotFoundError(
-            f"config.data.dataset={name!r} is neither {DIGITS!r} nor a dataset tfds knows, and no prepared "
-            f"copy of it (<dir>/{name}/<version>/) was found in {searched}.") from e
-    except (KeyError, FileNotFoundError) as e:
-        # tfds reports data that was never prepared as an empty split table (KeyError).
-        raise DatasetNotFoundError(
-            f"tfds dataset {name!r} (split {split!r}) is not prepared in {searched}. Training never "
-            f"downloads. Prepare it on a machine with network access with\n"
-            f"    tfds build {name} --file_format=array_record --data_dir=<dir>\n"
-            f"(building needs tensorflow, which requirements.txt installs) and copy <dir> here, or point "
-            f"--config.data.tfds_data_dir at an existing prepared copy.") from e
+        f"{data_dir} (config.data.tfds_data_dir={config.data.tfds_data_dir!r}; '' means the tfds "
+        f"default, $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+
+    def try_open() -> tuple[Any, Exception | None]:
+        """Returns (the source, None), or (None, tfds' error) when the split is not prepared."""
+        try:
+            return tfds.data_source(
+                name, split=split, data_dir=data_dir, download=False, try_gcs=False,
+                builder_kwargs={"file_format": "array_record"}), None
+        except tfds.core.DatasetNotFoundError as e:
+            raise DatasetNotFoundError(
+                f"config.data.dataset={name!r} is neither {DIGITS!r} nor a dataset tfds knows, "
+                f"and no prepared copy of it (<dir>/{name}/<version>/) was found in "
+                f"{searched}.") from e
+        except (KeyError, FileNotFoundError) as e:
+            # tfds reports data that was never prepared as an empty split table (KeyError).
+            return None, e
+
+    def not_prepared(reason: str) -> str:
+        return _tfds_not_prepared(name, split, searched, reason)
+
+    def prepare() -> None:
+        if not config.data.download:
+            raise DatasetNotFoundError(not_prepared("config.data.download is False"))
+        _download_and_prepare(
+            tfds.builder(name, data_dir=data_dir, file_format="array_record"), not_prepared)
+
+    process_count = jax.process_count()
+    prepare_on_process_zero(
+        lambda: try_open()[0] is not None, prepare,
+        what=f"tfds dataset {name!r} in {data_dir}", key=f"jax_diffusion/tfds/{name}/{data_dir}",
+        process_index=jax.process_index(), process_count=process_count,
+        channel=JaxKeyValueChannel() if process_count > 1 else None,
+        timeout=config.data.prepare_timeout)
+    source, error = try_open()
+    if source is None:
+        # Prepared in another file format, or without this split.
+        raise DatasetNotFoundError(not_prepared(
+            "its array_record files for this split are missing")) from error
+    return source
 
 
 def _open_source(config: ml_collections.ConfigDict, split: str) -> Any:
-    """Returns the random-access source of config.data.dataset; digits has one split (all 1797 images)."""
+    """Returns the random-access source of config.data.dataset; digits has one split (all 1797
+    images)."""
     if config.data.dataset == DIGITS:
         if config.data.channels != 1:
-            raise ValueError(f"digits images have 1 channel but config.data.channels={config.data.channels}")
+            raise ValueError(f"digits images have 1 channel but "
+                             f"config.data.channels={config.data.channels}")
         return ArraySource(*_digits_unit_arrays(config.data.image_size))
     return _tfds_source(config, split)
 
@@ -143,8 +378,9 @@ class _ToModelInput(grain.transforms.Map):
         if image.shape != expected:
             raise ValueError(
                 f"dataset {self._name!r} has images of shape {image.shape} (H, W, C) but "
-                f"config.data.image_size={self._image_size} and config.data.channels={self._channels} "
-                f"ask for {expected}; set those keys to match the dataset (the pipeline does not resize it).")
+                f"config.data.image_size={self._image_size} and "
+                f"config.data.channels={self._channels} ask for {expected}; set those keys to "
+                f"match the dataset (the pipeline does not resize it).")
         # Unlabelled datasets get label 0 so every batch has the same structure.
         return {"image": _to_model_range(image), "label": np.int32(record.get("label", 0))}
 
@@ -166,23 +402,26 @@ def iterator_from_source(
 ) -> grain.DatasetIterator:
     """Returns an endless, checkpointable iterator of this process's training batches from `source`.
 
-    Each element is {"image": float32 [local_batch, H, W, C] in [-1, 1], "label": int32 [local_batch]}
-    with local_batch = config.train.batch_size // process_count. Epoch e is a permutation of the
-    whole source seeded by (seed, e), cut into N // batch_size global batches; the last
-    N % batch_size examples of that permutation are dropped, so every batch holds distinct examples
-    and every epoch has the same number of steps. Process p reads rows p*local_batch:(p+1)*local_batch
-    of each global batch, so the processes' batches concatenated in process order are the
-    single-process batch. Flips (config.data.random_flip) are seeded by the example's position in the
-    global stream, so they too do not depend on process_count. The iterator has
+    Each element is {"image": float32 [local_batch, H, W, C] in [-1, 1], "label": int32
+    [local_batch]} with local_batch = config.train.batch_size // process_count. Epoch e is a
+    permutation of the whole source seeded by (seed, e), cut into N // batch_size global batches;
+    the last N % batch_size examples of that permutation are dropped, so every batch holds
+    distinct examples and every epoch has the same number of steps. Process p reads rows
+    p*local_batch:(p+1)*local_batch of each global batch, so the processes' batches concatenated
+    in process order are the single-process batch. Flips (config.data.random_flip) are seeded by
+    the example's position in the global stream, so they too do not depend on process_count. The
+    iterator has
     `get_state() -> dict` (JSON-serialisable) and `set_state(dict)`.
     """
     num_examples = len(source)
     global_batch = config.train.batch_size
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+        raise ValueError(
+            f"process_index={process_index} is not in [0, process_count={process_count})")
     if global_batch % process_count:
         raise ValueError(
-            f"config.train.batch_size={global_batch} is not divisible by process_count={process_count}")
+            f"config.train.batch_size={global_batch} is not divisible by "
+            f"process_count={process_count}")
     if global_batch > num_examples:
         raise ValueError(
             f"config.train.batch_size={global_batch} is larger than dataset "
@@ -194,8 +433,9 @@ def iterator_from_source(
     order_seed, flip_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
 
     ds = grain.MapDataset.source(source)
-    # Indices past len(ds) belong to later epochs, each shuffled with its own seed; slicing keeps the
-    # first whole global batches of every epoch's permutation, and repeat makes the stream endless.
+    # Indices past len(ds) belong to later epochs, each shuffled with its own seed; slicing keeps
+    # the first whole global batches of every epoch's permutation, and repeat makes the stream
+    # endless.
     ds = ds.shuffle(seed=order_seed)[: (num_examples // global_batch) * global_batch].repeat()
     ds = ds.map(to_model_input)
     if config.data.random_flip:
@@ -205,7 +445,8 @@ def iterator_from_source(
     ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
     it_ds = ds.to_iter_dataset(_READ_OPTIONS)
     if config.data.worker_count > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.data.worker_count))
     return iter(it_ds)
 
 
@@ -231,7 +472,8 @@ def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int]:
     if isinstance(source, ArraySource):
         return len(source), int(source.labels.max()) + 1
     features = source.dataset_info.features
-    label = features["label"] if "label" in features else None
+    # tfds' FeaturesDict has no .get.
+    label = features["label"] if "label" in features else None  # noqa: SIM401
     return len(source), int(getattr(label, "num_classes", None) or 0)
 
 
