@@ -59,6 +59,10 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
     _positive_int(data, "image_size", "data")
     _choice(data.channels, "data.channels", (1, 3))
     _positive_int(data, "worker_count", "data", minimum=0)
+    _require(isinstance(data.download, bool), "data.download", data.download,
+             "must be True or False")
+    _require(data.prepare_timeout > 0, "data.prepare_timeout", data.prepare_timeout,
+             "must be > 0 seconds")
     if data.dataset == DIGITS:
         _require(data.channels == 1, "data.channels", data.channels,
                  "must be 1 for the digits dataset (grayscale)")

@@ -23,6 +23,7 @@ def _config(dataset="digits", image_size=16, channels=1, batch_size=64, random_f
     config.data.random_flip = random_flip
     config.data.tfds_data_dir = tfds_data_dir
     config.train.batch_size = batch_size
+    config.data.download = False  # these tests read prepared data; never connect
     return config
 
 
