@@ -20,6 +20,11 @@ def command(workdir, *args, **overrides) -> list[str]:
     return [sys.executable, MAIN, f"--workdir={workdir}", *tiny_flags(**overrides), *args]
 
 
+def plain_command(workdir, *args) -> list[str]:
+    """main.py with only the given flags (e.g. another --config)."""
+    return [sys.executable, MAIN, f"--workdir={workdir}", *args]
+
+
 def run_main(workdir, *args, timeout: float = TIMEOUT, **overrides
              ) -> subprocess.CompletedProcess:
     return subprocess.run(command(workdir, *args, **overrides), env=ENV, cwd=ROOT,

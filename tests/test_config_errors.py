@@ -6,7 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from cli_helpers import ENV, command, error_line
+from cli_helpers import ENV, command, error_line, plain_command
 from tiny_config import ROOT
 
 from jax_diffusion import cli
@@ -46,13 +46,11 @@ def runs(tmp_path_factory):
     }
     commands = {name: command(str(tmp / name), *args, **overrides)
                 for name, (args, overrides) in cases.items()}
-    commands["workdir_file"] = [*command(a_file)]
-    commands["cifar10_method"] = [
-        *command(str(tmp / "cifar10_method"))[:2], f"--workdir={tmp / 'cifar10_method'}",
-        f"--config={CIFAR10}", "--config.sample.method=ddim2",
-        f"--config.data.tfds_data_dir={empty_tfds}"]
-    commands["typo"] = [*command(str(tmp / "typo"))[:2], f"--workdir={tmp / 'typo'}",
-                        f"--config={typo_config}"]
+    commands["workdir_file"] = command(a_file)
+    commands["cifar10_method"] = plain_command(
+        tmp / "cifar10_method", f"--config={CIFAR10}", "--config.sample.method=ddim2",
+        f"--config.data.tfds_data_dir={empty_tfds}")
+    commands["typo"] = plain_command(tmp / "typo", f"--config={typo_config}")
     processes = {name: subprocess.Popen(argv, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
                  for name, argv in commands.items()}
