@@ -309,7 +309,7 @@ def test_preprocess_matches_pytorch_bilinear_resize():
     rng = np.random.default_rng(9)
     for shape in [(1, 320, 410, 1), (2, 17, 40, 3)]:  # down- and up-sampling, grey and RGB
         images = rng.integers(0, 256, shape, dtype=np.uint8)
-        ours = np.asarray(preprocess(images)).transpose(0, 3, 1, 2)
+        ours = np.asarray(preprocess(images, "pytorch_fid")).transpose(0, 3, 1, 2)
         np.testing.assert_allclose(ours, _np_preprocess(images), atol=2e-6)
 
 
@@ -318,7 +318,8 @@ def test_flax_inception_matches_independent_numpy_graph(random_weights, tmp_path
     np.savez(path, **random_weights)
     module, variables = load_inception(str(path))
     images = np.random.default_rng(10).integers(0, 256, (3, 29, 37, 3), dtype=np.uint8)
-    pool, logits = inception_features(module, variables, images, batch_size=2)  # padded batch
+    pool, logits = inception_features(module, variables, images, batch_size=2,  # padded batch
+                                      preprocess="pytorch_fid")
     reference_weights = {k: v.astype(np.float64) for k, v in random_weights.items()}
     ref_pool, ref_logits = _np_fid_inception(reference_weights, _np_preprocess(images))
     assert pool.shape == (3, 2048) and logits.shape == (3, 1008)
@@ -328,7 +329,8 @@ def test_flax_inception_matches_independent_numpy_graph(random_weights, tmp_path
     # The logits leave out fc.bias (torch-fidelity's logits_unbiased).
     assert np.max(np.abs(logits - ref_logits - random_weights["fc.bias"])) > 1e-2
     # Split over the 8 (forced CPU) devices: the same numbers.
-    sharded = inception_features(module, variables, images, batch_size=2, mesh=create_mesh())
+    sharded = inception_features(module, variables, images, batch_size=2, mesh=create_mesh(),
+                                 preprocess="pytorch_fid")
     for ours, split in zip((pool, logits), sharded):
         np.testing.assert_allclose(split, ours, rtol=1e-5, atol=1e-5 * np.max(np.abs(ours)))
 
@@ -400,7 +402,7 @@ def test_convert_weights_writes_an_npz_that_loads(random_weights, tmp_path):
     from jax_diffusion.evaluation import convert_weights
     source, target = str(tmp_path / "in.npz"), str(tmp_path / "out.npz")
     np.savez(source, **random_weights, **{"Mixed_5b.branch1x1.bn.num_batches_tracked": np.int64(7)})
-    assert convert_weights.main(["convert_weights", source, target]) == 0
+    assert convert_weights.main([source, target]) == 0
     with np.load(target) as converted:
         assert set(converted.files) == set(random_weights)
         np.testing.assert_array_equal(converted["fc.weight"], random_weights["fc.weight"])
