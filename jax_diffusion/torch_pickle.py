@@ -13,6 +13,7 @@ below; any other global is refused with `UnsafePickleError` before it is called.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import os
 import pickle
@@ -57,24 +58,38 @@ class _Storage:
         self.elements = elements
 
 
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def _strided_copy(path: str, elements: np.ndarray, offset: int, size: tuple, stride: tuple
                   ) -> np.ndarray:
-    """A contiguous, native-byte-order copy of the view (offset, size, stride) in elements, after
-    checking that the view stays inside its storage (as_strided itself would read past it)."""
+    """A contiguous, native-byte-order copy of the view (offset, size, stride), counted in
+    elements, after checking that the view stays inside its storage."""
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if (len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride)):
+    if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
         raise InputFileError(f"{path}: malformed tensor record (offset {offset}, size {size}, "
                              f"stride {stride}): not a valid PyTorch file")
-    if 0 not in size:
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-        if last >= len(elements):
-            raise InputFileError(f"{path}: a tensor of size {size} at offset {offset} needs "
-                                 f"{last + 1} elements but its storage holds {len(elements)}: "
-                                 f"the file is truncated or corrupt")
-    view = np.lib.stride_tricks.as_strided(
-        elements[offset:offset + 1] if 0 in size else elements[offset:],
-        shape=size, strides=[s * elements.itemsize for s in stride], writeable=False)
-    return np.ascontiguousarray(view).astype(elements.dtype.newbyteorder("="), copy=False)
+    native = elements.dtype.newbyteorder("=")
+    if 0 in size:
+        return np.zeros(size, native)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if last >= len(elements):
+        raise InputFileError(f"{path}: a tensor of size {size} at offset {offset} needs "
+                             f"{last + 1} elements but its storage holds {len(elements)}: "
+                             f"the file is truncated or corrupt")
+    if stride == _contiguous_strides(size):
+        view = elements[offset:last + 1].reshape(size)
+    else:  # gather through an index array: numpy checks every index, nothing reads raw memory
+        index = np.asarray(offset, np.int64)
+        for n, s in zip(size, stride, strict=True):
+            index = index[..., None] + np.arange(n, dtype=np.int64) * s
+        view = elements[index]
+    return view.astype(native, copy=True)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -106,6 +121,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
                               for name, dtype in _TORCH_DTYPES.items()})
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 2 (torch's) writes Python 2 names: map them back as pickle itself does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         try:
             return self._globals[(module, name)]
         except KeyError:
