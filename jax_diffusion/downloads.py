@@ -76,7 +76,7 @@ def _open(url: str, timeout: float) -> http.client.HTTPResponse:
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        raise TimeoutError(f"no connection within {timeout:g} s (name lookup or connect)")
+        raise TimeoutError(f"timed out: no answer within {timeout:g} s")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["response"]
