@@ -10,6 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from jax_diffusion import digits_metrics
 from jax_diffusion.parallel import create_mesh
+from random_inception import random_inception_weights
 from jax_diffusion.evaluation import (InceptionWeightsNotFoundError, expected_weight_shapes,
                                       frechet_distance, inception_features, inception_score,
                                       kernel_inception_distance, load_inception, preprocess,
@@ -276,23 +277,7 @@ def _np_preprocess(images_uint8):
 
 @pytest.fixture(scope="module")
 def random_weights():
-    """Fixed random weights with the real names and shapes (pytorch-fid layout), scaled so that
-    activations stay O(1) through all 94 conv layers."""
-    rng = np.random.default_rng(8)
-    weights = {}
-    for name, shape in expected_weight_shapes().items():
-        if name.endswith("conv.weight"):
-            value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-        elif name == "fc.weight":
-            value = rng.normal(size=shape) / np.sqrt(shape[1])
-        elif name.endswith("running_var"):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif name.endswith("bn.weight"):
-            value = rng.uniform(0.8, 1.2, shape)
-        else:  # BatchNorm bias and running mean, fc bias
-            value = rng.normal(size=shape) * 0.1
-        weights[name] = value.astype(np.float32)
-    return weights
+    return random_inception_weights()
 
 
 def test_expected_weights_are_the_pytorch_fid_state_dict():
