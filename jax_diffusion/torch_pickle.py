@@ -4,7 +4,9 @@ pickle code.
 torch.save (since torch 1.6) writes a zip archive: `<archive>/data.pkl`, a pickle of the object in
 which every tensor is a call `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`
 and every storage a persistent id `('storage', torch.FloatStorage, key, location, numel)` whose
-bytes are the entry `<archive>/data/<key>`; `<archive>/byteorder` says "little" or "big".
+bytes are the entry `<archive>/data/<key>`; `<archive>/byteorder` says "little" or "big". Older
+files (the legacy format, still read by torch.load) hold the same pickle followed by the storages'
+bytes; both are read here.
 
 A pickle can call any importable function, so `torch.load(weights_only=False)` on a file from the
 internet runs whatever the file asks for. Here `find_class` resolves only the tensor-rebuild
@@ -18,6 +20,7 @@ import collections
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -25,6 +28,8 @@ import numpy as np
 
 from jax_diffusion.errors import InputFileError, UnsafePickleError
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization's MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001
 # torch's legacy storage classes -> element type of their bytes.
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
@@ -52,10 +57,16 @@ class _StorageType:
 
 
 class _Storage:
-    """The flat elements of one `data/<key>` entry, shared by every tensor that views it."""
+    """The flat elements of one storage, shared by every tensor that views it; None while the
+    elements are not read yet (the first pass over a legacy file)."""
 
-    def __init__(self, elements: np.ndarray):
+    def __init__(self, elements: np.ndarray | None):
         self.elements = elements
+
+
+# read_storage(key, element dtype, element count) -> the elements in the file's byte order, or
+# None to only record which storages the pickle names.
+StorageReader = Callable[[str, np.dtype, int], "np.ndarray | None"]
 
 
 def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
@@ -93,13 +104,13 @@ def _strided_copy(path: str, elements: np.ndarray, offset: int, size: tuple, str
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals torch writes for tensors and state dicts; storages come from
-    the zip through `persistent_load`."""
+    """Resolves only the globals torch writes for tensors and state dicts; the storages named by
+    persistent ids come from `read_storage`."""
 
-    def __init__(self, file, path: str, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    def __init__(self, file, path: str, read_storage: StorageReader | None = None,
+                 byteorder: str = "<"):
         super().__init__(file)
-        self._path, self._archive, self._prefix = path, archive, prefix
-        self._byteorder = "<" if byteorder == "little" else ">"
+        self._path, self._read_storage, self._byteorder = path, read_storage, byteorder
         self._storages: dict[str, _Storage] = {}
         self._globals = {
             ("collections", "OrderedDict"): collections.OrderedDict,
@@ -136,37 +147,39 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        """('storage', storage type, key, location, numel[, view]) -> the storage; the legacy
+        format's optional view (view key, offset, size) is a slice of it."""
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and self._read_storage is not None):
             raise InputFileError(f"{self._path}: unknown persistent record {pid!r:.80}: not a "
                                  f"PyTorch tensor file")
-        storage_type, key = pid[1], str(pid[2])
+        storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
         if key not in self._storages:
-            entry = f"{self._prefix}data/{key}"
-            try:
-                raw = self._archive.read(entry)
-            except KeyError:
-                raise InputFileError(f"{self._path}: storage {entry} is missing: the file is "
-                                     f"truncated or corrupt") from None
-            dtype = storage_type.dtype.newbyteorder(self._byteorder)
-            if len(raw) % dtype.itemsize:
-                raise InputFileError(f"{self._path}: storage {entry} has {len(raw)} bytes, not a "
-                                     f"multiple of its {dtype.itemsize}-byte elements")
-            self._storages[key] = _Storage(np.frombuffer(raw, dtype))
-        return self._storages[key]
+            self._storages[key] = _Storage(self._read_storage(key, storage_type.dtype, numel))
+        view = pid[5] if len(pid) == 6 else None
+        if view is None:
+            return self._storages[key]
+        view_key, view_offset, view_size = view
+        elements = self._storages[key].elements
+        return _Storage(None if elements is None
+                        else elements[int(view_offset):int(view_offset) + int(view_size)])
 
     def _rebuild_tensor_v2(self, storage: _Storage, offset: int, size: tuple, stride: tuple,
                            requires_grad: bool = False, backward_hooks: Any = None,
-                           metadata: Any = None) -> np.ndarray:
+                           metadata: Any = None) -> np.ndarray | None:
+        if storage.elements is None:
+            return None
         return _strided_copy(self._path, storage.elements, offset, size, stride)
 
     def _rebuild_tensor_v3(self, storage: _Storage, offset: int, size: tuple, stride: tuple,
                            requires_grad: bool, backward_hooks: Any, dtype: np.dtype,
-                           metadata: Any = None) -> np.ndarray:
+                           metadata: Any = None) -> np.ndarray | None:
         """Tensors of dtypes without a legacy storage class: their storage is untyped bytes."""
         raw = storage.elements
+        if raw is None:
+            return None
         dtype = np.dtype(dtype).newbyteorder(self._byteorder)
-        if raw.dtype != np.uint8 or len(raw) % dtype.itemsize:
+        if raw.dtype.itemsize != 1 or len(raw) % dtype.itemsize:
             raise InputFileError(f"{self._path}: a {dtype} tensor on a storage of "
                                  f"{raw.dtype} x {len(raw)}: not a valid PyTorch file")
         return _strided_copy(self._path, raw.view(dtype), offset, size, stride)
@@ -193,37 +206,91 @@ def _archive_prefix(path: str, archive: zipfile.ZipFile) -> str:
     return pickles[0][:-len("data.pkl")]
 
 
-def _not_a_zip_message(path: str, head: bytes) -> str:
-    if head[:1] == b"\x80":
-        return (f"{path}: a PyTorch file in the legacy format (written by torch < 1.6 or with "
-                f"_use_new_zipfile_serialization=False), which is not supported: re-save it with "
-                f"a current torch (torch.save(torch.load(path, weights_only=True), path))")
-    return f"{path}: not a PyTorch file (no zip archive of torch.save: .pth, .pt or .bin)"
+def _load_zip(path: str) -> Any:
+    """The format of torch.save since torch 1.6: storages are the entries <archive>/data/<key>."""
+    with zipfile.ZipFile(path) as archive:
+        prefix = _archive_prefix(path, archive)
+        byteorder = "little"  # what torch assumes when the record is absent
+        if f"{prefix}byteorder" in archive.namelist():
+            byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+            raise InputFileError(f"{path}: unknown byteorder record {byteorder!r}")
+        order = "<" if byteorder == "little" else ">"
+
+        def read_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+            entry = f"{prefix}data/{key}"
+            try:
+                raw = archive.read(entry)
+            except KeyError:
+                raise InputFileError(f"{path}: storage {entry} is missing: the file is "
+                                     f"truncated or corrupt") from None
+            dtype = dtype.newbyteorder(order)
+            if len(raw) % dtype.itemsize:
+                raise InputFileError(f"{path}: storage {entry} has {len(raw)} bytes, not a "
+                                     f"multiple of its {dtype.itemsize}-byte elements")
+            return np.frombuffer(raw, dtype)
+
+        with archive.open(f"{prefix}data.pkl") as pickled:
+            return _RestrictedUnpickler(pickled, path, read_storage, order).load()
+
+
+def _load_legacy(path: str, file) -> Any:
+    """The format of torch.save before torch 1.6 (pytorch-fid's Inception weights use it): the
+    pickles of a magic number, the protocol version and sys_info, the object, the sorted list of
+    storage keys, then each storage as an int64 element count and its little-endian bytes. The
+    object's pickle is read twice: first to learn each storage's type and size, then, with the
+    storages read, to build the arrays."""
+    header = _RestrictedUnpickler(file, path)
+    if header.load() != _LEGACY_MAGIC or header.load() != _LEGACY_PROTOCOL:
+        raise InputFileError(f"{path}: not a PyTorch file (no torch.save magic number)")
+    sys_info = header.load()
+    if not isinstance(sys_info, dict) or not sys_info.get("little_endian", False):
+        raise InputFileError(f"{path}: a legacy PyTorch file from a big-endian machine, which is "
+                             f"not supported: re-save it with torch >= 1.6")
+    start = file.tell()
+    wanted: dict[str, tuple[np.dtype, int]] = {}
+
+    def record(key: str, dtype: np.dtype, numel: int) -> None:
+        wanted[key] = (dtype, numel)
+
+    _RestrictedUnpickler(file, path, record).load()
+    storages = {}
+    for key in _RestrictedUnpickler(file, path).load():
+        if key not in wanted:
+            raise InputFileError(f"{path}: storage {key!r} is listed but never used: corrupt")
+        dtype, numel = wanted[key]
+        count = int.from_bytes(file.read(8), "little")
+        raw = file.read(numel * dtype.itemsize)
+        if count != numel or len(raw) != numel * dtype.itemsize:
+            raise InputFileError(f"{path}: storage {key!r} should hold {numel} elements but the "
+                                 f"file gives {count} and {len(raw)} bytes: truncated or corrupt")
+        storages[key] = np.frombuffer(raw, dtype.newbyteorder("<"))
+    missing = sorted(set(wanted) - set(storages))
+    if missing:
+        raise InputFileError(f"{path}: storages {missing[:5]} are missing: truncated or corrupt")
+    file.seek(start)
+    return _RestrictedUnpickler(file, path, lambda key, dtype, numel: storages[key]).load()
 
 
 def load(path: str | os.PathLike) -> Any:
     """The object torch.save wrote to `path`, with a numpy array in place of every tensor and
     parameter (contiguous copies in native byte order; views of one storage become independent
-    arrays). Raises UnsafePickleError for a pickle that asks for anything else than tensors and
-    containers, InputFileError for a missing, truncated or malformed file."""
+    arrays). Reads the zip format (torch >= 1.6) and the legacy one. Raises UnsafePickleError
+    for a pickle that asks for anything else than tensors and containers, InputFileError for a
+    missing, truncated or malformed file."""
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputFileError(f"{path}: no such file")
     try:
         with open(path, "rb") as file:
             head = file.read(4)
-    except OSError as error:
-        raise InputFileError(f"{path}: cannot read the file ({error.strerror or error})") from error
-    if head != b"PK\x03\x04":
-        raise InputFileError(_not_a_zip_message(path, head))
-    try:
-        with zipfile.ZipFile(path) as archive:
-            prefix = _archive_prefix(path, archive)
-            byteorder = "little"
-            if f"{prefix}byteorder" in archive.namelist():
-                byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
-            if byteorder not in ("little", "big"):
-                raise InputFileError(f"{path}: unknown byteorder record {byteorder!r}")
-            with archive.open(f"{prefix}data.pkl") as pickled:
-                return _RestrictedUnpickler(pickled, path, archive, prefix, byteorder).load()
+            if head == b"PK\x03\x04":
+                return _load_zip(path)
+            if head[:1] == b"\x80":  # a pickle: the legacy format's magic number
+                file.seek(0)
+                return _load_legacy(path, file)
+            raise InputFileError(f"{path}: not a PyTorch file (neither the zip nor the legacy "
+                                 f"format of torch.save)")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, pickle.UnpicklingError,
             ValueError, TypeError, IndexError, KeyError, AttributeError, OSError) as error:
         if isinstance(error, InputFileError | UnsafePickleError):

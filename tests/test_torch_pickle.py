@@ -174,7 +174,7 @@ def test_truncated_and_garbage_files_name_the_file(saved, tmp_path):
         with pytest.raises(InputFileError) as error:
             torch_pickle.load_state_dict(path)
         assert path in str(error.value) and "\n" not in str(error.value)
-    with pytest.raises(InputFileError, match="cannot read"):
+    with pytest.raises(InputFileError, match="no such file"):
         torch_pickle.load(str(tmp_path / "absent.pth"))
 
 
@@ -189,12 +189,27 @@ def test_missing_or_short_storages_are_refused_not_read_past(saved, tmp_path):
         torch_pickle.load_state_dict(short)
 
 
-def test_the_legacy_format_is_refused_with_how_to_convert(tmp_path):
+def test_the_legacy_format_equals_torch_load_too(tmp_path):
+    """torch.save before 1.6 (and with _use_new_zipfile_serialization=False), the format of
+    pytorch-fid's Inception weights."""
     path = str(tmp_path / "legacy.pth")
-    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(InputFileError, match="legacy format") as error:
-        torch_pickle.load_state_dict(path)
-    assert path in str(error.value)
+    # Without the dtypes that have no legacy storage class (torch cannot read them back).
+    state = {name: tensor for name, tensor in _model_like_state_dict().items()
+             if name not in ("f8", "uint16")}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    with open(path, "rb") as file:
+        assert file.read(2) == b"\x80\x02"  # a pickle, not a zip
+    reference = torch.load(path, weights_only=True)
+    _assert_equal_to_torch(torch_pickle.load_state_dict(path), reference)
+    # Cut inside the storages: refused, naming the file.
+    with open(path, "rb") as file:
+        raw = file.read()
+    cut = str(tmp_path / "cut.pth")
+    with open(cut, "wb") as file:
+        file.write(raw[:-100])
+    with pytest.raises(InputFileError, match="truncated or corrupt") as error:
+        torch_pickle.load_state_dict(cut)
+    assert cut in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,18 +234,26 @@ def _payloads(marker: str) -> dict[str, _Payload]:
     }
 
 
-def _evil_checkpoint(path: str, payload: _Payload) -> None:
-    """A real torch.save file whose data.pkl is swapped for one that holds the payload."""
-    torch.save({"a": torch.ones(3)}, path)
+def _evil_checkpoint(path: str, payload: _Payload, layout: str) -> None:
+    """A torch.save file whose object pickle is swapped for one that holds the payload."""
     evil = pickle.dumps({"a": [1.0, 1.0, 1.0], "payload": payload}, protocol=2)
+    if layout == "legacy":  # the legacy header (magic number, protocol, sys_info), then the pickle
+        header = [0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True,
+                                                 "type_sizes": {"short": 2, "int": 4, "long": 4}}]
+        with open(path, "wb") as file:
+            file.write(b"".join(pickle.dumps(part, protocol=2) for part in header) + evil
+                       + pickle.dumps([], protocol=2))
+        return
+    torch.save({"a": torch.ones(3)}, path)
     _rewrite_zip(path, path + ".evil",
                  lambda name, data: evil if name.endswith("/data.pkl") else data)
     os.replace(path + ".evil", path)
 
 
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
 @pytest.mark.parametrize("global_name", ["posix.system", "builtins.eval",
                                          "subprocess.check_call"])
-def test_pickles_that_would_run_code_are_refused_and_nothing_runs(tmp_path, global_name):
+def test_pickles_that_would_run_code_are_refused_and_nothing_runs(tmp_path, global_name, layout):
     marker = str(tmp_path / "payload_ran")
     payload = _payloads(marker)[global_name]
     # The payload is live: unpickled without restriction it creates the marker.
@@ -239,7 +262,7 @@ def test_pickles_that_would_run_code_are_refused_and_nothing_runs(tmp_path, glob
     os.remove(marker)
 
     path = str(tmp_path / "evil.pth")
-    _evil_checkpoint(path, payload)
+    _evil_checkpoint(path, payload, layout)
     with pytest.raises(UnsafePickleError) as error:
         torch_pickle.load_state_dict(path)
     message = str(error.value)
