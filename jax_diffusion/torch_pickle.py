@@ -66,7 +66,7 @@ class _Storage:
 
 # read_storage(key, element dtype, element count) -> the elements in the file's byte order, or
 # None to only record which storages the pickle names.
-StorageReader = Callable[[str, np.dtype, int], "np.ndarray | None"]
+_StorageReader = Callable[[str, np.dtype, int], "np.ndarray | None"]
 
 
 def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
@@ -81,7 +81,7 @@ def _strided_copy(path: str, elements: np.ndarray, offset: int, size: tuple, str
                   ) -> np.ndarray:
     """A contiguous, native-byte-order copy of the view (offset, size, stride), counted in
     elements, after checking that the view stays inside its storage."""
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    offset, size, stride = int(offset), tuple(int(n) for n in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
         raise InputFileError(f"{path}: malformed tensor record (offset {offset}, size {size}, "
                              f"stride {stride}): not a valid PyTorch file")
@@ -107,7 +107,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only the globals torch writes for tensors and state dicts; the storages named by
     persistent ids come from `read_storage`."""
 
-    def __init__(self, file, path: str, read_storage: StorageReader | None = None,
+    def __init__(self, file, path: str, read_storage: _StorageReader | None = None,
                  byteorder: str = "<"):
         super().__init__(file)
         self._path, self._read_storage, self._byteorder = path, read_storage, byteorder

@@ -391,3 +391,29 @@ def test_convert_weights_writes_an_npz_that_loads(random_weights, tmp_path):
     with np.load(target) as converted:
         assert set(converted.files) == set(random_weights)
         np.testing.assert_array_equal(converted["fc.weight"], random_weights["fc.weight"])
+
+
+def test_convert_weights_reads_a_pth_without_torch(random_weights, tmp_path, capsys):
+    """A .pth written by torch.save converts in a process where `import torch` fails."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from jax_diffusion.evaluation import convert_weights
+    source, target = str(tmp_path / "in.pth"), str(tmp_path / "out.npz")
+    torch.save({name: torch.from_numpy(value) for name, value in random_weights.items()}, source)
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "from jax_diffusion.evaluation import convert_weights\n"
+              "sys.exit(convert_weights.main(sys.argv[1:]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, source, target], cwd=root,
+                          env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with np.load(target) as converted:
+        np.testing.assert_array_equal(converted["Mixed_6b.branch7x7_2.conv.weight"],
+                                      random_weights["Mixed_6b.branch7x7_2.conv.weight"])
+    with pytest.raises(SystemExit) as exit_code:
+        convert_weights.main(["--help"])
+    assert exit_code.value.code == 0 and "source" in capsys.readouterr().out
