@@ -111,10 +111,11 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def fetch(url: str, sha256: str, filename: str, timeout: float = 30.0) -> str:
+def fetch(url: str, sha256: str, filename: str, timeout: float = 10.0) -> str:
     """The local path of `filename` in cache_dir(), downloaded from `url` unless a copy with the
-    SHA-256 `sha256` (64 hex digits) is already there. Raises DownloadError (no file left
-    behind) when the download fails, is cut short or does not match `sha256`."""
+    SHA-256 `sha256` (64 hex digits) is already there. `timeout` bounds the connection set-up
+    and every read, not the whole transfer. Raises DownloadError (no file left behind) when the
+    download fails, is cut short or does not match `sha256`."""
     sha256 = sha256.lower()
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")

@@ -178,6 +178,19 @@ def test_auto_weights_are_fetched_into_the_cache_by_the_url_name(server, cache):
     assert inception.resolve_weights(config) == path and server.requests == ["/weights.pth"]
 
 
+def test_auto_weights_offline_say_what_to_do(cache):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = _eval_config(inception_url=f"http://127.0.0.1:{port}/{inception.WEIGHTS_FILE}")
+    with pytest.raises(DownloadError) as error:
+        inception.resolve_weights(config)
+    message = str(error.value)
+    assert "\n" not in message and config.inception_url in message
+    assert str(cache / inception.WEIGHTS_FILE) in message
+    assert "config.eval.inception_weights" in message
+
+
 def test_weights_paths_and_bad_hashes(tmp_path):
     given = tmp_path / "pt_inception.pth"
     given.write_bytes(b"x")

@@ -28,7 +28,12 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from jax_diffusion import downloads, parallel, torch_pickle
-from jax_diffusion.errors import ConfigError, InceptionWeightsNotFoundError, InputFileError
+from jax_diffusion.errors import (
+    ConfigError,
+    DownloadError,
+    InceptionWeightsNotFoundError,
+    InputFileError,
+)
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -257,7 +262,11 @@ def resolve_weights(eval_config) -> str:
                           f"({WEIGHTS_SHA256} for {WEIGHTS_FILE})")
     url = str(eval_config.inception_url)
     filename = os.path.basename(urllib.parse.urlparse(url).path) or WEIGHTS_FILE
-    return downloads.fetch(url, sha256, filename)
+    try:
+        return downloads.fetch(url, sha256, filename)
+    except DownloadError as error:
+        raise DownloadError(f"FID Inception weights: {error}; or set "
+                            f"config.eval.inception_weights to a local copy") from error
 
 
 def _read_weight_file(path: str) -> dict[str, np.ndarray]:
