@@ -23,6 +23,7 @@ from tqdm import tqdm
 from jax_diffusion.errors import DownloadError
 
 _CHUNK = 1 << 20
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 # path -> (size, mtime_ns) of cached files already hashed by this process.
 _VERIFIED: dict[str, tuple[int, int]] = {}
 
@@ -117,7 +118,7 @@ def fetch(url: str, sha256: str, filename: str, timeout: float = 10.0) -> str:
     and every read, not the whole transfer. Raises DownloadError (no file left behind) when the
     download fails, is cut short or does not match `sha256`."""
     sha256 = sha256.lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+    if not SHA256_PATTERN.fullmatch(sha256):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
     directory = cache_dir()
     path = os.path.join(directory, filename)

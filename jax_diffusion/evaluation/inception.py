@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import urllib.parse
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
@@ -245,7 +245,7 @@ def _missing_weights_message(path: str) -> str:
             f"to its path (the .pth, or an .npz with the same parameter names and shapes)")
 
 
-def resolve_weights(eval_config) -> str:
+def resolve_weights(eval_config: ml_collections.ConfigDict) -> str:
     """The local path of the FID Inception weights named by `eval_config` (config.eval):
     inception_weights="auto" fetches inception_url into the user cache (downloads.cache_dir())
     unless a copy matching inception_sha256 is there; any other value is a path."""
@@ -256,7 +256,7 @@ def resolve_weights(eval_config) -> str:
             raise InceptionWeightsNotFoundError(_missing_weights_message(value))
         return path
     sha256 = str(eval_config.inception_sha256).lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+    if not downloads.SHA256_PATTERN.fullmatch(sha256):
         raise ConfigError(f"config.eval.inception_sha256={eval_config.inception_sha256!r}: "
                           f"needs the 64 hex digits of the weights file's SHA-256 "
                           f"({WEIGHTS_SHA256} for {WEIGHTS_FILE})")
