@@ -21,7 +21,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -36,7 +36,7 @@ _STORAGE_DTYPES = {
     "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
     "BoolStorage": np.bool_, "ComplexFloatStorage": np.complex64,
-    "ComplexDoubleStorage": np.complex128,
+    "ComplexDoubleStorage": np.complex128, "UntypedStorage": np.uint8,
 }
 # torch dtypes named in the pickle (by _rebuild_tensor_v3, which reads an untyped byte storage).
 _TORCH_DTYPES = {
@@ -49,19 +49,11 @@ _TORCH_DTYPES = {
 }
 
 
-class _StorageType:
-    """What `torch.FloatStorage` (etc.) resolves to: only its element type matters."""
-
-    def __init__(self, dtype: Any):
-        self.dtype = np.dtype(dtype)
-
-
-class _Storage:
+class _Storage(NamedTuple):
     """The flat elements of one storage, shared by every tensor that views it; None while the
-    elements are not read yet (the first pass over a legacy file)."""
-
-    def __init__(self, elements: np.ndarray | None):
-        self.elements = elements
+    elements are not read yet (the first pass over a legacy file). Immutable, like every object
+    the pickle gets hold of, so that its BUILD opcode cannot alter it."""
+    elements: np.ndarray | None
 
 
 # read_storage(key, element dtype, element count) -> the elements in the file's byte order, or
@@ -120,16 +112,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
             ("torch", "Size"): tuple,
             ("torch", "device"): str,
-            ("torch.storage", "UntypedStorage"): _StorageType(np.uint8),
+            ("torch.storage", "UntypedStorage"): "UntypedStorage",
             ("builtins", "set"): set,
             ("builtins", "complex"): complex,
             ("builtins", "bytearray"): bytearray,
             ("_codecs", "encode"): _latin1_bytes,  # how protocol 2 pickles a bytes object
         }
-        self._globals.update({("torch", name): _StorageType(dtype)
-                              for name, dtype in _STORAGE_DTYPES.items()})
-        self._globals.update({("torch", name): np.dtype(dtype)
-                              for name, dtype in _TORCH_DTYPES.items()})
+        # Storage types and dtypes resolve to their names: immutable strings, which the pickle's
+        # BUILD opcode cannot alter (numpy's dtype objects are process-wide singletons).
+        self._globals.update({("torch", name): name for name in _STORAGE_DTYPES})
+        self._globals.update({("torch", name): name for name in _TORCH_DTYPES})
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol 2 (torch's) writes Python 2 names: map them back as pickle itself does.
@@ -150,12 +142,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         """('storage', storage type, key, location, numel[, view]) -> the storage; the legacy
         format's optional view (view key, offset, size) is a slice of it."""
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and self._read_storage is not None):
+                and pid[1] in _STORAGE_DTYPES and self._read_storage is not None):
             raise InputFileError(f"{self._path}: unknown persistent record {pid!r:.80}: not a "
                                  f"PyTorch tensor file")
-        storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
+        dtype, key, numel = np.dtype(_STORAGE_DTYPES[pid[1]]), str(pid[2]), int(pid[4])
         if key not in self._storages:
-            self._storages[key] = _Storage(self._read_storage(key, storage_type.dtype, numel))
+            self._storages[key] = _Storage(self._read_storage(key, dtype, numel))
         view = pid[5] if len(pid) == 6 else None
         if view is None:
             return self._storages[key]
@@ -172,13 +164,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _strided_copy(self._path, storage.elements, offset, size, stride)
 
     def _rebuild_tensor_v3(self, storage: _Storage, offset: int, size: tuple, stride: tuple,
-                           requires_grad: bool, backward_hooks: Any, dtype: np.dtype,
+                           requires_grad: bool, backward_hooks: Any, dtype: str,
                            metadata: Any = None) -> np.ndarray | None:
         """Tensors of dtypes without a legacy storage class: their storage is untyped bytes."""
         raw = storage.elements
         if raw is None:
             return None
-        dtype = np.dtype(dtype).newbyteorder(self._byteorder)
+        if dtype not in _TORCH_DTYPES:
+            raise InputFileError(f"{self._path}: unknown tensor dtype {dtype!r:.40}")
+        dtype = np.dtype(_TORCH_DTYPES[dtype]).newbyteorder(self._byteorder)
         if raw.dtype.itemsize != 1 or len(raw) % dtype.itemsize:
             raise InputFileError(f"{self._path}: a {dtype} tensor on a storage of "
                                  f"{raw.dtype} x {len(raw)}: not a valid PyTorch file")

@@ -272,3 +272,19 @@ def test_pickles_that_would_run_code_are_refused_and_nothing_runs(tmp_path, glob
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
     assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("target", [b"ctorch\nfloat32\n", b"ctorch\nFloatStorage\n",
+                                    b"ccollections\nOrderedDict\n"])
+def test_build_cannot_alter_what_the_pickle_gets_hold_of(tmp_path, target):
+    """BUILD (setting an object's state) on a resolved global: numpy's dtypes are process-wide
+    singletons, so they are never handed to the pickle."""
+    path = str(tmp_path / "build.pth")
+    evil = b"\x80\x02" + target + b"}X\x08\x00\x00\x00itemsizeK\x01sb."
+    torch.save({"a": torch.ones(3)}, path)
+    _rewrite_zip(path, path + ".evil",
+                 lambda name, data: evil if name.endswith("/data.pkl") else data)
+    with pytest.raises(InputFileError):
+        torch_pickle.load(path + ".evil")
+    assert np.dtype(np.float32).itemsize == 4
+    np.testing.assert_array_equal(torch_pickle.load_state_dict(path)["a"], [1.0, 1.0, 1.0])
