@@ -61,7 +61,8 @@ def networks(fidelity, tmp_path_factory):
         if name.endswith("bn.running_var"):
             weights[name.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
     path = str(tmp_path_factory.mktemp("inception") / "random_inception.pth")
-    torch.save(weights, path)
+    # The legacy (pre-1.6) format, like pytorch-fid's published file.
+    torch.save(weights, path, _use_new_zipfile_serialization=False)
     module, variables = inception.load_inception(path)  # read without torch
     extractor = fidelity.extractor.FeatureExtractorInceptionV3(
         "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=path)
