@@ -8,9 +8,9 @@ with a max pool. Parameter names follow pytorch-fid's state dict ("Mixed_5b.bran
 read without PyTorch (jax_diffusion.torch_pickle) and, with config.eval.inception_weights="auto",
 fetched on first use into the user cache (jax_diffusion.downloads), verified by its SHA-256.
 
-The input convention is a choice (PREPROCESS_MODES), since it moves FID as much as model changes
-do: "tf1" is the TensorFlow graph the DDPM / DDIM / Improved DDPM papers scored with (and that
-torch-fidelity reproduces), "pytorch_fid" is pytorch-fid's, "clean" is clean-fid's.
+The input convention is a choice (PREPROCESS_MODES) because it moves FID: "tf1" is the
+TensorFlow graph the DDPM / DDIM / Improved DDPM papers scored with (and that torch-fidelity
+reproduces), "pytorch_fid" is pytorch-fid's, "clean" is clean-fid's.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ INPUT_SIZE = 299
 PREPROCESS_MODES = ("tf1", "pytorch_fid", "clean")
 # FID must not depend on the accelerator: TPUs and GPUs otherwise run float32 convs in bf16/tf32.
 _PRECISION = jax.lax.Precision.HIGHEST
-
 
 
 class _BasicConv(nn.Module):
