@@ -76,7 +76,17 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.num_samples = 50000       # FID is biased upwards at small N; the papers use 50k
     evaluation.batch_size = 200          # Inception batch
     evaluation.samples_dir = ""          # "" = generate with config.sample; else read samples_*.npz there
-    evaluation.inception_weights = ""    # pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or .npz
+    # FID Inception weights: "auto" fetches inception_url on first use into the cache
+    # ($JAX_DIFFUSION_CACHE_DIR, else $XDG_CACHE_HOME/jax_diffusion, else ~/.cache/jax_diffusion)
+    # and checks inception_sha256 before use; any other value is a path (.pth / .pt / .bin / .npz).
+    evaluation.inception_weights = "auto"
+    evaluation.inception_url = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
+                                "fid_weights/pt_inception-2015-12-05-6726825d.pth")
+    evaluation.inception_sha256 = (
+        "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2")
+    # Inception input convention; FIDs compare only within one: "tf1" (the papers' TF graph, as
+    # torch-fidelity) | "pytorch_fid" (pytorch-fid) | "clean" (clean-fid).
+    evaluation.inception_preprocess = "tf1"
     evaluation.reference_stats = ""      # "" = computed from the training set, cached in the workdir
     evaluation.nll_examples = 0          # 0 = the whole eval split
     evaluation.nll_batch_size = 64

@@ -14,6 +14,7 @@ from jax_diffusion.evaluation import (InceptionWeightsNotFoundError, expected_we
                                       read_samples)
 from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.parallel import create_mesh
+from random_inception import random_inception_weights
 
 # ---------------------------------------------------------------------------------------------
 # FID
@@ -275,23 +276,7 @@ def _np_preprocess(images_uint8):
 
 @pytest.fixture(scope="module")
 def random_weights():
-    """Fixed random weights with the real names and shapes (pytorch-fid layout), scaled so that
-    activations stay O(1) through all 94 conv layers."""
-    rng = np.random.default_rng(8)
-    weights = {}
-    for name, shape in expected_weight_shapes().items():
-        if name.endswith("conv.weight"):
-            value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-        elif name == "fc.weight":
-            value = rng.normal(size=shape) / np.sqrt(shape[1])
-        elif name.endswith("running_var"):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif name.endswith("bn.weight"):
-            value = rng.uniform(0.8, 1.2, shape)
-        else:  # BatchNorm bias and running mean, fc bias
-            value = rng.normal(size=shape) * 0.1
-        weights[name] = value.astype(np.float32)
-    return weights
+    return random_inception_weights()
 
 
 def test_expected_weights_are_the_pytorch_fid_state_dict():
@@ -308,7 +293,7 @@ def test_preprocess_matches_pytorch_bilinear_resize():
     rng = np.random.default_rng(9)
     for shape in [(1, 320, 410, 1), (2, 17, 40, 3)]:  # down- and up-sampling, grey and RGB
         images = rng.integers(0, 256, shape, dtype=np.uint8)
-        ours = np.asarray(preprocess(images)).transpose(0, 3, 1, 2)
+        ours = np.asarray(preprocess(images, "pytorch_fid")).transpose(0, 3, 1, 2)
         np.testing.assert_allclose(ours, _np_preprocess(images), atol=2e-6)
 
 
@@ -317,7 +302,8 @@ def test_flax_inception_matches_independent_numpy_graph(random_weights, tmp_path
     np.savez(path, **random_weights)
     module, variables = load_inception(str(path))
     images = np.random.default_rng(10).integers(0, 256, (3, 29, 37, 3), dtype=np.uint8)
-    pool, logits = inception_features(module, variables, images, batch_size=2)  # padded batch
+    pool, logits = inception_features(module, variables, images, batch_size=2,  # padded batch
+                                      preprocess="pytorch_fid")
     reference_weights = {k: v.astype(np.float64) for k, v in random_weights.items()}
     ref_pool, ref_logits = _np_fid_inception(reference_weights, _np_preprocess(images))
     assert pool.shape == (3, 2048) and logits.shape == (3, 1008)
@@ -327,7 +313,8 @@ def test_flax_inception_matches_independent_numpy_graph(random_weights, tmp_path
     # The logits leave out fc.bias (torch-fidelity's logits_unbiased).
     assert np.max(np.abs(logits - ref_logits - random_weights["fc.bias"])) > 1e-2
     # Split over the 8 (forced CPU) devices: the same numbers.
-    sharded = inception_features(module, variables, images, batch_size=2, mesh=create_mesh())
+    sharded = inception_features(module, variables, images, batch_size=2, mesh=create_mesh(),
+                                 preprocess="pytorch_fid")
     for ours, split in zip((pool, logits), sharded):
         np.testing.assert_allclose(split, ours, rtol=1e-5, atol=1e-5 * np.max(np.abs(ours)))
 
@@ -399,7 +386,33 @@ def test_convert_weights_writes_an_npz_that_loads(random_weights, tmp_path):
     from jax_diffusion.evaluation import convert_weights
     source, target = str(tmp_path / "in.npz"), str(tmp_path / "out.npz")
     np.savez(source, **random_weights, **{"Mixed_5b.branch1x1.bn.num_batches_tracked": np.int64(7)})
-    assert convert_weights.main(["convert_weights", source, target]) == 0
+    assert convert_weights.main([source, target]) == 0
     with np.load(target) as converted:
         assert set(converted.files) == set(random_weights)
         np.testing.assert_array_equal(converted["fc.weight"], random_weights["fc.weight"])
+
+
+def test_convert_weights_reads_a_pth_without_torch(random_weights, tmp_path, capsys):
+    """A .pth written by torch.save converts in a process where `import torch` fails."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from jax_diffusion.evaluation import convert_weights
+    source, target = str(tmp_path / "in.pth"), str(tmp_path / "out.npz")
+    torch.save({name: torch.from_numpy(value) for name, value in random_weights.items()}, source)
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "from jax_diffusion.evaluation import convert_weights\n"
+              "sys.exit(convert_weights.main(sys.argv[1:]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, source, target], cwd=root,
+                          env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with np.load(target) as converted:
+        np.testing.assert_array_equal(converted["Mixed_6b.branch7x7_2.conv.weight"],
+                                      random_weights["Mixed_6b.branch7x7_2.conv.weight"])
+    with pytest.raises(SystemExit) as exit_code:
+        convert_weights.main(["--help"])
+    assert exit_code.value.code == 0 and "source" in capsys.readouterr().out

@@ -4,33 +4,46 @@ The network is the 2015 TensorFlow Inception graph behind the standard FID numbe
 to PyTorch by pytorch-fid: torchvision's Inception-v3 with its FIDInceptionA/C/E blocks, whose
 3x3 average pools exclude the padding (TF's behaviour) and whose last block (Mixed_7c) pools
 with a max pool. Parameter names follow pytorch-fid's state dict ("Mixed_5b.branch1x1.conv.weight",
-"fc.bias", ...), so its pt_inception-2015-12-05-6726825d.pth maps 1:1 onto the module.
+"fc.bias", ...), so its pt_inception-2015-12-05-6726825d.pth maps 1:1 onto the module. That file is
+read without PyTorch (jax_diffusion.torch_pickle) and, with config.eval.inception_weights="auto",
+fetched on first use into the user cache (jax_diffusion.downloads), verified by its SHA-256.
+
+The input convention is a choice (PREPROCESS_MODES) because it moves FID: "tf1" is the
+TensorFlow graph the DDPM / DDIM / Improved DDPM papers scored with (and that torch-fidelity
+reproduces), "pytorch_fid" is pytorch-fid's, "clean" is clean-fid's.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+import urllib.parse
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from jax_diffusion import parallel
+from jax_diffusion import downloads, parallel, torch_pickle
+from jax_diffusion.errors import (
+    ConfigError,
+    DownloadError,
+    InceptionWeightsNotFoundError,
+    InputFileError,
+)
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                + WEIGHTS_FILE)
+# SHA-256 of WEIGHTS_FILE (its name carries the first 8 hex digits).
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INPUT_SIZE = 299
+PREPROCESS_MODES = ("tf1", "pytorch_fid", "clean")
 # FID must not depend on the accelerator: TPUs and GPUs otherwise run float32 convs in bf16/tf32.
 _PRECISION = jax.lax.Precision.HIGHEST
-
-
-class InceptionWeightsNotFoundError(FileNotFoundError):
-    """The FID Inception weights file is absent."""
 
 
 class _BasicConv(nn.Module):
@@ -225,34 +238,46 @@ def expected_weight_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def _missing_weights_message(path: str) -> str:
-    return (f"FID Inception weights not found at {path!r}. Download {WEIGHTS_FILE} (the weights "
-            f"pytorch-fid and torch-fidelity use) from {WEIGHTS_URL} on a connected machine and "
-            f"set config.eval.inception_weights to its path (the .pth itself, read with PyTorch, "
-            f"or an .npz holding the same parameter names and shapes).")
+    return (f"FID Inception weights not found at {path!r}: set config.eval.inception_weights="
+            f"auto to fetch {WEIGHTS_FILE} (the weights pytorch-fid and torch-fidelity use) on "
+            f"first use, or download it from {WEIGHTS_URL} and set config.eval.inception_weights "
+            f"to its path (the .pth, or an .npz with the same parameter names and shapes)")
+
+
+def resolve_weights(eval_config: ml_collections.ConfigDict) -> str:
+    """The local path of the FID Inception weights named by `eval_config` (config.eval):
+    inception_weights="auto" fetches inception_url into the user cache (downloads.cache_dir())
+    unless a copy matching inception_sha256 is there; any other value is a path."""
+    value = str(eval_config.inception_weights)
+    if value != "auto":
+        path = os.path.expanduser(value)
+        if not value or not os.path.isfile(path):
+            raise InceptionWeightsNotFoundError(_missing_weights_message(value))
+        return path
+    sha256 = str(eval_config.inception_sha256).lower()
+    if not downloads.SHA256_PATTERN.fullmatch(sha256):
+        raise ConfigError(f"config.eval.inception_sha256={eval_config.inception_sha256!r}: "
+                          f"needs the 64 hex digits of the weights file's SHA-256 "
+                          f"({WEIGHTS_SHA256} for {WEIGHTS_FILE})")
+    url = str(eval_config.inception_url)
+    filename = os.path.basename(urllib.parse.urlparse(url).path) or WEIGHTS_FILE
+    try:
+        return downloads.fetch(url, sha256, filename)
+    except DownloadError as error:
+        raise DownloadError(f"FID Inception weights: {error}; or set "
+                            f"config.eval.inception_weights to a local copy") from error
 
 
 def _read_weight_file(path: str) -> dict[str, np.ndarray]:
+    """{name: array} of an .npz or of a PyTorch state dict (.pth/.pt/.bin, read without torch)."""
     if path.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as file:
                 return {name: file[name] for name in file.files}
         except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: not a readable .npz file of FID Inception weights "
-                             f"({error})") from error
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(f"Reading {path} (a PyTorch state dict) needs PyTorch; install torch, "
-                          f"or convert the file elsewhere to an .npz of the same parameter "
-                          f"names (numpy.savez(out, **{{k: v.numpy() for k, v in "
-                          f"torch.load(path).items()}}))") from error
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or non-torch files
-        raise ValueError(f"{path}: not a readable PyTorch state dict ({error})") from error
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return {name: tensor.detach().numpy() for name, tensor in state.items()}
+            raise InputFileError(f"{path}: not a readable .npz file of FID Inception weights "
+                                 f"({error})") from error
+    return torch_pickle.load_state_dict(path)
 
 
 def load_inception(path: str) -> tuple[FIDInceptionV3, dict]:
@@ -268,73 +293,150 @@ def load_inception(path: str) -> tuple[FIDInceptionV3, dict]:
     unexpected = sorted(name for name in set(found) - set(expected)
                         if not name.endswith("num_batches_tracked"))
     if missing or unexpected:
-        raise ValueError(f"{path} is not the FID Inception-v3 ({WEIGHTS_FILE}): "
-                         f"{len(missing)} parameters missing {missing[:5]}, "
-                         f"{len(unexpected)} unexpected {unexpected[:5]}")
+        raise InputFileError(f"{path} is not the FID Inception-v3 ({WEIGHTS_FILE}): "
+                             f"{len(missing)} parameters missing {missing[:5]}, "
+                             f"{len(unexpected)} unexpected {unexpected[:5]}")
     flat = {}
     for flax_path in _flax_shapes():
         name = _torch_name(flax_path)
         array = np.asarray(found[name])
         if array.shape != expected[name]:
-            raise ValueError(f"{path}: parameter {name} has shape {array.shape}, expected "
-                             f"{expected[name]}")
+            raise InputFileError(f"{path}: parameter {name} has shape {array.shape}, expected "
+                                 f"{expected[name]}")
         if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
-            raise ValueError(f"{path}: parameter {name} must be finite floats, got "
-                             f"{array.dtype}")
+            raise InputFileError(f"{path}: parameter {name} must be finite floats, got "
+                                 f"{array.dtype}")
         flat[flax_path] = jnp.asarray(_to_flax_layout(array), jnp.float32)
     return FIDInceptionV3(), traverse_util.unflatten_dict(flat)
 
 
-def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] weights of PyTorch's bilinear resize with align_corners=False and no
-    antialiasing: output pixel i samples the input at max((i + 1/2) in/out - 1/2, 0), clamped to
-    the last pixel. Positions are computed in float64 here, so the resize is exact to float32
-    round-off (jax.image.resize computes them in float32: up to 6e-5 off on [-1, 1] at 299)."""
-    src = np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0.0)
+# Resize matrices [out, in], applied as two matrix products in float32 at HIGHEST precision.
+
+
+def _linear_matrix(src: np.ndarray, in_size: int) -> np.ndarray:
+    """Linear interpolation at source positions `src` (>= 0), the upper neighbour clamped to the
+    last pixel."""
     lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
     frac = src - lo
+    matrix = np.zeros((len(src), in_size))
+    np.add.at(matrix, (np.arange(len(src)), lo), 1.0 - frac)
+    np.add.at(matrix, (np.arange(len(src)), hi), frac)
+    return matrix
+
+
+def _tf1_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """TF1's ResizeBilinear (align_corners=False, no half-pixel centres), the resize inside the
+    2015 Inception graph: output pixel i samples the input at i * in/out, a position TF computes
+    in float32 (as torch-fidelity does); float64 would move outputs by up to 3e-6 at 32 -> 299."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.arange(out_size, dtype=np.float32) * scale
+    return _linear_matrix(src.astype(np.float64), in_size)
+
+
+def _half_pixel_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """PyTorch's F.interpolate(mode="bilinear", align_corners=False), no antialiasing: output
+    pixel i samples the input at max((i + 1/2) in/out - 1/2, 0)."""
+    return _linear_matrix(np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0.0),
+                          in_size)
+
+
+def _pil_bicubic_weight(x: np.ndarray) -> np.ndarray:
+    """Pillow's bicubic kernel (Keys, a = -0.5), support 2."""
+    a, x = -0.5, np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Pillow's Image.resize(resample=BICUBIC) on a float ("F") image, as clean-fid calls it:
+    pixel centres at (i + 1/2) in/out, the kernel stretched by in/out when shrinking
+    (antialiasing), taps outside the image dropped and the rest renormalized to sum to 1."""
+    scale = in_size / out_size
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
     matrix = np.zeros((out_size, in_size))
-    np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
-    np.add.at(matrix, (np.arange(out_size), hi), frac)
-    return matrix.astype(np.float32)
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        stop = min(int(centre + support + 0.5), in_size)
+        taps = np.arange(first, stop)
+        weights = _pil_bicubic_weight((taps - centre + 0.5) / stretch)
+        matrix[i, first:stop] = weights / weights.sum()
+    return matrix
 
 
-def preprocess(images_uint8: jax.Array) -> jax.Array:
-    """uint8 [N, H, W, C] (C = 1 or 3) -> float32 [N, 299, 299, 3] in [-1, 1], as pytorch-fid:
-    x / 255, bilinear resize to 299 (F.interpolate(align_corners=False), no antialiasing),
-    then 2x - 1. Grey images are repeated to RGB."""
-    x = jnp.asarray(images_uint8).astype(jnp.float32) / 255.0
+_RESIZE_MATRICES = {"tf1": _tf1_bilinear_matrix, "pytorch_fid": _half_pixel_bilinear_matrix,
+                    "clean": _pil_bicubic_matrix}
+
+
+def _resize(x: jax.Array, mode: str) -> jax.Array:
+    """[N, H, W, C] -> [N, 299, 299, C] with the mode's resize, as two matrix products."""
+    rows = _RESIZE_MATRICES[mode](x.shape[1], INPUT_SIZE).astype(np.float32)
+    cols = _RESIZE_MATRICES[mode](x.shape[2], INPUT_SIZE).astype(np.float32)
+    x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=_PRECISION)
+    return jnp.einsum("pw,nowc->nopc", cols, x, precision=_PRECISION)
+
+
+def check_preprocess_mode(mode: str) -> None:
+    if mode not in PREPROCESS_MODES:
+        raise ConfigError(f"config.eval.inception_preprocess={mode!r}: allowed are "
+                          f"{', '.join(PREPROCESS_MODES)} (tf1 = the papers' TensorFlow FID)")
+
+
+def preprocess(images_uint8: jax.Array, mode: str) -> jax.Array:
+    """uint8 [N, H, W, C] (C = 1 or 3; grey is repeated to RGB) -> the network's float32
+    [N, 299, 299, 3] input, by the convention `mode`:
+
+      tf1          TF1 bilinear resize (source = i * in/out) of the pixel values, then
+                   (x - 128) / 128: the TF Inception graph of the papers' FIDs, torch-fidelity
+      pytorch_fid  x / 255, F.interpolate's half-pixel bilinear resize, then 2x - 1
+      clean        clean-fid: Pillow's antialiased bicubic resize of each channel as float,
+                   clipped to [0, 255], then (x - 128) / 128
+    """
+    check_preprocess_mode(mode)
+    x = jnp.asarray(images_uint8).astype(jnp.float32)
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
-    rows = _bilinear_matrix(x.shape[1], INPUT_SIZE)
-    cols = _bilinear_matrix(x.shape[2], INPUT_SIZE)
-    x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=_PRECISION)
-    x = jnp.einsum("pw,nowc->nopc", cols, x, precision=_PRECISION)
-    return 2.0 * x - 1.0
+    if mode == "pytorch_fid":
+        return 2.0 * _resize(x / 255.0, mode) - 1.0
+    x = _resize(x, mode)
+    if mode == "clean":
+        x = jnp.clip(x, 0.0, 255.0)
+    return (x - 128.0) / 128.0
+
+
+# Preprocessing and the network are compiled apart: one compilation of the network then serves
+# every input size and preprocessing mode.
+_preprocess_jit = jax.jit(preprocess, static_argnames="mode")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _features(module: FIDInceptionV3, variables: dict,
-              images_uint8: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return module.apply(variables, preprocess(images_uint8))
+def _network(module: FIDInceptionV3, variables: dict, x: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+    return module.apply(variables, x)
 
 
 def inception_features(module: FIDInceptionV3, variables: dict, images_uint8: np.ndarray,
-                       batch_size: int = 200,
-                       mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       batch_size: int = 200, mesh: Mesh | None = None,
+                       preprocess: str = "tf1") -> tuple[np.ndarray, np.ndarray]:
     """(pool features [N, 2048], logits without the fc bias [N, 1008]) as float32 numpy, for
-    uint8 NHWC images of any size. Batches are padded to `batch_size` so one compilation serves
-    all of them. With a `mesh` (of this process's devices, e.g.
+    uint8 NHWC images of any size, preprocessed by the convention `preprocess` (one of
+    PREPROCESS_MODES; "tf1" matches the papers). Batches are padded to `batch_size` so one
+    compilation serves all of them. With a `mesh` (of this process's devices, e.g.
     parallel.create_mesh(jax.local_devices())) each batch is split over its devices, the batch
     size rounded up to a multiple of the device count."""
+    check_preprocess_mode(preprocess)
     images_uint8 = np.asarray(images_uint8)
     if (images_uint8.dtype != np.uint8 or images_uint8.ndim != 4
             or images_uint8.shape[-1] not in (1, 3)):
-        raise ValueError(f"inception_features needs uint8 [N, H, W, 1 or 3] images, got "
-                         f"{images_uint8.dtype} {images_uint8.shape}")
+        raise InputFileError(f"inception_features needs uint8 [N, H, W, 1 or 3] images, got "
+                             f"{images_uint8.dtype} {images_uint8.shape}")
     mesh = parallel.create_mesh(jax.local_devices()[:1]) if mesh is None else mesh
     batch_size = parallel.round_up_to_devices(max(1, min(batch_size, len(images_uint8))), mesh)
     variables = parallel.replicate(variables, mesh)
-    return parallel.map_batches(lambda i, batch: _features(module, variables, batch),
-                                (images_uint8,), batch_size, mesh)
+    mode = preprocess
+    return parallel.map_batches(
+        lambda i, batch: _network(module, variables, _preprocess_jit(batch, mode=mode)),
+        (images_uint8,), batch_size, mesh)
