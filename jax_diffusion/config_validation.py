@@ -165,7 +165,10 @@ def _npz_keys(path: str, key: str) -> set[str]:
 
 
 def _check_eval(config: ml_collections.ConfigDict, mode: str) -> None:
+    from jax_diffusion import downloads
+    from jax_diffusion.evaluation import inception
     from jax_diffusion.evaluation.inception import WEIGHTS_FILE
+    from jax_diffusion.evaluation.reference_stats import PREPROCESS_KEY
     from jax_diffusion.evaluation.run import INCEPTION_METRICS, METRICS, SAMPLE_METRICS
     evaluation = config.eval
     metrics = comma_list(evaluation.metrics, "config.eval.metrics", METRICS)
@@ -187,8 +190,20 @@ def _check_eval(config: ml_collections.ConfigDict, mode: str) -> None:
         _require(os.path.isdir(evaluation.samples_dir), "eval.samples_dir",
                  evaluation.samples_dir, "is not a directory; write samples there with "
                  "--mode=sample or leave it empty to sample on the fly")
+    inception.check_preprocess_mode(evaluation.inception_preprocess)
+    _require(downloads.SHA256_PATTERN.fullmatch(str(evaluation.inception_sha256).lower()),
+             "eval.inception_sha256", evaluation.inception_sha256,
+             "must be the 64 hex digits of the weights file's SHA-256")
     if evaluation.reference_stats and {"fid", "kid"} & inception_metrics:
         keys = _npz_keys(evaluation.reference_stats, "eval.reference_stats")
+        if PREPROCESS_KEY in keys:
+            with np.load(evaluation.reference_stats, allow_pickle=False) as file:
+                recorded = str(file[PREPROCESS_KEY])
+            _require(recorded == evaluation.inception_preprocess, "eval.reference_stats",
+                     evaluation.reference_stats,
+                     f"was computed with inception_preprocess={recorded!r}, but "
+                     f"config.eval.inception_preprocess={evaluation.inception_preprocess!r}: "
+                     f"statistics of different conventions are not comparable")
         _require({"mu", "sigma"} <= keys, "eval.reference_stats", evaluation.reference_stats,
                  f"needs arrays 'mu' and 'sigma' (it holds {sorted(keys)})")
         _require("kid" not in metrics or "features" in keys, "eval.reference_stats",

@@ -128,3 +128,19 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(monkeypatch, cap
     monkeypatch.setattr(cli, "mode_function", lambda mode: user_error)
     assert cli.run("bench", config, str(tmp_path)) == 1
     assert capsys.readouterr().err == "error: the checkpoint is missing second line\n"
+
+
+def test_reference_stats_of_another_fid_convention_are_refused(tmp_path):
+    """Statistics computed with one Inception input convention are never used with another."""
+    from jax_diffusion.config_validation import validate_config
+    stats = str(tmp_path / "stats.npz")
+    np.savez(stats, mu=np.zeros(4), sigma=np.eye(4), features=np.zeros((3, 4)),
+             inception_preprocess=np.asarray("pytorch_fid"))
+    config = load_config_file(os.path.join(ROOT, "configs", "cifar10.py"))
+    config.eval.reference_stats = stats
+    config.eval.inception_weights = stats  # any existing file: only the statistics matter here
+    config.eval.inception_preprocess = "pytorch_fid"
+    validate_config(config, "eval", str(tmp_path / "w"))
+    config.eval.inception_preprocess = "tf1"
+    with pytest.raises(ConfigError, match="inception_preprocess='pytorch_fid'.*not comparable"):
+        validate_config(config, "eval", str(tmp_path / "w"))

@@ -99,7 +99,16 @@ def test_all_five_metrics_in_one_run_share_samples_and_features(checkpoint, feat
     assert records["fid"]["values"]["fid"] > 0 and records["is"]["values"]["is"] >= 1.0
     assert 0.0 <= records["digits"]["values"]["accuracy"] <= 1.0
     assert records["nll"]["num_examples"] == 8 and records["nll"]["values"]["bpd"] > 0
-    assert os.path.exists(os.path.join(checkpoint, "reference_stats_digits.npz"))
+    assert records["fid"]["inception_preprocess"] == "tf1"
+    assert os.path.exists(os.path.join(checkpoint, "reference_stats_digits_tf1.npz"))
+
+    # Another Inception input convention never reuses these statistics: its own cache file.
+    config = _config("fid")
+    config.eval.inception_preprocess = "pytorch_fid"
+    run.run_eval(config, checkpoint)
+    assert features.calls == 4  # its samples and its own reference set
+    assert os.path.exists(os.path.join(checkpoint, "reference_stats_digits_pytorch_fid.npz"))
+    assert _records(checkpoint, ["fid"])["fid"]["inception_preprocess"] == "pytorch_fid"
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -239,11 +240,28 @@ def test_eval_writes_digits_and_nll_json(sampled):
     assert nll["num_examples"] == 8 and 0.0 < nll["values"]["bpd"] < 20.0
 
 
-def test_eval_without_inception_weights_names_the_file(sampled):
-    """FID asked for with no weights file: one line naming the file to get and the key."""
-    line = error_line(run_main(sampled["workdir"], "--mode=eval", eval__metrics="fid"))
+def test_eval_without_inception_weights_names_the_file(sampled, tmp_path):
+    """FID asked for with a weights path that does not exist: one line naming the file to get
+    and the key. Offline with inception_weights=auto (the download server down): one line naming
+    the URL, and nothing left in the cache."""
+    missing = str(tmp_path / "missing.pth")
+    line = error_line(run_main(sampled["workdir"], "--mode=eval", eval__metrics="fid",
+                               eval__inception_weights=missing))
     assert "pt_inception-2015-12-05-6726825d.pth" in line
-    assert "config.eval.inception_weights" in line
+    assert "config.eval.inception_weights" in line and missing in line
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/pt_inception-2015-12-05-6726825d.pth"
+    cache = tmp_path / "cache"
+    result = subprocess.run(command(sampled["workdir"], "--mode=eval", eval__metrics="fid",
+                                    eval__inception_url=url),
+                            env={**ENV, "JAX_DIFFUSION_CACHE_DIR": str(cache)}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    line = error_line(result)
+    assert url in line
+    assert not any(cache.rglob("*.pth*"))
 
 
 # ------------------------------------------------------------------ one-line errors

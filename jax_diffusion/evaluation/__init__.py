@@ -19,8 +19,9 @@ from jax_diffusion.evaluation.metrics import (feature_statistics, frechet_distan
                                               kernel_inception_distance)
 from jax_diffusion.evaluation.samples import read_samples
 
-_INCEPTION_NAMES = ("FIDInceptionV3", "InceptionWeightsNotFoundError", "expected_weight_shapes",
-                    "inception_features", "load_inception", "preprocess")
+_INCEPTION_NAMES = ("FIDInceptionV3", "InceptionWeightsNotFoundError", "PREPROCESS_MODES",
+                    "expected_weight_shapes", "inception_features", "load_inception",
+                    "preprocess", "resolve_weights")
 
 __all__ = ["feature_statistics", "frechet_distance", "inception_score",
            "kernel_inception_distance", "read_samples", *_INCEPTION_NAMES]

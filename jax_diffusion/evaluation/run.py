@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jax_diffusion import data, parallel, sampling
 from jax_diffusion.config_files import comma_list
@@ -37,11 +38,20 @@ FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def inception_feature_fn(config: ml_collections.ConfigDict, mesh) -> FeatureFn:
-    """uint8 images -> (pool [N, 2048], logits [N, 1008]) of the FID Inception-v3 with the
-    weights in config.eval.inception_weights, batch-sharded over `mesh`."""
-    module, variables = inception.load_inception(config.eval.inception_weights)
+    """uint8 images -> (pool [N, 2048], logits [N, 1008]) of the FID Inception-v3, batch-sharded
+    over `mesh`, preprocessed by config.eval.inception_preprocess. The weights are
+    config.eval.inception_weights, fetched into the user cache first when that is "auto" (by
+    process 0 alone; the others wait and read its copy from the shared cache or fetch their own)."""
+    if jax.process_index() == 0:
+        path = inception.resolve_weights(config.eval)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("FID Inception weights fetched")
+    if jax.process_index() > 0:
+        path = inception.resolve_weights(config.eval)
+    module, variables = inception.load_inception(path)
     return functools.partial(inception.inception_features, module, variables,
-                             batch_size=config.eval.batch_size, mesh=mesh)
+                             batch_size=config.eval.batch_size, mesh=mesh,
+                             preprocess=config.eval.inception_preprocess)
 
 
 class EvalContext:
@@ -83,6 +93,13 @@ class EvalContext:
         images, _, source = self.samples
         return dict(self.record, num_samples=int(len(images)), **source)
 
+    @property
+    def inception_record(self) -> dict:
+        """sample_record and the FID input convention: numbers of different conventions are not
+        comparable."""
+        return dict(self.sample_record,
+                    inception_preprocess=self.config.eval.inception_preprocess)
+
     @functools.cached_property
     def inception(self) -> FeatureFn:
         return inception_feature_fn(self.config, self.mesh)
@@ -101,18 +118,18 @@ def fid(ctx: EvalContext) -> dict:
     pool, _ = ctx.sample_features
     ref = ctx.reference
     value = metrics.frechet_distance(*metrics.feature_statistics(pool), ref["mu"], ref["sigma"])
-    return dict(ctx.sample_record, values={"fid": value})
+    return dict(ctx.inception_record, values={"fid": value})
 
 
 def inception_score(ctx: EvalContext) -> dict:
     mean, std = metrics.inception_score(ctx.sample_features[1])
-    return dict(ctx.sample_record, values={"is": mean, "is_std": std})
+    return dict(ctx.inception_record, values={"is": mean, "is_std": std})
 
 
 def kid(ctx: EvalContext) -> dict:
     mean, std = metrics.kernel_inception_distance(ctx.sample_features[0],
                                                   ctx.reference["features"])
-    return dict(ctx.sample_record, values={"kid": mean, "kid_std": std})
+    return dict(ctx.inception_record, values={"kid": mean, "kid_std": std})
 
 
 def digits_quality(ctx: EvalContext) -> dict:
