@@ -111,9 +111,10 @@ def initialize(dist: ml_collections.ConfigDict,
                                        heartbeat_timeout_seconds=dist.heartbeat_timeout)
     except Exception as e:  # noqa: BLE001  (jaxlib raises XlaRuntimeError / RuntimeError)
         where = dist.coordinator_address or f"the {cluster} cluster's coordinator"
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DistributedSetupError(
             f"could not join the other processes through {where} within "
-            f"{dist.initialization_timeout} s ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-            f"start every process with the same coordinator_address and num_processes and a "
-            f"distinct process_id, and check that process 0 is running and the port is open") from None
+            f"{dist.initialization_timeout} s ({cause}); start every process with the same "
+            f"coordinator_address and num_processes and a distinct process_id, and check that "
+            f"process 0 is running and the port is open") from None
     return True

@@ -1,15 +1,15 @@
 """Analytic FLOP count of the U-Net (models/unet.py), per image; a multiply-add counts as 2 FLOPs.
 
 Counts convolutions, dense layers and the two attention matmuls, which are >98% of the work; the
-elementwise ops (GroupNorm, SiLU, residual adds, softmax) are left out. Convolutions are counted dense
-(all k x k taps, as the hardware computes them); XLA's cost analysis skips the taps that fall on zero
-padding, so it reports ~6.5% less for the 32x32 CIFAR-10 models.
+elementwise ops (GroupNorm, SiLU, residual adds, softmax) are left out. Convolutions are counted
+dense (all k x k taps, as the hardware computes them); XLA's cost analysis skips the taps that
+fall on zero padding, so it reports ~6.5% less for the 32x32 CIFAR-10 models.
 
 The nominal count is the architecture's, as published (DDPM CIFAR-10: 12.4 GFLOPs): each upsampling
 convolution is a 3x3 convolution of the upsampled map. The model computes those as sub-pixel
 convolutions of the map before upsampling (models/upsample_conv.py), 4/9 of the multiply-adds;
-`as_computed=True` counts them that way, which is what XLA's cost analysis sees. MFU uses the nominal
-count, the usual "model FLOPs" convention, so on the DDPM model it credits the 7% saved.
+`as_computed=True` counts them that way, which is what XLA's cost analysis sees. MFU uses the
+nominal count, the usual "model FLOPs" convention, so on the DDPM model it credits the 7% saved.
 """
 import ml_collections
 
@@ -48,7 +48,8 @@ def unet_forward_flops(model_config: ml_collections.ConfigDict, image_size: int,
     out_channels = channels * (2 if m.learn_sigma else 1)
 
     def res(pixels, c_in, c_out, upsample_conv1=False):
-        return _res_block(pixels, c_in, c_out, emb_dim, m.use_scale_shift_norm, upsample_conv1, as_computed)
+        return _res_block(pixels, c_in, c_out, emb_dim, m.use_scale_shift_norm, upsample_conv1,
+                          as_computed)
 
     def attn(size, c):
         return _attention(size * size, c) if size in m.attention_resolutions else 0
@@ -82,7 +83,8 @@ def unet_forward_flops(model_config: ml_collections.ConfigDict, image_size: int,
 
     for level, mult in reversed(list(enumerate(m.ch_mult))):
         for _ in range(m.num_res_blocks + 1):
-            flops += res(size * size, c + skip_channels.pop(), m.ch * mult) + attn(size, m.ch * mult)
+            flops += (res(size * size, c + skip_channels.pop(), m.ch * mult)
+                      + attn(size, m.ch * mult))
             c = m.ch * mult
         if level != 0:
             size *= 2
@@ -93,5 +95,6 @@ def unet_forward_flops(model_config: ml_collections.ConfigDict, image_size: int,
 
 def train_flops_per_image(model_config: ml_collections.ConfigDict, image_size: int, channels: int,
                           as_computed: bool = False) -> int:
-    """Training FLOPs per image: forward + backward ~= 3 x forward (backward = two matmuls per forward one)."""
+    """Training FLOPs per image: forward + backward ~= 3 x forward (the backward pass does two
+    matmuls per forward one)."""
     return 3 * unet_forward_flops(model_config, image_size, channels, as_computed)

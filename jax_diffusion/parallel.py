@@ -85,7 +85,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_global_array(array: np.ndarray, mesh: Mesh) -> jax.Array:
     """A batch-sharded global array from a host array that every process holds whole (labels to
     sample, images to score): each process places only its own devices' rows."""
-    return jax.make_array_from_callback(array.shape, batch_sharded(mesh), lambda index: array[index])
+    return jax.make_array_from_callback(array.shape, batch_sharded(mesh),
+                                        lambda index: array[index])
 
 
 def global_batch(local: Any, mesh: Mesh, leading_axes: int = 0) -> Any:
@@ -96,7 +97,8 @@ def global_batch(local: Any, mesh: Mesh, leading_axes: int = 0) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-    """Fetch a (possibly sharded over several processes) pytree as numpy arrays, on every process."""
+    """Fetch a (possibly sharded over several processes) pytree as numpy arrays, on every
+    process."""
     def fetch(x):
         if x.is_fully_addressable:
             return np.asarray(x)

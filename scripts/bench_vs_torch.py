@@ -30,7 +30,8 @@ PRECISIONS = ("float32", "bfloat16")
 METRICS = ("train_img_per_s", "fwd_img_per_s")
 TRAIN_BATCH, FWD_BATCH = 8, 16
 # One CPU device per core for the split forward run, as many as divide the forward batch.
-CPU_DEVICES = max(d for d in range(1, min(os.cpu_count() or 1, FWD_BATCH) + 1) if FWD_BATCH % d == 0)
+CPU_DEVICES = max(d for d in range(1, min(os.cpu_count() or 1, FWD_BATCH) + 1)
+                  if FWD_BATCH % d == 0)
 
 
 def log(message: str) -> None:

@@ -34,7 +34,8 @@ def main() -> None:
     with open(os.path.join(WORKDIR, "eval_digits.json")) as f:
         scores = json.load(f)
     print(f"\ndemo done in {time.time() - times['start']:.0f} s (train "
-          f"{times['train'] - times['start']:.0f} s, sample {times['sample'] - times['train']:.0f} s)")
+          f"{times['train'] - times['start']:.0f} s, "
+          f"sample {times['sample'] - times['train']:.0f} s)")
     print(f"  {scores['num_samples']} samples: {samples_dir}/samples_0.npz")
     print(f"  grid (row = digit 0..9):  {WORKDIR}/samples_grid.png")
     print(f"  classifier accuracy on the samples' labels: {scores['values']['accuracy']:.3f}; "

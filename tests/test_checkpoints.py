@@ -76,7 +76,8 @@ def test_root_cause_is_the_innermost_first_line():
         except ValueError as inner:
             raise Exception("Encountered error while reading array index") from inner
     except Exception as outer:
-        assert checkpoints._root_cause(outer) == 'ValueError: OUT_OF_RANGE: Error reading "conv.kernel"'
+        assert (checkpoints._root_cause(outer)
+                == 'ValueError: OUT_OF_RANGE: Error reading "conv.kernel"')
     cyclic = RuntimeError("a")
     cyclic.__context__ = KeyError("b")
     cyclic.__context__.__context__ = cyclic

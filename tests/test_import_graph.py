@@ -28,7 +28,9 @@ def _imports(path: str, modules: dict[str, str]) -> set[str]:
     """The package modules that the file at `path` imports (`from pkg import module` counts as
     importing that module)."""
     found = set()
-    for node in ast.walk(ast.parse(open(path).read())):
+    with open(path) as file:
+        tree = ast.parse(file.read())
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -73,7 +75,7 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_cycle_finder_finds_a_planted_cycle():
     graph = _graph()
-    graph["jax_diffusion.schedules"] = graph["jax_diffusion.schedules"] | {"jax_diffusion.diffusion"}
+    graph["jax_diffusion.schedules"] |= {"jax_diffusion.diffusion"}
     assert _cycle(graph) is not None  # diffusion imports schedules: now a cycle
 
 

@@ -327,7 +327,8 @@ def test_sample_from_corrupt_checkpoint(error_runs):
     line = error_line(error_runs["results"]["corrupt"])
     checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", "4")
     assert f"checkpoint {checkpoint} " in line
-    assert os.path.join(checkpoint, "ema_params") in line  # TensorStore's cause, not Orbax's wrapper
+    # TensorStore's cause, not Orbax's wrapper
+    assert os.path.join(checkpoint, "ema_params") in line
     assert "truncated" in line
     assert not os.path.exists(os.path.join(workdir, "samples"))
 

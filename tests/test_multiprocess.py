@@ -152,7 +152,8 @@ def test_two_processes_train_like_one_with_the_same_devices(trained, runs):
     assert pair_data == single_data  # the input position is global, not per process
 
     for part in ("params", "ema_params", "opt_state"):
-        for a, b in zip(jax.tree.leaves(getattr(pair, part)), jax.tree.leaves(getattr(single, part))):
+        for a, b in zip(jax.tree.leaves(getattr(pair, part)),
+                        jax.tree.leaves(getattr(single, part)), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5,
                                        err_msg=part)
     # Two steps move the weights by ~2 lr = 2e-3, far above the tolerance: a lost or repeated
@@ -194,7 +195,9 @@ def test_two_processes_sample_like_one(trained):
 def _complete_steps(workdir) -> list[int]:
     """Finished checkpoints: Orbax renames a step's temporary folder to the bare number last."""
     folder = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 
 def _wait_for_steps(processes, name: str, workdir, steps: int) -> None:
@@ -269,7 +272,8 @@ def test_cluster_detection_from_the_environment():
     assert distributed.detected_cluster({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) is None
     # The batch script of an 8-task job is not a job step: it runs once.
     assert distributed.detected_cluster({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) is None
-    assert distributed.detected_cluster({"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3"}) == "slurm"
+    slurm_step = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3"}
+    assert distributed.detected_cluster(slurm_step) == "slurm"
     assert distributed.detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == "tpu"
     assert distributed.detected_cluster({}, tpu_chips_present=True) == "tpu"
 
@@ -279,8 +283,8 @@ def test_single_process_configs_do_not_initialize():
     config = tiny_config()
     assert distributed.initialize(config.distributed, environ={}) is False
     config.distributed.cluster = "none"
-    assert distributed.initialize(config.distributed,
-                                  environ={"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3"}) is False
+    slurm_step = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3"}
+    assert distributed.initialize(config.distributed, environ=slurm_step) is False
 
 
 @pytest.mark.parametrize("overrides, named", [
