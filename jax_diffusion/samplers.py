@@ -107,8 +107,14 @@ def _dpm_solver_pp_row(lam: np.ndarray, sigma: np.ndarray, alpha: np.ndarray, i:
       1: x' = (sigma_s / sigma_t) x - alpha_s phi_1 m_i                         (= DDIM)
       2: ... - 0.5 alpha_s phi_1 D1,  D1 = (m_i - m_{i+1}) / r0,  r0 = h_0 / h    (2M)
       3: ... + alpha_s phi_2 D1 - alpha_s phi_3 D2 with phi_2 = phi_1 / h + 1,
-         phi_3 = phi_2 / h - 1/2, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),
-         D2 = (D1_0 - D1_1) / (r0 + r1), D1_k = (m_{i+k} - m_{i+k+1}) / r_k     (3M)
+         phi_3 = phi_2 / h - 1/2, D1_k = (m_{i+k} - m_{i+k+1}) / r_k,
+         D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) ~ h x0',
+         D2 = 2 (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0''                            (3M)
+    D1 and D2 are the derivatives, times h and h^2, of the quadratic through the last three data
+    predictions in lambda, so the step integrates that quadratic exactly (the Taylor form of Lu
+    et al.'s eq. for the data prediction). The dpm-solver and diffusers multistep code omit the
+    2 in D2, which leaves a local O(h^3) error and second-order convergence (measured in
+    tests/test_solvers.py); their singlestep third-order solver has it.
     """
     h = lam[i - 1] - lam[i]
     alpha_s = alpha[i - 1]
@@ -126,7 +132,7 @@ def _dpm_solver_pp_row(lam: np.ndarray, sigma: np.ndarray, alpha: np.ndarray, i:
             d1_1 = np.zeros(HISTORY)
             d1_1[1], d1_1[2] = 1.0 / r1, -1.0 / r1
             d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-            d2 = (d1_0 - d1_1) / (r0 + r1)
+            d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)
             phi_2 = phi_1 / h + 1.0
             phi_3 = phi_2 / h - 0.5
             w += alpha_s * phi_2 * d1 - alpha_s * phi_3 * d2
