@@ -257,7 +257,9 @@ def edm_heun_table(diffusion: GaussianDiffusion, churn: float,
         targets = np.log(sigma * (1.0 + gamma))
         hat_t = np.argmin(np.abs(targets[:, None] - log_sigma_all[None, :]), axis=1)
         hat_t = np.maximum(hat_t, kept)   # never below the current level (rounding ties)
-    sigma_hat = np.exp(log_sigma_all[hat_t]) if gamma > 0 else sigma
+    # Where the snap lands on the current level itself, no churn: an exact 0, not the square
+    # root of a rounding difference.
+    sigma_hat = np.where(hat_t == kept, sigma, np.exp(log_sigma_all[hat_t]))
     evaluated = np.unique(np.concatenate([kept, hat_t]))
     index_of = {int(t): n for n, t in enumerate(evaluated)}
     rows = []   # (t, sigma, vp_in, vp_out, noise, euler, ratio, half_dt)
