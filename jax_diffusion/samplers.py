@@ -27,7 +27,7 @@ import numpy as np
 from jax_diffusion import schedules
 from jax_diffusion.diffusion import GaussianDiffusion, ModelFn, create_diffusion, extract
 from jax_diffusion.errors import ConfigError
-from jax_diffusion.solver_tables import HISTORY, edm_heun_table, multistep_table
+from jax_diffusion.solver_tables import edm_heun_table, multistep_table
 
 # Names used by checks outside the repository: the values of config.sample.method.
 METHODS = ("ddpm", "ddim", "dpm_solver++", "dpm_solver++3m", "unipc", "edm_heun")
@@ -122,11 +122,16 @@ def _ancestral_plan(chain: Chain) -> Plan:
 
 def _multistep_plan(chain: Chain) -> Plan:
     diffusion, batch = chain.diffusion, chain.shape[0]
-    c = _cast(multistep_table(chain.method, diffusion.alphas_cumprod), chain.dtype)
+    table = multistep_table(chain.method, diffusion.alphas_cumprod)
+    # The window the method uses (2M: 2 outputs, 3M: 3, UniPC: 4), so no image-sized zeros
+    # are carried or multiplied.
+    used = np.flatnonzero(np.any(table["pred"] != 0, axis=0) | np.any(table["corr"] != 0, axis=0))
+    width = int(used[-1]) + 1
+    c = _cast(table, chain.dtype)
     corrects = chain.method == "unipc"
 
     def combine(weights, window):
-        return sum(weights[j] * window[j] for j in range(HISTORY))
+        return sum(weights[j] * window[j] for j in range(width))
 
     def step(state, i):
         x, base, history = state
@@ -136,11 +141,11 @@ def _multistep_plan(chain: Chain) -> Plan:
         if corrects:
             x = c["keep"][i] * x + c["base"][i] * base + combine(c["corr"][i], window)
         x_next = c["scale"][i] * x + combine(c["pred"][i], window)
-        return (x_next, x, window[:HISTORY - 1]), m
+        return (x_next, x, window[:width - 1]), m
 
     def init(x_T):
         zeros = jnp.zeros_like(x_T)
-        return x_T, zeros, (zeros,) * (HISTORY - 1)
+        return x_T, zeros, (zeros,) * (width - 1)
 
     return Plan(diffusion.num_timesteps, init, step, lambda state, i: state[0])
 
