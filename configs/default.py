@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.method = "ddim"               # "ddpm" | "ddim" | "dpm_solver++" (2M) | "dpm_solver++3m" | "unipc" | "edm_heun"
     sample.num_steps = 50                # network evaluations (NFE); edm_heun needs an odd number
     sample.eta = 0.0
-    sample.schedule = "uniform"          # timesteps visited: "uniform" (in t) | "quadratic" (in t) | "logsnr" | "karras" (rho 7)
+    sample.schedule = "uniform"          # steps: "uniform" | "quadratic" (in t) | "logsnr" | "karras" (rho 7)
+                                         # uniform for every method; multistep solvers do better with logsnr
     sample.churn = 0.0                   # edm_heun only: Karras et al. S_churn; 0 = deterministic Alg. 1
     sample.guidance_scale = 1.0          # 1 = plain conditional; > 1 classifier-free guidance
     sample.clip_denoised = True

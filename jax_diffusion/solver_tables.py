@@ -193,15 +193,16 @@ def edm_heun_table(diffusion: GaussianDiffusion, churn: float,
     sigma = _edm_sigma(diffusion.alphas_cumprod)
     num = len(sigma)
     gamma = min(churn / num, math.sqrt(2.0) - 1.0)
-    log_sigma_all = np.log(_edm_sigma(model_alphas_cumprod))
-    hat_t = kept.copy()
+    hat_t, sigma_hat = kept.copy(), sigma.copy()
     if gamma > 0:
+        log_sigma_all = np.log(_edm_sigma(model_alphas_cumprod))
         targets = np.log(sigma * (1.0 + gamma))
         hat_t = np.argmin(np.abs(targets[:, None] - log_sigma_all[None, :]), axis=1)
         hat_t = np.maximum(hat_t, kept)   # never below the current level (rounding ties)
-    # Where the snap lands on the current level itself, no churn: an exact 0, not the square
-    # root of a rounding difference.
-    sigma_hat = np.where(hat_t == kept, sigma, np.exp(log_sigma_all[hat_t]))
+        # Where the snap lands on the current level itself there is no churn: sigma_hat stays
+        # sigma exactly (an exact 0 noise, not the square root of a rounding difference).
+        churned = hat_t != kept
+        sigma_hat[churned] = np.exp(log_sigma_all[hat_t[churned]])
     evaluated = np.unique(np.concatenate([kept, hat_t]))
     index_of = {int(t): n for n, t in enumerate(evaluated)}
     rows = []   # (t, sigma, vp_in, vp_out, noise, euler, ratio, half_dt)

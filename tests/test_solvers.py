@@ -383,7 +383,7 @@ def _rms(a, b):
 
 @pytest.mark.parametrize("method, order, tolerance", [
     ("ddim", 1, 0.25), ("dpm_solver++", 2, 0.3), ("dpm_solver++3m", 3, 0.35),
-    # UniPC with UniP-3 and the corrector UniC-3 has order 3 + 1 (Zhao et al. 2023, Thm. 3.3).
+    # UniPC: the corrector UniC-p raises UniP-p's order by one (Zhao et al. 2023), 3 + 1.
     ("edm_heun", 2, 0.3), ("unipc", 4, 0.6)])
 def test_error_falls_at_the_theoretical_order(method, order, tolerance):
     x_T, exact = _order_problem()
@@ -479,3 +479,10 @@ def test_settings_a_method_cannot_use_are_config_errors(method, settings, patter
     for key in settings:   # back to values the method can use: no error
         setattr(config.sample, key, {"num_steps": 9, "eta": 0.0, "churn": 0.0}[key])
     check_sample_config(config)
+
+
+def test_sample_rejects_churn_it_cannot_apply():
+    with pytest.raises(ValueError, match=r"churn=5\.0 applies only to method 'edm_heun'"):
+        sample(_mixture_model(), _respaced(), SHAPE, jax.random.key(0), "ddim", churn=5.0)
+    with pytest.raises(ValueError, match=r"respaced diffusion needs model_alphas_cumprod"):
+        sample(_mixture_model(), _respaced(), SHAPE, jax.random.key(0), "edm_heun", churn=5.0)
