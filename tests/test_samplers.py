@@ -289,15 +289,20 @@ def _equations(jaxpr):
                 yield from _equations(sub)
 
 
-def _normalized_program(diffusion, method):
+def _normalized_program(diffusion, method, churn):
     """StableHLO text with every constant payload dense<...> and every number replaced."""
     text = jax.jit(lambda key: sample(lambda x, t: jnp.tanh(x), diffusion, (4, 2, 2, 1), key,
-                                      method)).lower(jax.random.key(0)).as_text()
+                                      method, churn=churn, model_alphas_cumprod=ABAR)
+                   ).lower(jax.random.key(0)).as_text()
     return re.sub(r"\d+", "0", re.sub(r"dense<[^>]*>", "dense<>", text))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_one_scan_with_one_model_call_and_program_size_independent_of_steps(method):
+ABAR = np.cumprod(1.0 - LINEAR)
+
+
+@pytest.mark.parametrize("method, churn", [(method, 0.0) for method in METHODS]
+                         + [("edm_heun", 10.0)])
+def test_one_scan_with_one_model_call_and_program_size_independent_of_steps(method, churn):
     calls = []
 
     def model(x, t):
@@ -305,8 +310,9 @@ def test_one_scan_with_one_model_call_and_program_size_independent_of_steps(meth
         return jnp.tanh(x)   # the only tanh in the program marks the model call
 
     diffusion10 = GaussianDiffusion(LINEAR, use_timesteps=schedules.space_timesteps(T, "10"))
-    jaxpr = jax.make_jaxpr(jax.jit(lambda key: sample(model, diffusion10, (4, 2, 2, 1), key,
-                                                      method)))(jax.random.key(0)).jaxpr
+    jaxpr = jax.make_jaxpr(jax.jit(lambda key: sample(
+        model, diffusion10, (4, 2, 2, 1), key, method, churn=churn,
+        model_alphas_cumprod=ABAR)))(jax.random.key(0)).jaxpr
     scans = [eqn for eqn in _equations(jaxpr) if eqn.primitive.name == "scan"]
     assert len(scans) == 1 and scans[0].params["length"] == num_evaluations(method, 10)
     body = scans[0].params["jaxpr"].jaxpr
@@ -315,8 +321,8 @@ def test_one_scan_with_one_model_call_and_program_size_independent_of_steps(meth
     assert len(calls) == 1
     # 10 and 1000 steps lower to the same program up to constant values and numbers (array
     # lengths, SSA names): nothing is unrolled, so compile time cannot grow with the steps.
-    assert _normalized_program(diffusion10, method) == _normalized_program(
-        GaussianDiffusion(LINEAR), method)
+    assert _normalized_program(diffusion10, method, churn) == _normalized_program(
+        GaussianDiffusion(LINEAR), method, churn)
 
 
 # ---------------------------------------------------------------- 4. randomness and trajectory
