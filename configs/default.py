@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     bench.warmup_steps = 2               # untimed calls after compiling
     bench.windows = 3                    # timed windows; the median is reported
     bench.sample_steps = "10,50"         # an int or a comma string: one compiled sampler each
-    bench.method = "ddim"                # sampler for sample_steps: "ddpm" | "ddim" | "dpm_solver++"
+    bench.method = "ddim"                # sampler for sample_steps: any config.sample.method
     bench.seed = 0                       # random data and sampling key
 
     # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/distributed.py.
