@@ -59,9 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
     train.seed = 0
 
     config.sample = sample = ml_collections.ConfigDict()
-    sample.method = "ddim"               # "ddpm" | "ddim" | "dpm_solver++"
-    sample.num_steps = 50
+    sample.method = "ddim"               # "ddpm" | "ddim" | "dpm_solver++" (2M) | "dpm_solver++3m" | "unipc" | "edm_heun"
+    sample.num_steps = 50                # network evaluations (NFE); edm_heun needs an odd number
     sample.eta = 0.0
+    sample.schedule = "uniform"          # steps: "uniform" | "quadratic" (in t) | "logsnr" | "karras" (rho 7)
+                                         # uniform for every method; multistep solvers do better with logsnr
+    sample.churn = 0.0                   # edm_heun only: Karras et al. S_churn; 0 = deterministic Alg. 1
     sample.guidance_scale = 1.0          # 1 = plain conditional; > 1 classifier-free guidance
     sample.clip_denoised = True
     sample.num_samples = 1000
@@ -90,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.reference_stats = ""      # "" = computed from the training set, cached in the workdir
     evaluation.nll_examples = 0          # 0 = the whole eval split
     evaluation.nll_batch_size = 64
+    evaluation.sweep = ""                # quality vs NFE, e.g. "ddim:10,20,50;dpm_solver++3m:5,10,20;edm_heun:9,19"
 
     # --mode=bench (jax_diffusion/bench.py): random data, compile timed apart, median of windows.
     config.bench = bench = ml_collections.ConfigDict()
@@ -100,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
     bench.warmup_steps = 2               # untimed calls after compiling
     bench.windows = 3                    # timed windows; the median is reported
     bench.sample_steps = "10,50"         # an int or a comma string: one compiled sampler each
-    bench.method = "ddim"                # sampler for sample_steps: "ddpm" | "ddim" | "dpm_solver++"
+    bench.method = "ddim"                # sampler for sample_steps: any config.sample.method
     bench.seed = 0                       # random data and sampling key
 
     # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/distributed.py.

@@ -31,6 +31,14 @@ def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
+def extract(arr: np.ndarray, t: jax.Array, x: jax.Array) -> jax.Array:
+    """arr[t] in x's dtype (float32 for a non-float x), shaped [B, 1, 1, ...] to broadcast
+    against x."""
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    values = jnp.asarray(arr, dtype=dtype)[t]
+    return values.reshape(t.shape + (1,) * (x.ndim - 1))
+
+
 def mean_flat(x: jax.Array) -> jax.Array:
     """Mean over every axis but the batch axis."""
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
@@ -121,12 +129,6 @@ class GaussianDiffusion:
         self.fixed_large_variance = np.append(first, betas[1:])
 
     # ---------------------------------------------------------------- helpers
-    def _extract(self, arr: np.ndarray, t: jax.Array, x: jax.Array) -> jax.Array:
-        """arr[t] as x's dtype, shaped [B, 1, 1, ...] to broadcast against x."""
-        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-        values = jnp.asarray(arr, dtype=dtype)[t]
-        return values.reshape(t.shape + (1,) * (x.ndim - 1))
-
     def _check(self, x: jax.Array, t: jax.Array, *others: jax.Array) -> None:
         if x.ndim < 2:
             raise ValueError(f"x must be batched [B, ...], got shape {x.shape}")
@@ -144,47 +146,47 @@ class GaussianDiffusion:
     def q_mean_variance(self, x_start: jax.Array, t: jax.Array):
         """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): (mean, variance, log_variance)."""
         self._check(x_start, t)
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = self._extract(1.0 - self.alphas_cumprod, t, x_start)
-        log_variance = self._extract(np.log1p(-self.alphas_cumprod), t, x_start)
+        mean = extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+        variance = extract(1.0 - self.alphas_cumprod, t, x_start)
+        log_variance = extract(np.log1p(-self.alphas_cumprod), t, x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
         self._check(x_start, t, noise)
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start: jax.Array, x_t: jax.Array, t: jax.Array):
         """q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance):
         (mean, variance, log_variance_clipped)."""
         self._check(x_t, t, x_start)
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        variance = self._extract(self.posterior_variance, t, x_t)
-        log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (extract(self.posterior_mean_coef1, t, x_t) * x_start
+                + extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        variance = extract(self.posterior_variance, t, x_t)
+        log_variance = extract(self.posterior_log_variance_clipped, t, x_t)
         return mean, variance, log_variance
 
     # ---------------------------------------------------------------- conversions
     def predict_xstart_from_eps(self, x_t, t, eps):
         """x_0 = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps."""
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
 
     def predict_eps_from_xstart(self, x_t, t, x_start):
         """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1/abar_t - 1)."""
-        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x_start)
-                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+        return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x_start)
+                / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     def predict_xstart_from_v(self, x_t, t, v):
         """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v, for v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
-                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
+        return (extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
 
     def v_target(self, x_start, t, noise):
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)."""
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * noise
-                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
+        return (extract(self.sqrt_alphas_cumprod, t, x_start) * noise
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
 
     # ---------------------------------------------------------------- reverse process
     def split_model_output(self, output: jax.Array, x: jax.Array):
@@ -212,8 +214,8 @@ class GaussianDiffusion:
             model_output = model_fn(x_t, self.timesteps_for_model(t))
         mean_part, var_part = self.split_model_output(model_output, x_t)
         if self.model_var_type == "learned_range":
-            min_log = self._extract(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._extract(np.log(self.betas), t, x_t)
+            min_log = extract(self.posterior_log_variance_clipped, t, x_t)
+            max_log = extract(np.log(self.betas), t, x_t)
             frac = (var_part.astype(x_t.dtype) + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
             variance = jnp.exp(log_variance)
@@ -222,8 +224,8 @@ class GaussianDiffusion:
                      else self.posterior_variance)
             log_table = (np.log(self.fixed_large_variance) if self.model_var_type == "fixed_large"
                          else self.posterior_log_variance_clipped)
-            variance = jnp.broadcast_to(self._extract(table, t, x_t), x_t.shape)
-            log_variance = jnp.broadcast_to(self._extract(log_table, t, x_t), x_t.shape)
+            variance = jnp.broadcast_to(extract(table, t, x_t), x_t.shape)
+            log_variance = jnp.broadcast_to(extract(log_table, t, x_t), x_t.shape)
 
         mean_part = mean_part.astype(x_t.dtype)
         if self.model_mean_type == "eps":

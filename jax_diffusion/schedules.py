@@ -6,11 +6,13 @@ compute dtype where they are used.
 from __future__ import annotations
 
 import math
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
+STEP_SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
+KARRAS_RHO = 7.0   # Karras et al. 2022, eq. 5: rho = 7 spends the steps near sigma_min
 
 
 def get_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
@@ -79,7 +81,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
 
 
 def logsnr_timesteps(num_timesteps: int, n: int, schedule: str | np.ndarray) -> set[int]:
-    """n timesteps of a T-step process spaced evenly in log-SNR, lambda_t = log(abar_t / (1 - abar_t)).
+    """n timesteps of a T-step process spaced evenly in log-SNR, log(abar_t / (1 - abar_t)).
 
     DPM-Solver++ takes steps of equal size in lambda, so at few steps this spacing puts them
     where the solution changes. `schedule` is a schedule name or the betas themselves. Always
@@ -97,16 +99,74 @@ def logsnr_timesteps(num_timesteps: int, n: int, schedule: str | np.ndarray) -> 
     logsnr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
     targets = np.linspace(logsnr[0], logsnr[-1], n)
     # np.interp needs increasing x: interpolate t as a function of -lambda.
-    ts = np.rint(np.interp(-targets, -logsnr, np.arange(num_timesteps))).astype(np.int64)
-    for i in range(1, n):  # forward pass: strictly increasing
+    ts = np.rint(np.interp(-targets, -logsnr, np.arange(num_timesteps)))
+    return set(int(t) for t in _distinct(ts, num_timesteps))
+
+
+def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray) -> np.ndarray:
+    """The `count` timesteps a sampler visits, ascending int64, for the step schedule `name`.
+
+    uniform:   even in t, as Improved DDPM respaces: the DDIM stride range(0, T, k) when one
+               gives exactly `count` steps, else `count` even sections (space_timesteps).
+    quadratic: t_j = (T-1) (j / (count-1))^2, dense near t = 0 (DDIM's CIFAR-10 spacing; DDIM
+               stops at 0.8 T for its linear betas, here the grid spans all T steps so that
+               every beta schedule starts from noise).
+    logsnr:    even in log-SNR (logsnr_timesteps).
+    karras:    sigma_j^(1/rho) even from sigma_max^(1/rho) to sigma_min^(1/rho), rho = 7,
+               sigma = sqrt((1 - abar) / abar) (Karras et al. 2022, eq. 5),
+               each mapped to the timestep nearest in log sigma.
+    Every non-uniform schedule keeps t = 0 and t = T-1 (count >= 2) and pushes coinciding steps
+    apart so that exactly `count` distinct steps remain.
+    """
+    if not 1 <= count <= num_timesteps:
+        raise ValueError(f"count={count} steps must be between 1 and num_timesteps={num_timesteps}")
+    if name == "uniform":
+        try:
+            kept = space_timesteps(num_timesteps, f"ddim{count}")
+        except ValueError:   # no integer stride gives exactly `count` steps
+            kept = space_timesteps(num_timesteps, str(count))
+        return np.array(sorted(kept), dtype=np.int64)
+    if name not in STEP_SCHEDULES:
+        raise ValueError(f"unknown step schedule {name!r}; allowed: {', '.join(STEP_SCHEDULES)}")
+    if count == 1:
+        return np.array([num_timesteps - 1], dtype=np.int64)
+    if name == "logsnr":
+        return np.array(sorted(logsnr_timesteps(num_timesteps, count, betas)), dtype=np.int64)
+    fraction = np.linspace(0.0, 1.0, count)
+    if name == "quadratic":
+        return _distinct(np.rint((num_timesteps - 1) * fraction ** 2), num_timesteps)
+    log_sigma = 0.5 * (np.log1p(-_alphas_cumprod(betas, num_timesteps))
+                       - np.log(_alphas_cumprod(betas, num_timesteps)))   # increasing in t
+    inv_rho = 1.0 / KARRAS_RHO
+    sigma_max, sigma_min = np.exp(log_sigma[-1]), np.exp(log_sigma[0])
+    targets = (sigma_max ** inv_rho + fraction * (sigma_min ** inv_rho - sigma_max ** inv_rho)
+               ) ** KARRAS_RHO
+    nearest = np.argmin(np.abs(np.log(targets)[:, None] - log_sigma[None, :]), axis=1)
+    return _distinct(np.sort(nearest), num_timesteps)
+
+
+def _alphas_cumprod(betas: np.ndarray, num_timesteps: int) -> np.ndarray:
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.shape != (num_timesteps,):
+        raise ValueError(f"betas have shape {betas.shape}, expected ({num_timesteps},)")
+    return np.cumprod(1.0 - betas)
+
+
+def _distinct(ts: np.ndarray, num_timesteps: int) -> np.ndarray:
+    """Ascending ts made strictly increasing inside [0, T-1], ends kept: each step moved as
+    little as needed (up from the start, then down from the end)."""
+    ts = np.asarray(ts, dtype=np.int64).copy()
+    ts[0] = 0
+    for i in range(1, len(ts)):
         ts[i] = max(ts[i], ts[i - 1] + 1)
     ts[-1] = num_timesteps - 1
-    for i in range(n - 2, -1, -1):  # backward pass: stay below the next one
+    for i in range(len(ts) - 2, -1, -1):
         ts[i] = min(ts[i], ts[i + 1] - 1)
-    return set(int(t) for t in ts)
+    return ts
 
 
-def respaced_betas(betas: np.ndarray, use_timesteps: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
+def respaced_betas(betas: np.ndarray, use_timesteps: Collection[int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Betas of the process that visits only `use_timesteps`, and the map to original steps.
 
     Keeps abar at the kept steps unchanged: beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}}.

@@ -92,3 +92,19 @@ def check_recovery(gmm: GaussianMixture, samples, weight_tol: float = 0.03,
     ok = bool(np.all(np.abs(weights - gmm.weights) <= weight_tol)
               and np.all((var_ratios >= var_range[0]) & (var_ratios <= var_range[1])))
     return Recovery(ok, weights, var_ratios)
+
+
+def x0_star_np(gmm: GaussianMixture, x_t: np.ndarray, abar: float) -> np.ndarray:
+    """The exact data prediction E[x0 | x_t] = (x_t - s eps*) / a in float64 numpy, for one
+    abar < 1 and x_t of any batched shape: the same formula as eps_star, without JAX."""
+    x = np.asarray(x_t, dtype=np.float64).reshape(len(x_t), -1)
+    a, s = np.sqrt(abar), np.sqrt(1.0 - abar)
+    var = a ** 2 * gmm.stds ** 2 + s ** 2                                          # [K]
+    diff = x[:, None, :] - a * gmm.means[None]                                     # [B, K, D]
+    logits = (np.log(gmm.weights) - 0.5 * np.sum(diff ** 2, axis=-1) / var
+              - 0.5 * x.shape[1] * np.log(2.0 * np.pi * var))
+    logits -= logits.max(axis=1, keepdims=True)
+    r = np.exp(logits)
+    r /= r.sum(axis=1, keepdims=True)
+    eps = s * np.sum((r / var)[:, :, None] * diff, axis=1)
+    return ((x - s * eps) / a).reshape(np.shape(x_t))

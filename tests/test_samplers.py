@@ -3,18 +3,25 @@ denoiser for DDPM / DDIM / DPM-Solver++, the one-scan structure, randomness, gui
 import functools
 import re
 
+import gaussian_mixture as gm
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import gaussian_mixture as gm
 from jax_diffusion import schedules
 from jax_diffusion.diffusion import GaussianDiffusion
-from jax_diffusion.samplers import (METHODS, ddim_step, ddpm_step, dpm_solver_pp_step,
-                                    guided_model_fn, sample)
+from jax_diffusion.samplers import (
+    METHODS,
+    ddim_step,
+    ddpm_step,
+    guided_model_fn,
+    num_evaluations,
+    sample,
+)
 
 T = 1000
 KEPT = (0, 3, 10, 50, 200, 500, 999)   # an arbitrary respacing, K = 7
@@ -153,17 +160,17 @@ def test_ddim_step_matches_float64_reference(eta, kept):
                                        rtol=1e-10, atol=1e-10)
 
 
-def test_first_order_dpm_solver_pp_step_is_ddim():
-    idx, x, z = _step_inputs(KEPT)
+def test_first_order_dpm_solver_pp_is_ddim():
+    # Two kept steps: DPM-Solver++ has no earlier x0 for its first step, so both steps are first
+    # order, which is DDIM with eta = 0 (Lu et al. 2022); the tables must agree with ddim_step.
+    x_T = np.random.default_rng(4).standard_normal((3, 2, 2, 3))
     with jax.enable_x64(True):
-        diffusion = GaussianDiffusion(LINEAR, use_timesteps=KEPT)
-        t = jnp.asarray(idx, jnp.int32)
-        ddim, x0 = ddim_step(diffusion, jax_model(), jnp.asarray(x), t, jnp.asarray(z), 0.0)
-        abar_t = jnp.asarray(diffusion.alphas_cumprod[idx]).reshape(-1, 1, 1, 1)
-        abar_s = jnp.asarray(diffusion.alphas_cumprod_prev[idx]).reshape(-1, 1, 1, 1)
-        # half_inv_r = 0: first order, so x0_prev (here an arbitrary 7) must not matter.
-        dpm = dpm_solver_pp_step(jnp.asarray(x), x0, jnp.full_like(x0, 7.0), abar_t, abar_s, 0.0)
-        np.testing.assert_allclose(np.asarray(dpm), np.asarray(ddim), rtol=1e-12, atol=1e-12)
+        diffusion = GaussianDiffusion(LINEAR, use_timesteps=(40, 700))
+        run = functools.partial(sample, jax_model(), diffusion, x_T.shape, jax.random.key(0),
+                                clip_denoised=False, noise=jnp.asarray(x_T),
+                                return_trajectory=True)
+        np.testing.assert_allclose(run("dpm_solver++")[1], run("ddim")[1], rtol=1e-12,
+                                   atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["ddim", "dpm_solver++"])
@@ -204,7 +211,7 @@ GMM_SAMPLERS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gmm_sampler(name):
     """Jitted (key, sign) -> samples with model_fn = sign * eps*; one compile serves both signs."""
     schedule, method, var_type, kept = GMM_SAMPLERS[name]
@@ -216,7 +223,7 @@ def _gmm_sampler(name):
                                             clip_denoised=False))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gmm_recovery(name, sign=1.0):
     recovery = gm.check_recovery(GMM, _gmm_sampler(name)(jax.random.key(11), sign))
     print(f"\n{name} sign={sign:+}: weights {np.round(recovery.weights, 4)}, "
@@ -282,15 +289,20 @@ def _equations(jaxpr):
                 yield from _equations(sub)
 
 
-def _normalized_program(diffusion, method):
+def _normalized_program(diffusion, method, churn):
     """StableHLO text with every constant payload dense<...> and every number replaced."""
     text = jax.jit(lambda key: sample(lambda x, t: jnp.tanh(x), diffusion, (4, 2, 2, 1), key,
-                                      method)).lower(jax.random.key(0)).as_text()
+                                      method, churn=churn, model_alphas_cumprod=ABAR)
+                   ).lower(jax.random.key(0)).as_text()
     return re.sub(r"\d+", "0", re.sub(r"dense<[^>]*>", "dense<>", text))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_one_scan_with_one_model_call_and_program_size_independent_of_steps(method):
+ABAR = np.cumprod(1.0 - LINEAR)
+
+
+@pytest.mark.parametrize("method, churn", [(method, 0.0) for method in METHODS]
+                         + [("edm_heun", 10.0)])
+def test_one_scan_with_one_model_call_and_program_size_independent_of_steps(method, churn):
     calls = []
 
     def model(x, t):
@@ -298,18 +310,19 @@ def test_one_scan_with_one_model_call_and_program_size_independent_of_steps(meth
         return jnp.tanh(x)   # the only tanh in the program marks the model call
 
     diffusion10 = GaussianDiffusion(LINEAR, use_timesteps=schedules.space_timesteps(T, "10"))
-    jaxpr = jax.make_jaxpr(jax.jit(lambda key: sample(model, diffusion10, (4, 2, 2, 1), key,
-                                                      method)))(jax.random.key(0)).jaxpr
+    jaxpr = jax.make_jaxpr(jax.jit(lambda key: sample(
+        model, diffusion10, (4, 2, 2, 1), key, method, churn=churn,
+        model_alphas_cumprod=ABAR)))(jax.random.key(0)).jaxpr
     scans = [eqn for eqn in _equations(jaxpr) if eqn.primitive.name == "scan"]
-    assert len(scans) == 1 and scans[0].params["length"] == 10
+    assert len(scans) == 1 and scans[0].params["length"] == num_evaluations(method, 10)
     body = scans[0].params["jaxpr"].jaxpr
     assert sum(eqn.primitive.name == "tanh" for eqn in _equations(body)) == 1
     assert sum(eqn.primitive.name == "tanh" for eqn in _equations(jaxpr)) == 1
     assert len(calls) == 1
     # 10 and 1000 steps lower to the same program up to constant values and numbers (array
     # lengths, SSA names): nothing is unrolled, so compile time cannot grow with the steps.
-    assert _normalized_program(diffusion10, method) == _normalized_program(
-        GaussianDiffusion(LINEAR), method)
+    assert _normalized_program(diffusion10, method, churn) == _normalized_program(
+        GaussianDiffusion(LINEAR), method, churn)
 
 
 # ---------------------------------------------------------------- 4. randomness and trajectory
@@ -318,7 +331,7 @@ SMALL_SHAPE = (4, 2, 2, 1)
 SMALL_MODEL = gm.eps_model(GMM, np.cumprod(1.0 - LINEAR))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _small_sampler(method):
     if method == "ddim":
         return jax.jit(lambda key, noise, eta: sample(SMALL_MODEL, SMALL, SMALL_SHAPE, key, "ddim",
@@ -353,7 +366,7 @@ def test_trajectory_runs_from_noise_to_sample(method):
     noise = jax.random.normal(jax.random.key(7), SMALL_SHAPE)
     args = (jax.random.key(1), noise) + ((0.0,) if method == "ddim" else ())
     x0, trajectory = _small_sampler(method)(*args)
-    assert trajectory.shape == (SMALL.num_timesteps + 1,) + SMALL_SHAPE
+    assert trajectory.shape == (num_evaluations(method, SMALL.num_timesteps) + 1,) + SMALL_SHAPE
     np.testing.assert_array_equal(trajectory[0], noise)
     np.testing.assert_array_equal(trajectory[-1], x0)
     assert np.all(np.isfinite(trajectory)) and np.all(np.abs(x0) <= 1.0)
@@ -425,7 +438,8 @@ def test_batch_sharded_by_caller_matches_unsharded():
     mesh = Mesh(np.array(jax.devices()), ("data",))
     batch = NamedSharding(mesh, P("data"))
     shape = (len(jax.devices()), 2, 2, 1)
-    run = lambda key, noise: sample(SMALL_MODEL, SMALL, shape, key, "ddpm", noise=noise)
+    def run(key, noise):
+        return sample(SMALL_MODEL, SMALL, shape, key, "ddpm", noise=noise)
     noise = jax.random.normal(jax.random.key(3), shape)
     sharded = jax.jit(run, in_shardings=(None, batch), out_shardings=batch)(
         jax.random.key(1), jax.device_put(noise, batch))
@@ -446,7 +460,8 @@ def test_bad_arguments_raise_value_errors_naming_them():
         sample(SMALL_MODEL, SMALL, shape, key, method="ddpm", eta=0.5)
     with pytest.raises(ValueError, match=r"eta=1.5 must lie in \[0, 1\]"):
         sample(SMALL_MODEL, SMALL, shape, key, method="ddim", eta=1.5)
-    three_channels = lambda x, t, y: jnp.zeros(x.shape[:-1] + (3,))
+    def three_channels(x, t, y):
+        return jnp.zeros(x.shape[:-1] + (3,))
     guided = guided_model_fn(three_channels, jnp.zeros(2, int), 0, 1.0)
     with pytest.raises(ValueError, match=r"3 channels; expected C=1 or 2C=2"):
         guided(jnp.zeros(shape), jnp.zeros(2, jnp.int32))

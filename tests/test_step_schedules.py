@@ -1,0 +1,52 @@
+"""schedules.step_timesteps: the timesteps each step schedule visits."""
+import numpy as np
+import pytest
+
+from jax_diffusion import schedules
+
+T = 1000
+BETAS = {name: schedules.get_beta_schedule(name, T) for name in ("linear", "cosine")}
+
+
+def test_uniform_is_improved_diffusions_respacing():
+    assert list(schedules.step_timesteps("uniform", T, 10, BETAS["linear"])) == list(
+        range(0, 1000, 100))                                        # the DDIM stride
+    assert set(schedules.step_timesteps("uniform", T, 37, BETAS["linear"])) == (
+        schedules.space_timesteps(T, "37"))                         # no stride gives 37: sections
+
+
+def test_quadratic_is_quadratic_in_t():
+    got = schedules.step_timesteps("quadratic", T, 10, BETAS["linear"])
+    np.testing.assert_array_equal(got, np.rint(999 * (np.arange(10) / 9) ** 2))
+
+
+def test_karras_is_nearest_to_rho_7_sigmas():
+    abar = np.cumprod(1.0 - BETAS["linear"])
+    sigma = np.sqrt((1.0 - abar) / abar)
+    ramp = np.linspace(0.0, 1.0, 12)
+    targets = (sigma[-1] ** (1 / 7) + ramp * (sigma[0] ** (1 / 7) - sigma[-1] ** (1 / 7))) ** 7
+    expected = sorted(int(np.argmin(np.abs(np.log(sigma) - np.log(s)))) for s in targets)
+    assert len(set(expected)) == 12   # no collisions to push apart at this count
+    got = schedules.step_timesteps("karras", T, 12, BETAS["linear"])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_logsnr_is_logsnr_timesteps():
+    assert set(schedules.step_timesteps("logsnr", T, 20, BETAS["cosine"])) == (
+        schedules.logsnr_timesteps(T, 20, "cosine"))
+
+
+@pytest.mark.parametrize("name", schedules.STEP_SCHEDULES)
+@pytest.mark.parametrize("count", [1, 2, 40, 300, 1000])
+def test_exactly_count_distinct_ascending_steps(name, count):
+    got = schedules.step_timesteps(name, T, count, BETAS["linear"])
+    assert len(got) == count and np.all(np.diff(got) > 0) and got[0] >= 0 and got[-1] < T
+    if name != "uniform" and count > 1:
+        assert got[0] == 0 and got[-1] == T - 1
+
+
+def test_bad_schedule_or_count():
+    with pytest.raises(ValueError, match=r"unknown step schedule 'cosine'; allowed: uniform"):
+        schedules.step_timesteps("cosine", T, 10, BETAS["linear"])
+    with pytest.raises(ValueError, match=r"count=0 steps must be between 1 and"):
+        schedules.step_timesteps("karras", T, 0, BETAS["linear"])
