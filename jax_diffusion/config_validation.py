@@ -136,22 +136,20 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
 def _check_sample(config: ml_collections.ConfigDict) -> None:
     from jax_diffusion import samplers
     sample = config.sample
-    _choice(sample.method, "sample.method", samplers.METHODS)
-    total = config.diffusion.num_timesteps
-    _require(isinstance(sample.num_steps, (int, np.integer)) and 1 <= sample.num_steps <= total,
-             "sample.num_steps", sample.num_steps,
-             f"must be between 1 and config.diffusion.num_timesteps={total}")
-    _fraction(sample.eta, "sample.eta", 0.0, 1.0, high_open=False)
-    _require(sample.eta == 0 or sample.method == "ddim", "sample.eta", sample.eta,
-             f"applies only to method 'ddim'; config.sample.method={sample.method!r} needs 0")
-    _require(sample.guidance_scale >= 0, "sample.guidance_scale", sample.guidance_scale,
-             "must be >= 0 (1 = plain conditional sampling)")
+    samplers.check_sample_config(config)
     if sample.guidance_scale != 1.0:
         _require(config.model.num_classes > 0, "sample.guidance_scale", sample.guidance_scale,
                  "needs a class-conditional model (config.model.num_classes > 0); use 1")
     for name in ("num_samples", "batch_size", "grid_size"):
         _positive_int(sample, name, "sample")
     _positive_int(sample, "checkpoint_step", "sample", minimum=-1)
+
+
+def _check_sweep(config: ml_collections.ConfigDict) -> None:
+    """Every setting of config.eval.sweep must be a sampler that runs on this config."""
+    from jax_diffusion.evaluation.sweep import parse_sweep, sweep_config
+    for method, nfe in parse_sweep(config.eval.sweep):
+        sweep_config(config, method, nfe)  # runs samplers.check_sample_config
 
 
 def _npz_keys(path: str, key: str) -> set[str]:
@@ -177,6 +175,11 @@ def _check_eval(config: ml_collections.ConfigDict, mode: str) -> None:
     _positive_int(evaluation, "nll_examples", "eval", minimum=0)
     if mode != "eval":
         return
+    if evaluation.sweep:
+        _check_sweep(config)
+        _require(set(metrics) & SAMPLE_METRICS, "eval.metrics", evaluation.metrics,
+                 f"has no metric that scores samples for config.eval.sweep; use one of "
+                 f"{', '.join(sorted(SAMPLE_METRICS))}")
     if "digits" in metrics:
         _require(config.data.dataset == DIGITS and config.model.num_classes == 10,
                  "eval.metrics", evaluation.metrics,

@@ -12,33 +12,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion import checkpoints, images, parallel, samplers, schedules
-from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
-from jax_diffusion.errors import ConfigError
+from jax_diffusion import checkpoints, images, parallel, samplers
 from jax_diffusion.train_state import abstract_train_state
 
 SampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
-
-
-def sampling_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
-    """The diffusion respaced to config.sample.num_steps: log-SNR spacing for DPM-Solver++,
-    the DDIM stride when one gives exactly that many steps, else even sections."""
-    steps, total = config.sample.num_steps, config.diffusion.num_timesteps
-    if config.sample.method not in samplers.METHODS:
-        raise ConfigError(f"config.sample.method={config.sample.method!r} is unknown; "
-                          f"allowed: {', '.join(samplers.METHODS)}")
-    if not 1 <= steps <= total:
-        raise ConfigError(f"config.sample.num_steps={steps} must be between 1 and "
-                          f"config.diffusion.num_timesteps={total}")
-    if steps == total:
-        return create_diffusion(config.diffusion)
-    if config.sample.method == "dpm_solver++":
-        kept = schedules.logsnr_timesteps(total, steps, config.diffusion.schedule)
-        return create_diffusion(config.diffusion, respacing=kept)
-    try:
-        return create_diffusion(config.diffusion, respacing=f"ddim{steps}")
-    except ValueError:  # no integer stride gives exactly `steps`
-        return create_diffusion(config.diffusion, respacing=str(steps))
 
 
 def default_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -53,7 +30,6 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, mesh,
     """jit(params, key, labels [batch_size]) -> uint8 images [batch_size, H, W, C], the batch
     sharded over the mesh; compiled once for all batches."""
     parallel.check_divisible(batch_size, mesh, "the sampling batch size")
-    diffusion = sampling_diffusion(config)
     sample_config, num_classes = config.sample, config.model.num_classes
     shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
 
@@ -66,8 +42,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, mesh,
         else:
             y = labels if num_classes > 0 else None
             model_fn = lambda x, t: conditional(x, t, y)  # noqa: E731
-        x0 = samplers.sample(model_fn, diffusion, shape, key, method=sample_config.method,
-                             eta=sample_config.eta, clip_denoised=sample_config.clip_denoised)
+        x0 = samplers.sample_from_config(model_fn, config, shape, key)
         return images.to_uint8(x0)
 
     batch = parallel.batch_sharded(mesh)

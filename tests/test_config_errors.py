@@ -43,6 +43,10 @@ def runs(tmp_path_factory):
         "negative_steps": ([], {"train__num_steps": -5}),
         "zero_sample_steps": (["--mode=sample"], {"sample__num_steps": 0}),
         "dataset": ([], {"data__dataset": "cifar11"}),
+        "schedule": ([], {"sample__schedule": "cosine"}),
+        "heun_even_nfe": (["--mode=sample"], {"sample__method": "edm_heun",
+                                              "sample__num_steps": 4, "sample__eta": 0}),
+        "empty_sweep": (["--mode=eval"], {"eval__sweep": ";"}),
     }
     commands = {name: command(str(tmp / name), *args, **overrides)
                 for name, (args, overrides) in cases.items()}
@@ -64,15 +68,18 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name, named", [
     ("method", ["config.sample.method='ddim2'", "allowed: ddpm, ddim"]),
-    ("eta_method", ["config.sample.eta=0.5", "only to method 'ddim'"]),
+    ("eta_method", ["config.sample.eta=0.5", "only to config.sample.method='ddim'"]),
     ("eta_range", ["config.sample.eta=1.5", "[0, 1]"]),
     ("kid_stats", ["config.eval.reference_stats=", "KID needs the reference 'features'"]),
     ("not_divisible", ["config.train.batch_size=6", "divisible", "4 devices"]),
     ("zero_batch", ["config.train.batch_size=0", ">= 1"]),
     ("negative_steps", ["config.train.num_steps=-5", ">= 1"]),
-    ("zero_sample_steps", ["config.sample.num_steps=0", "between 1 and"]),
+    ("zero_sample_steps", ["config.sample.num_steps=0", "positive integer"]),
     ("dataset", ["config.data.dataset='cifar11'", "tfds"]),
     ("cifar10_method", ["config.sample.method='ddim2'"]),
+    ("schedule", ["config.sample.schedule='cosine'", "uniform"]),
+    ("heun_even_nfe", ["config.sample.num_steps=4"]),
+    ("empty_sweep", ["config.eval.sweep=';'", "empty"]),
     ("typo", ["typo.py", "nums_steps", "configs/default.py"]),
 ])
 def test_bad_config_is_one_line_before_anything_runs(runs, name, named):

@@ -141,3 +141,28 @@ def test_every_single_metric_and_every_pair(checkpoint, samples_dir, features, t
     assert written == sorted(names)
     for record in _records(workdir, names).values():
         assert all(np.isfinite(v) for v in record["values"].values())
+
+
+def test_sweep_samples_every_setting_and_writes_table_plot(checkpoint, features, tmp_path):
+    """config.eval.sweep: one row per (method, NFE), each scored by the sample metrics with the
+    same seed; a JSON table and a PNG per value; the feature network and the reference
+    statistics are shared (2 feature calls for the reference set and the first setting, then
+    one per further setting)."""
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    os.symlink(os.path.join(checkpoint, "checkpoints"), os.path.join(workdir, "checkpoints"))
+    config = _config("digits,fid")
+    config.eval.sweep = "ddim:3,5;dpm_solver++3m:4;edm_heun:5"
+    run.run_eval(config, workdir)
+    assert features.calls == 2 + 3
+    for value in ("accuracy", "frechet", "fid"):
+        with open(os.path.join(workdir, "sweep", f"sweep_{value}.json")) as f:
+            table = json.load(f)
+        assert table["metric"] == value
+        assert [(row["method"], row["nfe"]) for row in table["rows"]] == [
+            ("ddim", 3), ("ddim", 5), ("dpm_solver++3m", 4), ("edm_heun", 5)]
+        with open(os.path.join(workdir, "sweep", f"sweep_{value}.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    fids = [row["fid"] for row in table["rows"]]
+    assert len(set(fids)) == 4  # four different samplers, four different sample sets
+    assert not any(name.startswith("eval_") for name in os.listdir(workdir))

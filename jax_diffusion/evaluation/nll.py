@@ -1,4 +1,4 @@
-"""The negative log-likelihood bound in bits per dimension (Ho et al. 2020, eq. 5), batch-sharded."""
+"""The negative log-likelihood bound in bits per dimension (Ho et al. 2020, eq. 5), sharded."""
 from __future__ import annotations
 
 import flax.linen as nn

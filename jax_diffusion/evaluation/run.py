@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from jax_diffusion import data, parallel, sampling
 from jax_diffusion.config_files import comma_list
-from jax_diffusion.evaluation import digits, inception, metrics, nll, reference_stats
+from jax_diffusion.evaluation import digits, inception, metrics, nll, reference_stats, sweep
 from jax_diffusion.evaluation.samples import read_samples_dir
 from jax_diffusion.models import create_model
 
@@ -61,6 +61,15 @@ class EvalContext:
                  model: nn.Module, params, step: int):
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.model, self.params, self.step = model, params, step
+
+    def with_sampler(self, config: ml_collections.ConfigDict) -> EvalContext:
+        """A context for the same checkpoint sampled with another config.sample: new samples,
+        the same feature network and reference statistics (those computed so far)."""
+        other = EvalContext(config, self.workdir, self.mesh, self.model, self.params, self.step)
+        for shared in ("inception", "reference"):
+            if shared in self.__dict__:  # functools.cached_property keeps its value there
+                other.__dict__[shared] = self.__dict__[shared]
+        return other
 
     @property
     def record(self) -> dict:
@@ -171,8 +180,31 @@ def _write(workdir: str, metric: str, record: dict, writer) -> None:
     logging.info("%s: %s -> %s", metric, record["values"], path)
 
 
+def run_sweep(ctx: EvalContext, wanted: tuple[str, ...], writer) -> None:
+    """config.eval.sweep: every (method, NFE) sampled from the same checkpoint with the same
+    seeds and scored with the sample metrics in `wanted`; one table, plot and TensorBoard curve
+    per metric value (sweep/sweep_<value>.json and .png)."""
+    rows = []
+    for method, nfe in sweep.parse_sweep(ctx.config.eval.sweep):
+        setting = ctx.with_sampler(sweep.sweep_config(ctx.config, method, nfe))
+        row = {"method": method, "nfe": nfe}
+        for name in wanted:
+            if name in SAMPLE_METRICS:
+                row.update(METRICS[name](setting)["values"])
+        logging.info("sweep %s NFE %d: %s", method, nfe, row)
+        rows.append(row)
+    if jax.process_index() != 0:
+        return
+    for value in (key for key in rows[0] if key not in ("method", "nfe")):
+        json_path, png_path = sweep.write_sweep(rows, ctx.workdir, value)
+        for tag, nfe, scalar in sweep.tensorboard_scalars(rows, value):
+            writer.write_scalars(nfe, {tag: scalar})
+        logging.info("sweep of %s: %s, %s", value, json_path, png_path)
+
+
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """--mode=eval."""
+    """--mode=eval: config.eval.metrics for config.sample, or with config.eval.sweep the sample
+    metrics for every sampler setting of the sweep."""
     from clu import metric_writers  # imports TensorFlow: only when evaluating
 
     wanted = wanted_metrics(config)
@@ -183,6 +215,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     if INCEPTION_METRICS & set(wanted):
         ctx.inception  # noqa: B018  (load the weights before minutes of sampling)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    for name in wanted:
-        _write(workdir, name, METRICS[name](ctx), writer)
+    if config.eval.sweep:
+        run_sweep(ctx, wanted, writer)
+    else:
+        for name in wanted:
+            _write(workdir, name, METRICS[name](ctx), writer)
     writer.flush()

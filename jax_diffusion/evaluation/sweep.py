@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
+import ml_collections
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -52,6 +53,20 @@ def parse_sweep(text: str) -> list[tuple[str, int]]:
                 raise ConfigError(f"config.eval.sweep: {method}:{nfe} is given twice")
             settings.append((method, nfe))
     return settings
+
+
+def sweep_config(config: ml_collections.ConfigDict, method: str,
+                 nfe: int) -> ml_collections.ConfigDict:
+    """A copy of `config` sampling with `method` at `nfe` network evaluations: eta is kept for
+    ddim and churn for edm_heun (0 for the others, which have none); checked like any config."""
+    setting = config.copy_and_resolve_references()
+    setting.sample.method, setting.sample.num_steps = method, nfe
+    if method != "ddim":
+        setting.sample.eta = 0.0
+    if method != "edm_heun":
+        setting.sample.churn = 0.0
+    samplers.check_sample_config(setting)
+    return setting
 
 
 def sweep_figure(rows: Sequence[Mapping], metric_name: str) -> Figure:
