@@ -30,6 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_classes = 0                # 0 = unconditional; else num_classes + 1 embedding rows (last = null label)
     model.dtype = "float32"              # compute dtype: "float32" or "bfloat16"; parameters stay float32
     model.remat = False                  # jax.checkpoint each ResBlock to save activation memory
+    # Conventions that tell the published networks apart (no parameter changes shape):
+    # Ho et al.'s DDPM (google/ddpm-cifar10-32) 1, False, 1e-6, "tf_same"; improved-diffusion 0, True,
+    # 1e-5, "symmetric". Imported weights compute the wrong function under the other convention.
+    model.time_embedding_freq_shift = 0  # sinusoid frequencies 10000^(-i / (ch/2 - shift)): 0 or 1
+    model.time_embedding_flip_sin_to_cos = True  # True: [cos | sin] features; False: [sin | cos]
+    model.norm_eps = 1e-5                # every GroupNorm's epsilon
+    model.downsample_padding = "symmetric"  # stride-2 conv: "symmetric" (1, 1) or "tf_same" (0, 1)
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"        # "linear" | "cosine"
@@ -37,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.mean_type = "eps"          # "eps" | "x0" | "v"
     diffusion.var_type = "fixed_large"   # "fixed_small" | "fixed_large" | "learned_range"
     diffusion.loss_type = "mse"          # "mse" (L_simple) | "hybrid" | "kl"
+    diffusion.rescale_timesteps = False  # the network sees t * 1000 / T (float), improved-diffusion's recipe
 
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 2000
