@@ -87,6 +87,14 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.nll_examples = 0          # 0 = the whole eval split
     evaluation.nll_batch_size = 64
 
+    # --mode=import / --mode=export (jax_diffusion/convert/): PyTorch checkpoints <-> Orbax.
+    config.convert = convert = ml_collections.ConfigDict()
+    convert.source = ""                  # import: a diffusers UNet2DModel dir or a .safetensors/.pt state dict
+    convert.format = "auto"              # "auto" (dir with config.json: diffusers; file: improved_diffusion)
+                                         # | "diffusers" | "improved_diffusion"
+    convert.step = 0                     # import: the checkpoint step written into --workdir
+    convert.target = ""                  # export: the diffusers model directory written
+
     # --mode=bench (jax_diffusion/bench.py): random data, compile timed apart, median of windows.
     config.bench = bench = ml_collections.ConfigDict()
     bench.parts = "train,fwd,sample"     # comma-separated subset of train, fwd, sample

@@ -141,10 +141,10 @@ def check_unet2d_config(found: dict[str, Any], config: ml_collections.ConfigDict
         raise errors.ConversionError(f"{source} describes a {found['_class_name']}, not a UNet2DModel")
     want = unet2d_config(config)
     differences = []
-    for key, value in want.items():
+    for key in want:
         if key in ("_class_name", "sample_size", "dropout", "attention_head_dim", "num_class_embeds"):
             continue
-        have = _effective(found, key)
+        have, value = _effective(found, key), _effective(want, key)
         same = (abs(have - value) <= 1e-3 * value if key == "norm_eps" and have is not None
                 else have == value)
         if not same:
