@@ -1,4 +1,5 @@
-"""DDPM (Ho et al. 2020) on CIFAR-10: the 35.7M-parameter U-Net, linear schedule, L_simple; DDIM sampling.
+"""DDPM (Ho et al. 2020) on CIFAR-10: the 35.7M-parameter U-Net, linear schedule, L_simple; DDIM
+sampling.
 
 The network is Ho et al.'s, conventions included, so google/ddpm-cifar10-32's weights import into it
 (--mode=import)."""

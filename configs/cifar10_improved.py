@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.mean_type = "eps"
     diffusion.var_type = "learned_range"
     diffusion.loss_type = "hybrid"
-    diffusion.rescale_timesteps = True   # improved-diffusion's recipe: the network sees t * 1000 / 4000
+    diffusion.rescale_timesteps = True   # improved-diffusion's recipe: the network sees t / 4
 
     train = config.train
     train.batch_size = 128

@@ -341,5 +341,6 @@ def create_diffusion(diffusion_config, respacing: str | Collection[int] | None =
         respacing = schedules.space_timesteps(diffusion_config.num_timesteps, respacing)
     return GaussianDiffusion(betas, diffusion_config.mean_type, diffusion_config.var_type,
                              diffusion_config.loss_type, use_timesteps=respacing,
-                             # absent from configs saved before the key existed: those fed t as is
-                             rescale_timesteps=getattr(diffusion_config, "rescale_timesteps", False))
+                             # absent from configs saved before the key existed: t as is
+                             rescale_timesteps=getattr(diffusion_config, "rescale_timesteps",
+                                                       False))

@@ -47,7 +47,8 @@ def diffusers_unet(config, state: dict[str, np.ndarray] | None = None, seed: int
     import torch
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel(**{k: v for k, v in unet2d_config(config).items() if k != "_class_name"}).eval()
+    arguments = {k: v for k, v in unet2d_config(config).items() if k != "_class_name"}
+    unet = UNet2DModel(**arguments).eval()
     state = random_state_dict(unet, seed) if state is None else state
     unet.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     return unet, state
@@ -62,7 +63,8 @@ def torch_forward(unet, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = Non
     return out.numpy().transpose(0, 2, 3, 1)
 
 
-def jax_forward(config, params, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+def jax_forward(config, params, x: np.ndarray, t: np.ndarray,
+                y: np.ndarray | None = None) -> np.ndarray:
     model = create_model(config.model)
     apply = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
     return np.asarray(apply(params, jnp.asarray(x), jnp.asarray(t),

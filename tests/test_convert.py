@@ -7,8 +7,8 @@ import os
 import flax
 import numpy as np
 import pytest
-
 from convert_helpers import diffusers_unet, load_config, random_inputs, small, torch_forward
+
 from jax_diffusion import errors, parallel
 from jax_diffusion.convert.readers import SAFETENSORS_NAME
 from jax_diffusion.convert.run import run_export, run_import
@@ -182,4 +182,19 @@ def test_pt_without_pytorch_or_the_restricted_reader(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torch)
     config = small(load_config("cifar10_improved"))
     config.convert.source = str(path)
-    import_fails(config, tmp_path / "wd", errors.MissingDependencyError, "pip install torch==2.13.0")
+    import_fails(config, tmp_path / "wd", errors.MissingDependencyError,
+                 "pip install torch==2.13.0")
+
+
+def test_improved_uncond_config_is_the_released_cifar10_model():
+    """improved-diffusion's CIFAR-10 flags (its README and script_util defaults)."""
+    config = load_config("cifar10_improved_uncond")
+    m, d = config.model, config.diffusion
+    assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attention_resolutions)) == (
+        128, (1, 2, 2, 2), 3, (16, 8))
+    assert (m.num_heads, m.use_scale_shift_norm, m.learn_sigma, m.num_classes, m.dropout) == (
+        4, True, True, 0, 0.3)
+    assert (m.time_embedding_freq_shift, m.time_embedding_flip_sin_to_cos, m.norm_eps,
+            m.downsample_padding) == (0, True, 1e-5, "symmetric")
+    assert (d.schedule, d.num_timesteps, d.var_type, d.loss_type, d.rescale_timesteps) == (
+        "cosine", 4000, "learned_range", "hybrid", True)

@@ -45,7 +45,8 @@ def test_full_size_ddpm_matches_diffusers():
     x, t, _ = random_inputs(config, 2, seed=1)
     ours, ref = converted_outputs(config, state, x, t), torch_forward(unet, x, t)
     diff = np.abs(ours - ref).max()
-    print(f"full-size DDPM: max |ours - diffusers| = {diff:.2e} (outputs up to {np.abs(ref).max():.1f})")
+    print(f"full-size DDPM: max |ours - diffusers| = {diff:.2e} "
+          f"(outputs up to {np.abs(ref).max():.1f})")
     assert diff <= TOL
 
 
@@ -53,7 +54,8 @@ def ddpm_small_case(seed=0, scale_conv_in=1.0):
     config = small(load_config("cifar10"))
     unet, state = diffusers_unet(config, seed=seed)
     if scale_conv_in != 1.0:  # tiny first activations: the first GroupNorms' eps then matters
-        state = dict(state, **{k: state[k] * scale_conv_in for k in ("conv_in.weight", "conv_in.bias")})
+        state = dict(state, **{k: state[k] * scale_conv_in
+                               for k in ("conv_in.weight", "conv_in.bias")})
         unet, state = diffusers_unet(config, state)
     x, t, _ = random_inputs(config, 4, seed=seed + 1)
     return config, state, x, t, torch_forward(unet, x, t)

@@ -6,9 +6,11 @@ Settings under which diffusers reproduces `samplers.sample` (linear schedule, ep
     beta_start=1e-4, beta_end=0.02, variance_type="fixed_large", clip_sample=True) - the
     google/ddpm-cifar10-32 scheduler; set_timesteps(T).
   DDIM over our "ddimN" respacing (timesteps 0, T/N, 2T/N, ...): DDIMScheduler with the same
-    betas, clip_sample=True, set_alpha_to_one=True (the last step lands on x0), steps_offset=0,
-    timestep_spacing="leading", and step(..., eta=eta, use_clipped_model_output=True) (our eps is
-    re-derived from the clipped x0, as improved-diffusion does); the step noise via variance_noise.
+    betas and its defaults clip_sample=True, set_alpha_to_one=True (the last step lands on x0),
+    steps_offset=0, timestep_spacing="leading" (google/ddpm-cifar10-32 sets none of them), and
+    step(..., eta=eta, use_clipped_model_output=True): our eps is re-derived from the clipped x0,
+    as improved-diffusion does, where diffusers' default (False, also DDIMPipeline's) keeps the
+    network's eps.
 Our step i (kept index, timestep_map[i]) draws N(0, I) from fold_in(chain_key, i) with
 noise_key, chain_key = split(key); diffusers gets exactly those arrays.
 """
@@ -16,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from convert_helpers import diffusers_unet, load_config, small
+
 from jax_diffusion import samplers
 from jax_diffusion.convert.weights import params_from_state_dict
 from jax_diffusion.diffusion import create_diffusion
@@ -106,8 +108,8 @@ def test_ddim_matches_ddim_scheduler(network, steps, eta):
 
 
 def test_ddim_default_diffusers_settings_differ(network):
-    """Negative control: diffusers' defaults (use_clipped_model_output=False, and for
-    google/ddpm-cifar10-32's DDIM config steps_offset=1) do not reproduce our sampler."""
+    """Negative control: with diffusers' default use_clipped_model_output=False (what
+    DDIMPipeline does) the same loop does not reproduce our sampler: the test above sees it."""
     from diffusers import DDIMScheduler
 
     config, unet, model_fn, shape = network

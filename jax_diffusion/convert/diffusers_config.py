@@ -37,7 +37,8 @@ def _attention_channels(model_config: ml_collections.ConfigDict, image_size: int
     """Channels of every attention layer: the attention levels' and the middle's."""
     m = model_config
     sizes = [image_size // 2 ** level for level in range(len(m.ch_mult))]
-    levels = [m.ch * mult for size, mult in zip(sizes, m.ch_mult) if size in m.attention_resolutions]
+    levels = [m.ch * mult for size, mult in zip(sizes, m.ch_mult, strict=True)
+              if size in m.attention_resolutions]
     return levels + [m.ch * m.ch_mult[-1]]
 
 
@@ -52,7 +53,8 @@ def _head_dim(model_config: ml_collections.ConfigDict, image_size: int) -> int |
     if len(dims) > 1:
         raise errors.ConversionError(
             f"config.model.num_heads={m.num_heads} gives attention layers of different head widths "
-            f"{sorted(dims)}, which a diffusers UNet2DModel (one attention_head_dim) cannot express: "
+            f"{sorted(dims)}, which a diffusers UNet2DModel (one attention_head_dim) cannot "
+            f"express: "
             f"set config.model.num_head_channels instead")
     return dims.pop()
 
@@ -134,15 +136,18 @@ _CONFIG_KEY = {
 }
 
 
-def check_unet2d_config(found: dict[str, Any], config: ml_collections.ConfigDict, source: str) -> None:
+def check_unet2d_config(found: dict[str, Any], config: ml_collections.ConfigDict,
+                        source: str) -> None:
     """Raise one ConversionError naming every setting of `found` (a config.json) that makes its
     network differ from config's U-Net."""
     if found.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise errors.ConversionError(f"{source} describes a {found['_class_name']}, not a UNet2DModel")
+        raise errors.ConversionError(
+            f"{source} describes a {found['_class_name']}, not a UNet2DModel")
     want = unet2d_config(config)
     differences = []
     for key in want:
-        if key in ("_class_name", "sample_size", "dropout", "attention_head_dim", "num_class_embeds"):
+        if key in ("_class_name", "sample_size", "dropout", "attention_head_dim",
+                   "num_class_embeds"):
             continue
         have, value = _effective(found, key), _effective(want, key)
         same = (abs(have - value) <= 1e-3 * value if key == "norm_eps" and have is not None

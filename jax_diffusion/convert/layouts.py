@@ -1,4 +1,4 @@
-"""Where each parameter of the project's U-Net lives in a PyTorch state dict, and how it is laid out.
+"""Where each parameter of the project's U-Net lives in a PyTorch state dict, and its layout.
 
 Two layouts: diffusers' `UNet2DModel` ("diffusers") and improved-diffusion / guided-diffusion's
 `UNetModel` ("improved_diffusion"). `tensor_specs(config, layout)` lists, for every leaf of the
@@ -14,7 +14,6 @@ diffusers keeps separate to_q, to_k, to_v).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator
 
 import jax
@@ -29,15 +28,17 @@ LAYOUTS = ("diffusers", "improved_diffusion")
 _RESBLOCK_CHILDREN = {
     "diffusers": {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_emb_proj", "norm2": "norm2",
                   "conv2": "conv2", "skip": "conv_shortcut"},
-    "improved_diffusion": {"norm1": "in_layers.0", "conv1": "in_layers.2", "emb_proj": "emb_layers.1",
-                           "norm2": "out_layers.0", "conv2": "out_layers.3", "skip": "skip_connection"},
+    "improved_diffusion": {"norm1": "in_layers.0", "conv1": "in_layers.2",
+                           "emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+                           "conv2": "out_layers.3", "skip": "skip_connection"},
 }
 _ATTENTION_CHILDREN = {
     "diffusers": {"norm": "group_norm", "qkv": "to_", "proj_out": "to_out.0"},
     "improved_diffusion": {"norm": "norm", "qkv": "qkv", "proj_out": "proj_out"},
 }
 _TOP_LEVEL = {
-    "diffusers": {"embed/dense0": "time_embedding.linear_1", "embed/dense1": "time_embedding.linear_2",
+    "diffusers": {"embed/dense0": "time_embedding.linear_1",
+                  "embed/dense1": "time_embedding.linear_2",
                   "embed/label_embed": "class_embedding", "conv_in": "conv_in",
                   "norm_out": "conv_norm_out", "conv_out": "conv_out"},
     "improved_diffusion": {"embed/dense0": "time_embed.0", "embed/dense1": "time_embed.2",
@@ -135,7 +136,8 @@ def _dense_spec(path, shape, module, source_ndim=2):
     c_in, c_out = shape
     extra = (1,) * (source_ndim - 2)
     return TensorSpec(path, shape, (f"{module}.weight",), ((c_out, c_in) + extra,),
-                      lambda w: w.reshape(c_out, c_in).T, lambda k: (k.T.reshape((c_out, c_in) + extra),))
+                      lambda w: w.reshape(c_out, c_in).T,
+                      lambda k: (k.T.reshape((c_out, c_in) + extra),))
 
 
 def _plain_spec(path, shape, name):
@@ -148,8 +150,9 @@ def _split_qkv_spec(path, shape, module, heads):
         c = shape[0] // 3
         names = tuple(f"{module}{p}.bias" for p in "qkv")
         return TensorSpec(path, shape, names, ((c,),) * 3,
-                          lambda *bs: np.stack([b.reshape(heads, c // heads) for b in bs], 1).reshape(-1),
-                          lambda v: tuple(v.reshape(heads, 3, c // heads)[:, i].reshape(c) for i in range(3)))
+                          lambda *bs: np.stack([b.reshape(heads, -1) for b in bs], 1).reshape(-1),
+                          lambda v: tuple(v.reshape(heads, 3, -1)[:, i].reshape(c)
+                                          for i in range(3)))
     c = shape[0]
     names = tuple(f"{module}{p}.weight" for p in "qkv")
 
@@ -162,7 +165,8 @@ def _split_qkv_spec(path, shape, module, heads):
     return TensorSpec(path, shape, names, ((c, c),) * 3, to_ours, to_source)
 
 
-def _leaf_spec(path: str, shape: tuple[int, ...], module: str, layout: str, heads: int) -> TensorSpec:
+def _leaf_spec(path: str, shape: tuple[int, ...], module: str, layout: str,
+               heads: int) -> TensorSpec:
     parts = path.split("/")
     owner = parts[-2]
     if owner == "label_embed":
@@ -207,10 +211,3 @@ def tensor_specs(config: ml_collections.ConfigDict, layout: str) -> list[TensorS
         specs.append(_leaf_spec(path, shape, module, layout, heads))
     return specs
 
-
-def num_source_tensors(specs: list[TensorSpec]) -> int:
-    return sum(len(s.sources) for s in specs)
-
-
-def count_params(specs: list[TensorSpec]) -> int:
-    return sum(math.prod(s.shape) for s in specs)

@@ -21,10 +21,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise errors.InputFileError(f"{path} is not a file: point config.convert.source at a "
                                     f"diffusers model directory or a .safetensors/.pt state dict")
-    if path.endswith(".safetensors"):
-        tensors = _read_safetensors(path)
-    else:
-        tensors = _read_pickle(path)
+    tensors = _read_safetensors(path) if path.endswith(".safetensors") else _read_pickle(path)
     return {name: np.asarray(value, dtype=np.float32) for name, value in tensors.items()}
 
 

@@ -32,8 +32,9 @@ def validate_convert_config(config: ml_collections.ConfigDict, mode: str) -> Non
     c = config.convert
     if mode == "import":
         if not c.source:
-            raise errors.ConfigError("config.convert.source is empty: set --config.convert.source="
-                                     "PATH (a diffusers model directory or a .safetensors/.pt file)")
+            raise errors.ConfigError(
+                "config.convert.source is empty: set --config.convert.source=PATH (a diffusers "
+                "model directory or a .safetensors/.pt file)")
         if c.format not in FORMATS:
             raise errors.ConfigError(f"config.convert.format={c.format!r} is not one of "
                                      f"{', '.join(FORMATS)}")
@@ -71,7 +72,8 @@ def _diffusers_weights_file(directory: str) -> str:
 def read_source(config: ml_collections.ConfigDict) -> dict:
     """The parameter tree of config's U-Net from config.convert.source, every name, shape and
     (for diffusers) architecture setting checked."""
-    source, fmt = config.convert.source, resolve_format(config.convert.source, config.convert.format)
+    source = config.convert.source
+    fmt = resolve_format(source, config.convert.format)
     if fmt == "diffusers":
         if not os.path.isdir(source):
             raise errors.InputFileError(f"config.convert.format='diffusers' needs a directory with "
@@ -88,8 +90,9 @@ def read_source(config: ml_collections.ConfigDict) -> dict:
         weights = _diffusers_weights_file(source)
         return params_from_state_dict(read_state_dict(weights), config, "diffusers", weights)
     if os.path.isdir(source) or not source.endswith(_STATE_DICT_SUFFIXES):
-        raise errors.InputFileError(f"config.convert.format='improved_diffusion' needs a state-dict "
-                                    f"file ({', '.join(_STATE_DICT_SUFFIXES)}), not {source}")
+        raise errors.InputFileError(
+            f"config.convert.format='improved_diffusion' needs a state-dict file "
+            f"({', '.join(_STATE_DICT_SUFFIXES)}), not {source}")
     return params_from_state_dict(read_state_dict(source), config, fmt, source)
 
 
@@ -121,7 +124,7 @@ def run_import(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def run_export(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """--mode=export: WD's EMA weights -> a diffusers UNet2DModel directory config.convert.target."""
+    """--mode=export: WD's EMA weights -> diffusers UNet2DModel directory config.convert.target."""
     from jax_diffusion import parallel
     from jax_diffusion.models import create_model
     from jax_diffusion.train_state import abstract_train_state

@@ -40,7 +40,7 @@ def params_from_state_dict(state: dict[str, np.ndarray], config: ml_collections.
     unexpected = sorted(set(state) - needed)
     wrong = []
     for spec in specs:
-        for name, shape in zip(spec.sources, spec.source_shapes):
+        for name, shape in zip(spec.sources, spec.source_shapes, strict=True):
             if name not in state:
                 continue
             have = tuple(state[name].shape)
@@ -49,8 +49,8 @@ def params_from_state_dict(state: dict[str, np.ndarray], config: ml_collections.
             if have != shape and not null_row_missing:
                 wrong.append(f"{name} is {have}, the config needs {shape}")
     if missing or unexpected or wrong:
-        parts = [_listed(kind, names) for kind, names in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong-shaped", wrong)) if names]
+        kinds = (("missing", missing), ("unexpected", unexpected), ("wrong-shaped", wrong))
+        parts = [_listed(kind, names) for kind, names in kinds if names]
         raise errors.ConversionError(f"{source} does not fit the model of this config "
                                      f"({layout} layout): " + "; ".join(parts))
     flat = {}
@@ -73,6 +73,6 @@ def state_dict_from_params(params, config: ml_collections.ConfigDict, layout: st
             raise errors.ConversionError(
                 f"the parameters do not fit the model of this config at {spec.path}: was the "
                 f"checkpoint trained with another config.model?")
-        for name, array in zip(spec.sources, spec.to_source(flat[spec.path])):
+        for name, array in zip(spec.sources, spec.to_source(flat[spec.path]), strict=True):
             state[name] = np.ascontiguousarray(array)
     return state

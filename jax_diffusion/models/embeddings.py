@@ -23,7 +23,8 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq
     models: t reaches 4000, where bf16 could not even represent the argument.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    exponents = jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    freqs = jnp.exp(-math.log(max_period) * exponents)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
     parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
     return jnp.concatenate(parts, axis=-1)

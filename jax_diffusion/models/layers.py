@@ -71,8 +71,8 @@ def _group_average(per_channel: jax.Array) -> jax.Array:
     return jnp.broadcast_to(grouped, (batch, GROUPS, channels // GROUPS)).reshape(batch, channels)
 
 
-def group_norm(x: jax.Array, name: str, dtype: jnp.dtype, epsilon: float, scale: jax.Array | None = None,
-               shift: jax.Array | None = None) -> jax.Array:
+def group_norm(x: jax.Array, name: str, dtype: jnp.dtype, epsilon: float,
+               scale: jax.Array | None = None, shift: jax.Array | None = None) -> jax.Array:
     """GroupNorm(32 groups) in float32; AdaGN `norm(x) * (1 + scale) + shift` when scale/shift ([B, C]) are given."""
     return GroupNorm(dtype, epsilon, name=name)(x, scale, shift)
 

@@ -81,7 +81,8 @@ class UNet(nn.Module):
             return block(h, emb, train)
 
         def attn(h, name):
-            return AttentionBlock(self.num_heads, self.num_head_channels, dtype, self.norm_eps, name=name)(h)
+            return AttentionBlock(self.num_heads, self.num_head_channels, dtype, self.norm_eps,
+                                  name=name)(h)
 
         def down(h, name):
             if self.resblock_updown:
@@ -170,7 +171,8 @@ def validate_model_config(model_config: "ml_collections.ConfigDict | UNet", imag
     if not 0.0 < m.norm_eps < 1.0:
         _fail("norm_eps", m.norm_eps, "must be in (0, 1): 1e-6 (DDPM) or 1e-5 (improved-diffusion)")
     if m.downsample_padding not in DOWNSAMPLE_PADDINGS:
-        _fail("downsample_padding", m.downsample_padding, f"must be one of {sorted(DOWNSAMPLE_PADDINGS)}")
+        _fail("downsample_padding", m.downsample_padding,
+              f"must be one of {sorted(DOWNSAMPLE_PADDINGS)}")
     _check_heads(m, m.ch * m.ch_mult[-1])
     if image_size is None:
         return
