@@ -86,7 +86,7 @@ def test_each_ddpm_convention_switched_back_breaks_parity(key, wrong, scale_conv
     assert diff > 100 * TOL
 
 
-@pytest.mark.parametrize("full_size", [False, True])
+@pytest.mark.parametrize("full_size", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_improved_config_matches_diffusers_scale_shift_unet(full_size):
     """improved-diffusion's network as diffusers builds it, class-conditional, learned sigma, fed
     float timesteps (rescale_timesteps)."""

@@ -113,19 +113,6 @@ def test_timestep_embedding_ddpm_convention():
     assert abs(args[2, 3] - 249.75 / 10000) < 1e-12  # the last frequency is exactly 1 / 10000
 
 
-def test_float_timesteps_equal_integer_ones():
-    """rescale_timesteps feeds float t: the U-Net takes it, and integral floats change nothing."""
-    cfg = tiny_config()
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-    variables = perturb_zero_leaves(create_model(cfg).init(KEY, x, jnp.zeros(2, jnp.int32)), 0)
-    model = create_model(cfg)
-    ints = model.apply(variables, x, jnp.array([3, 250]))
-    floats = model.apply(variables, x, jnp.array([3.0, 250.0]))
-    np.testing.assert_array_equal(np.asarray(ints), np.asarray(floats))
-    halves = model.apply(variables, x, jnp.array([3.5, 250.0]))
-    assert np.abs(np.asarray(halves - ints))[0].max() > 1e-4
-
-
 def test_rescale_timesteps_feeds_t_times_1000_over_T():
     from jax_diffusion.diffusion import create_diffusion
     config = load_config("cifar10_improved")
@@ -269,6 +256,17 @@ def test_labels_condition_the_output_and_none_is_the_null_label(cond):
     assert float(jnp.max(jnp.abs(out_0 - out_5))) > 1e-3
     assert float(jnp.max(jnp.abs(out_0 - out_null))) > 1e-3
     np.testing.assert_array_equal(out_none, out_null)
+
+
+def test_float_timesteps_equal_integer_ones(cond):
+    """rescale_timesteps feeds float t: the U-Net takes it, and integral floats change nothing."""
+    _, params, apply = cond
+    y = jnp.array([1, 2])
+    ints = apply(params, X, T, y)
+    floats = apply(params, X, T.astype(jnp.float32), y)
+    np.testing.assert_array_equal(np.asarray(ints), np.asarray(floats))
+    halves = apply(params, X, T.astype(jnp.float32) + jnp.array([0.5, 0.0]), y)
+    assert float(jnp.max(jnp.abs(halves - ints)[0])) > 1e-4
 
 
 def test_labels_on_an_unconditional_model_raise():

@@ -65,6 +65,7 @@ def scheduler_kwargs():
                 clip_sample=True)
 
 
+@pytest.mark.slow  # 1000 steps of two networks
 def test_ddpm_1000_steps_matches_ddpm_scheduler(network, monkeypatch):
     from diffusers import DDPMScheduler
     from diffusers.schedulers import scheduling_ddpm
