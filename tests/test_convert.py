@@ -63,6 +63,8 @@ def test_import_then_sample_restores_the_imported_weights(tmp_path):
     with np.load(os.path.join(samples_dir, "samples_0.npz")) as f:
         images = f["images"]
     assert images.shape[0] == 8 and images.shape[1:3] == (16, 16) and images.shape[-1] == 3
+    with pytest.raises(errors.ConversionError, match="already holds checkpoints"):
+        run_import(config, workdir)
 
 
 def test_export_reloads_in_diffusers_with_the_same_outputs(tmp_path):
@@ -118,6 +120,23 @@ def test_improved_diffusion_state_dict_round_trip_through_a_pt_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("key, value, phrase", [
+    ("source", "", "config.convert.source is empty"),
+    ("format", "torch", "config.convert.format='torch' is not one of auto, diffusers, "
+                        "improved_diffusion"),
+    ("step", -1, "config.convert.step=-1"),
+])
+def test_convert_config_errors(tmp_path, key, value, phrase):
+    config = ddpm_config(str(tmp_path))
+    config.convert[key] = value
+    import_fails(config, tmp_path / "wd", errors.ConfigError, phrase)
+
+
+def test_export_needs_a_target(tmp_path):
+    with pytest.raises(errors.ConfigError, match="config.convert.target is empty"):
+        run_export(ddpm_config(), str(tmp_path))
+
+
 def import_fails(config, workdir, error_type, *phrases):
     with pytest.raises(error_type) as info:
         run_import(config, str(workdir))
