@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jax_diffusion import checkpoints, errors
+from jax_diffusion import checkpoints, errors, parallel
 from jax_diffusion.convert.diffusers_config import check_unet2d_config, unet2d_config
 from jax_diffusion.convert.readers import PICKLE_NAME, SAFETENSORS_NAME, read_state_dict
 from jax_diffusion.convert.weights import params_from_state_dict, state_dict_from_params
+from jax_diffusion.models import create_model
+from jax_diffusion.train_state import TrainState, abstract_train_state, create_optimizer
 
 FORMATS = ("auto", "diffusers", "improved_diffusion")
 _STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -99,7 +101,6 @@ def read_source(config: ml_collections.ConfigDict) -> dict:
 def _fresh_state(config: ml_collections.ConfigDict, params):
     """A TrainState at step 0 holding `params` (and as EMA), with a fresh optimizer state and the
     rng a fresh run of this config starts from."""
-    from jax_diffusion.train_state import TrainState, create_optimizer
     params = jax.tree.map(jnp.asarray, params)
     rng = jax.random.split(jax.random.PRNGKey(config.train.seed))[1]
     return TrainState(step=jnp.asarray(config.convert.step, jnp.int32), params=params,
@@ -125,10 +126,6 @@ def run_import(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def run_export(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=export: WD's EMA weights -> diffusers UNet2DModel directory config.convert.target."""
-    from jax_diffusion import parallel
-    from jax_diffusion.models import create_model
-    from jax_diffusion.train_state import abstract_train_state
-
     validate_convert_config(config, "export")
     diffusers_config = unet2d_config(config)  # raises before anything is read if not expressible
     target = config.convert.target
