@@ -1,4 +1,8 @@
-"""DDPM (Ho et al. 2020) on CIFAR-10: the 35.7M-parameter U-Net, linear schedule, L_simple; DDIM sampling."""
+"""DDPM (Ho et al. 2020) on CIFAR-10: the 35.7M-parameter U-Net, linear schedule, L_simple; DDIM
+sampling.
+
+The network is Ho et al.'s, conventions included, so google/ddpm-cifar10-32's weights import into it
+(--mode=import)."""
 import ml_collections
 
 from jax_diffusion.config_files import default_config
@@ -26,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.use_scale_shift_norm = False
     model.learn_sigma = False
     model.num_classes = 0
+    model.time_embedding_freq_shift = 1
+    model.time_embedding_flip_sin_to_cos = False
+    model.norm_eps = 1e-6
+    model.downsample_padding = "tf_same"
 
     diffusion = config.diffusion
     diffusion.schedule = "linear"

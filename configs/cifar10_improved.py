@@ -27,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.use_scale_shift_norm = True
     model.learn_sigma = True
     model.num_classes = 10               # 11 embedding rows: the last is the null label
+    model.time_embedding_freq_shift = 0
+    model.time_embedding_flip_sin_to_cos = True
+    model.norm_eps = 1e-5
+    model.downsample_padding = "symmetric"
 
     diffusion = config.diffusion
     diffusion.schedule = "cosine"
@@ -34,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.mean_type = "eps"
     diffusion.var_type = "learned_range"
     diffusion.loss_type = "hybrid"
+    diffusion.rescale_timesteps = True   # improved-diffusion's recipe: the network sees t / 4
 
     train = config.train
     train.batch_size = 128

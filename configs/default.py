@@ -32,6 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_classes = 0                # 0 = unconditional; else num_classes + 1 embedding rows (last = null label)
     model.dtype = "float32"              # compute dtype: "float32" or "bfloat16"; parameters stay float32
     model.remat = False                  # jax.checkpoint each ResBlock to save activation memory
+    # Conventions that tell the published networks apart (no parameter changes shape):
+    # Ho et al.'s DDPM (google/ddpm-cifar10-32) 1, False, 1e-6, "tf_same"; improved-diffusion 0,
+    # True, 1e-5, "symmetric". Imported weights compute another function under the other ones.
+    model.time_embedding_freq_shift = 0  # sinusoid frequencies 10000^(-i / (ch/2 - shift)): 0 or 1
+    model.time_embedding_flip_sin_to_cos = True  # True: [cos | sin] features; False: [sin | cos]
+    model.norm_eps = 1e-5                # every GroupNorm's epsilon
+    model.downsample_padding = "symmetric"  # stride-2 conv: "symmetric" (1, 1) or "tf_same" (0, 1)
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"        # "linear" | "cosine"
@@ -39,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.mean_type = "eps"          # "eps" | "x0" | "v"
     diffusion.var_type = "fixed_large"   # "fixed_small" | "fixed_large" | "learned_range"
     diffusion.loss_type = "mse"          # "mse" (L_simple) | "hybrid" | "kl"
+    diffusion.rescale_timesteps = False  # True: the network sees t * 1000 / T (improved-diffusion)
 
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 2000
@@ -94,6 +102,14 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.nll_examples = 0          # 0 = the whole eval split
     evaluation.nll_batch_size = 64
     evaluation.sweep = ""                # quality vs NFE, e.g. "ddim:10,20,50;dpm_solver++3m:5,10,20;edm_heun:9,19"
+
+    # --mode=import / --mode=export (jax_diffusion/convert/): PyTorch checkpoints <-> Orbax.
+    config.convert = convert = ml_collections.ConfigDict()
+    convert.source = ""                  # import: a diffusers UNet2DModel dir or a .safetensors/.pt
+    convert.format = "auto"              # "auto" | "diffusers" | "improved_diffusion"; auto: a dir
+                                         # with config.json is diffusers, a file improved_diffusion
+    convert.step = 0                     # import: the checkpoint step written into --workdir
+    convert.target = ""                  # export: the diffusers model directory written
 
     # --mode=bench (jax_diffusion/bench.py): random data, compile timed apart, median of windows.
     config.bench = bench = ml_collections.ConfigDict()

@@ -87,7 +87,7 @@ class GaussianDiffusion:
 
     def __init__(self, betas: np.ndarray, model_mean_type: str = "eps",
                  model_var_type: str = "fixed_large", loss_type: str = "mse",
-                 use_timesteps: Collection[int] | None = None):
+                 use_timesteps: Collection[int] | None = None, rescale_timesteps: bool = False):
         _check_choice(model_mean_type, MEAN_TYPES, "model_mean_type")
         _check_choice(model_var_type, VAR_TYPES, "model_var_type")
         _check_choice(loss_type, LOSS_TYPES, "loss_type")
@@ -105,6 +105,7 @@ class GaussianDiffusion:
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
+        self.rescale_timesteps = rescale_timesteps
         self.num_timesteps = len(betas)
 
         self.betas = betas
@@ -139,7 +140,12 @@ class GaussianDiffusion:
                 raise ValueError(f"shape mismatch: {other.shape} vs x {x.shape}")
 
     def timesteps_for_model(self, t: jax.Array) -> jax.Array:
-        """The original timesteps that index t stands for (what model_fn receives)."""
+        """What model_fn receives for index t: the original timestep it stands for (int32), or
+        with rescale_timesteps that timestep * 1000 / T (float32; improved-diffusion's recipe, so
+        the network always sees [0, 1000) whatever T)."""
+        if self.rescale_timesteps:
+            scaled = self.timestep_map * (1000.0 / self.original_num_steps)
+            return jnp.asarray(scaled, dtype=jnp.float32)[t]
         return jnp.asarray(self.timestep_map, dtype=jnp.int32)[t]
 
     # ---------------------------------------------------------------- forward process
@@ -336,4 +342,7 @@ def create_diffusion(diffusion_config, respacing: str | Collection[int] | None =
     if isinstance(respacing, (str, list, tuple)):
         respacing = schedules.space_timesteps(diffusion_config.num_timesteps, respacing)
     return GaussianDiffusion(betas, diffusion_config.mean_type, diffusion_config.var_type,
-                             diffusion_config.loss_type, use_timesteps=respacing)
+                             diffusion_config.loss_type, use_timesteps=respacing,
+                             # absent from configs saved before the key existed: t as is
+                             rescale_timesteps=getattr(diffusion_config, "rescale_timesteps",
+                                                       False))

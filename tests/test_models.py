@@ -103,6 +103,30 @@ def test_timestep_embedding_is_the_sinusoid():
     np.testing.assert_allclose(emb, np.concatenate([np.cos(args), np.sin(args)], -1), atol=1e-4)
 
 
+def test_timestep_embedding_ddpm_convention():
+    """Ho et al.: f_i = exp(-log(10000) i / (half - 1)), [sin | cos]; float t as well."""
+    t = np.array([0.0, 7.5, 249.75])
+    emb = np.asarray(timestep_embedding(jnp.asarray(t, jnp.float32), 8, freq_shift=1,
+                                        flip_sin_to_cos=False))
+    args = t[:, None] * np.exp(-np.log(10000.0) * np.arange(4) / 3)
+    np.testing.assert_allclose(emb, np.concatenate([np.sin(args), np.cos(args)], -1), atol=1e-4)
+    assert abs(args[2, 3] - 249.75 / 10000) < 1e-12  # the last frequency is exactly 1 / 10000
+
+
+def test_rescale_timesteps_feeds_t_times_1000_over_T():
+    from jax_diffusion.diffusion import create_diffusion
+    config = load_config("cifar10_improved")
+    assert config.diffusion.rescale_timesteps
+    diffusion = create_diffusion(config.diffusion, "ddim10")
+    t = jnp.arange(10)
+    got = diffusion.timesteps_for_model(t)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.arange(0, 4000, 400) / 4.0)
+    plain = create_diffusion(load_config("cifar10").diffusion, "ddim10").timesteps_for_model(t)
+    assert plain.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(plain), np.arange(0, 1000, 100))
+
+
 # ---------------------------------------------------------------- FLOPs
 
 
@@ -232,6 +256,17 @@ def test_labels_condition_the_output_and_none_is_the_null_label(cond):
     assert float(jnp.max(jnp.abs(out_0 - out_5))) > 1e-3
     assert float(jnp.max(jnp.abs(out_0 - out_null))) > 1e-3
     np.testing.assert_array_equal(out_none, out_null)
+
+
+def test_float_timesteps_equal_integer_ones(cond):
+    """rescale_timesteps feeds float t: the U-Net takes it, and integral floats change nothing."""
+    _, params, apply = cond
+    y = jnp.array([1, 2])
+    ints = apply(params, X, T, y)
+    floats = apply(params, X, T.astype(jnp.float32), y)
+    np.testing.assert_array_equal(np.asarray(ints), np.asarray(floats))
+    halves = apply(params, X, T.astype(jnp.float32) + jnp.array([0.5, 0.0]), y)
+    assert float(jnp.max(jnp.abs(halves - ints)[0])) > 1e-4
 
 
 def test_labels_on_an_unconditional_model_raise():

@@ -10,6 +10,9 @@ import jax.numpy as jnp
 from jax_diffusion.models.upsample_conv import UpsampleConv
 
 GROUPS = 32
+# Stride-2 downsampling convolution padding (rows and columns alike): PyTorch-style symmetric, or
+# TensorFlow's "SAME" for an even input, nothing before and one pixel after (Ho et al.'s DDPM).
+DOWNSAMPLE_PADDINGS = {"symmetric": (1, 1), "tf_same": (0, 1)}
 
 
 def default_init() -> nn.initializers.Initializer:
@@ -18,10 +21,11 @@ def default_init() -> nn.initializers.Initializer:
 
 
 def conv(features: int, kernel: int, dtype: jnp.dtype, name: str, stride: int = 1,
-         zero_init: bool = False) -> nn.Conv:
-    """A k x k convolution with 'same' padding (symmetric, as in the PyTorch references)."""
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+         zero_init: bool = False, padding: tuple[int, int] | None = None) -> nn.Conv:
+    """A k x k convolution; `padding` (before, after) on both axes, by default k // 2 on each side
+    (symmetric, as in the PyTorch references)."""
+    pad = (kernel // 2, kernel // 2) if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=(pad, pad),
                    dtype=dtype, kernel_init=nn.initializers.zeros if zero_init else default_init(), name=name)
 
 
@@ -67,10 +71,10 @@ def _group_average(per_channel: jax.Array) -> jax.Array:
     return jnp.broadcast_to(grouped, (batch, GROUPS, channels // GROUPS)).reshape(batch, channels)
 
 
-def group_norm(x: jax.Array, name: str, dtype: jnp.dtype, scale: jax.Array | None = None,
-               shift: jax.Array | None = None) -> jax.Array:
+def group_norm(x: jax.Array, name: str, dtype: jnp.dtype, epsilon: float,
+               scale: jax.Array | None = None, shift: jax.Array | None = None) -> jax.Array:
     """GroupNorm(32 groups) in float32; AdaGN `norm(x) * (1 + scale) + shift` when scale/shift ([B, C]) are given."""
-    return GroupNorm(dtype, name=name)(x, scale, shift)
+    return GroupNorm(dtype, epsilon, name=name)(x, scale, shift)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -84,15 +88,20 @@ def avg_pool2(x: jax.Array) -> jax.Array:
 
 
 class Downsample(nn.Module):
-    """Halve H and W: a stride-2 3x3 convolution (conv_resample) or 2x2 average pooling."""
+    """Halve H and W: a stride-2 3x3 convolution (conv_resample) or 2x2 average pooling.
+
+    `padding` names the convolution's padding in DOWNSAMPLE_PADDINGS.
+    """
 
     use_conv: bool
     dtype: jnp.dtype = jnp.float32
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_conv:
-            return conv(x.shape[-1], 3, self.dtype, "conv", stride=2)(x)
+            return conv(x.shape[-1], 3, self.dtype, "conv", stride=2,
+                        padding=DOWNSAMPLE_PADDINGS[self.padding])(x)
         return avg_pool2(x)
 
 
@@ -127,10 +136,11 @@ class ResBlock(nn.Module):
     resample: str = "none"  # "none" | "up" | "down"
     skip_conv3x3: bool = False
     dtype: jnp.dtype = jnp.float32
+    norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-        h = nn.silu(group_norm(x, "norm1", self.dtype))
+        h = nn.silu(group_norm(x, "norm1", self.dtype, self.norm_eps))
         if self.resample == "up":  # conv1 of the upsampled h, computed as one sub-pixel convolution
             h = UpsampleConv(self.out_ch, default_init(), self.dtype, name="conv1")(h)
             x = upsample_nearest(x)
@@ -143,9 +153,9 @@ class ResBlock(nn.Module):
         e = nn.Dense(emb_width, dtype=self.dtype, kernel_init=default_init(), name="emb_proj")(nn.silu(emb))
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = group_norm(h, "norm2", self.dtype, scale, shift)
+            h = group_norm(h, "norm2", self.dtype, self.norm_eps, scale, shift)
         else:
-            h = group_norm(h + e[:, None, None, :], "norm2", self.dtype)
+            h = group_norm(h + e[:, None, None, :], "norm2", self.dtype, self.norm_eps)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
         h = conv(self.out_ch, 3, self.dtype, "conv2", zero_init=True)(h)
 
@@ -186,12 +196,13 @@ class AttentionBlock(nn.Module):
     num_heads: int = 1
     num_head_channels: int = -1
     dtype: jnp.dtype = jnp.float32
+    norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
         heads = c // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
-        h = group_norm(x, "norm", self.dtype).reshape(b, height * width, c)
+        h = group_norm(x, "norm", self.dtype, self.norm_eps).reshape(b, height * width, c)
         q, k, v = QKVProjection(heads, self.dtype, name="qkv")(h)
         # The XLA implementation is the exact math: float32 logits (scaled by 1/sqrt(head_dim)) and
         # softmax, weights cast back to dtype for the product with v.

@@ -11,7 +11,16 @@ import jax.numpy as jnp
 import ml_collections
 
 from jax_diffusion.models.embeddings import ConditioningEmbedding
-from jax_diffusion.models.layers import GROUPS, AttentionBlock, Downsample, ResBlock, Upsample, conv, group_norm
+from jax_diffusion.models.layers import (
+    DOWNSAMPLE_PADDINGS,
+    GROUPS,
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    conv,
+    group_norm,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -22,6 +31,12 @@ class UNet(nn.Module):
     Each level of the encoder has `num_res_blocks` ResBlocks of ch * ch_mult[level] channels; the decoder
     has one more per level, each consuming one skip activation (concatenated on channels). Attention
     follows every ResBlock whose feature map is in `attention_resolutions` (pixels).
+
+    Four conventions tell the published networks apart without changing a parameter's shape
+    (see configs/default.py): the time embedding's `time_embedding_freq_shift` and
+    `time_embedding_flip_sin_to_cos`, the GroupNorm `norm_eps`, and the stride-2 convolution's
+    `downsample_padding`. Ho et al.'s DDPM: 1, False, 1e-6, "tf_same"; improved-diffusion:
+    0, True, 1e-5, "symmetric".
     """
 
     ch: int
@@ -38,10 +53,15 @@ class UNet(nn.Module):
     num_classes: int = 0
     dtype: str = "float32"
     remat: bool = False
+    time_embedding_freq_shift: int = 0
+    time_embedding_flip_sin_to_cos: bool = True
+    norm_eps: float = 1e-5
+    downsample_padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False) -> jax.Array:
-        """x: [B, H, H, C] float; t: [B] int timesteps; y: [B] int labels, or None for the null label.
+        """x: [B, H, H, C] float; t: [B] int or float timesteps (float when the diffusion rescales
+        them, config.diffusion.rescale_timesteps); y: [B] int labels, or None for the null label.
 
         Returns [B, H, H, C] (2C with learn_sigma) float32. train=True enables dropout
         (pass rngs={"dropout": key}).
@@ -50,22 +70,24 @@ class UNet(nn.Module):
             raise ValueError(f"x must be square NHWC images [B, H, H, C], got shape {x.shape}")
         validate_model_config(self, image_size=x.shape[1])
         dtype = DTYPES[self.dtype]
-        emb = ConditioningEmbedding(self.ch, self.num_classes, dtype, name="embed")(t, y)
+        emb = ConditioningEmbedding(self.ch, self.num_classes, self.time_embedding_freq_shift,
+                                    self.time_embedding_flip_sin_to_cos, dtype, name="embed")(t, y)
         # remat: recompute each ResBlock in the backward pass; `train` (arg 3 after self, x, emb) is static.
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
         def res(h, out_ch, name, resample="none"):
             block = block_cls(out_ch, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                              resample=resample, dtype=dtype, name=name)
+                              resample=resample, dtype=dtype, norm_eps=self.norm_eps, name=name)
             return block(h, emb, train)
 
         def attn(h, name):
-            return AttentionBlock(self.num_heads, self.num_head_channels, dtype, name=name)(h)
+            return AttentionBlock(self.num_heads, self.num_head_channels, dtype, self.norm_eps,
+                                  name=name)(h)
 
         def down(h, name):
             if self.resblock_updown:
                 return res(h, h.shape[-1], name, "down")
-            return Downsample(self.conv_resample, dtype, name=name)(h)
+            return Downsample(self.conv_resample, dtype, self.downsample_padding, name=name)(h)
 
         def up(h, name):
             if self.resblock_updown:
@@ -97,7 +119,7 @@ class UNet(nn.Module):
             if level != 0:
                 h = up(h, f"up{level}_upsample")
 
-        h = nn.silu(group_norm(h, "norm_out", dtype))
+        h = nn.silu(group_norm(h, "norm_out", dtype, self.norm_eps))
         out_channels = x.shape[-1] * (2 if self.learn_sigma else 1)
         h = conv(out_channels, 3, dtype, "conv_out", zero_init=True)(h)
         return h.astype(jnp.float32)
@@ -140,6 +162,17 @@ def validate_model_config(model_config: "ml_collections.ConfigDict | UNet", imag
         _fail("dtype", m.dtype, f"must be one of {sorted(DTYPES)}")
     if m.num_classes < 0:
         _fail("num_classes", m.num_classes, "must be >= 0 (0 = unconditional)")
+    if m.time_embedding_freq_shift not in (0, 1):
+        _fail("time_embedding_freq_shift", m.time_embedding_freq_shift,
+              "must be 0 (improved-diffusion) or 1 (Ho et al.'s DDPM)")
+    if not isinstance(m.time_embedding_flip_sin_to_cos, bool):
+        _fail("time_embedding_flip_sin_to_cos", m.time_embedding_flip_sin_to_cos,
+              "must be True ([cos | sin], improved-diffusion) or False ([sin | cos], DDPM)")
+    if not 0.0 < m.norm_eps < 1.0:
+        _fail("norm_eps", m.norm_eps, "must be in (0, 1): 1e-6 (DDPM) or 1e-5 (improved-diffusion)")
+    if m.downsample_padding not in DOWNSAMPLE_PADDINGS:
+        _fail("downsample_padding", m.downsample_padding,
+              f"must be one of {sorted(DOWNSAMPLE_PADDINGS)}")
     _check_heads(m, m.ch * m.ch_mult[-1])
     if image_size is None:
         return
@@ -164,4 +197,7 @@ def create_model(model_config: ml_collections.ConfigDict) -> UNet:
                 attention_resolutions=tuple(m.attention_resolutions), num_heads=m.num_heads,
                 num_head_channels=m.num_head_channels, dropout=m.dropout, conv_resample=m.conv_resample,
                 resblock_updown=m.resblock_updown, use_scale_shift_norm=m.use_scale_shift_norm,
-                learn_sigma=m.learn_sigma, num_classes=m.num_classes, dtype=m.dtype, remat=m.remat)
+                learn_sigma=m.learn_sigma, num_classes=m.num_classes, dtype=m.dtype, remat=m.remat,
+                time_embedding_freq_shift=m.time_embedding_freq_shift,
+                time_embedding_flip_sin_to_cos=m.time_embedding_flip_sin_to_cos,
+                norm_eps=m.norm_eps, downsample_padding=m.downsample_padding)

@@ -1,0 +1,156 @@
+"""--mode=import and --mode=export: PyTorch checkpoints <-> the run's Orbax checkpoints.
+
+import: config.convert.source (a diffusers UNet2DModel directory, or a state-dict file) ->
+WD/checkpoints/<config.convert.step>/ with params = ema_params = the imported weights, a fresh
+optimizer state and the config, so --mode=sample and --mode=eval restore it like a trained run.
+export: the EMA weights of WD's latest checkpoint (or config.sample.checkpoint_step) -> a diffusers
+UNet2DModel directory config.convert.target (config.json + diffusion_pytorch_model.safetensors).
+Every check runs before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jax_diffusion import checkpoints, errors, parallel
+from jax_diffusion.convert.diffusers_config import check_unet2d_config, unet2d_config
+from jax_diffusion.convert.readers import PICKLE_NAME, SAFETENSORS_NAME, read_state_dict
+from jax_diffusion.convert.weights import params_from_state_dict, state_dict_from_params
+from jax_diffusion.models import create_model
+from jax_diffusion.train_state import TrainState, abstract_train_state, create_optimizer
+
+FORMATS = ("auto", "diffusers", "improved_diffusion")
+_STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def validate_convert_config(config: ml_collections.ConfigDict, mode: str) -> None:
+    """Raise ConfigError for a config.convert that `mode` ("import" or "export") cannot use."""
+    c = config.convert
+    if mode == "import":
+        if not c.source:
+            raise errors.ConfigError(
+                "config.convert.source is empty: set --config.convert.source=PATH (a diffusers "
+                "model directory or a .safetensors/.pt file)")
+        if c.format not in FORMATS:
+            raise errors.ConfigError(f"config.convert.format={c.format!r} is not one of "
+                                     f"{', '.join(FORMATS)}")
+        if c.step < 0:
+            raise errors.ConfigError(f"config.convert.step={c.step} must be >= 0")
+    elif mode == "export" and not c.target:
+        raise errors.ConfigError("config.convert.target is empty: set --config.convert.target=DIR "
+                                 "(where the diffusers model directory is written)")
+
+
+def resolve_format(source: str, fmt: str) -> str:
+    """"diffusers" or "improved_diffusion" for `source` under config.convert.format `fmt`."""
+    if fmt != "auto":
+        return fmt
+    if os.path.isdir(source):
+        if os.path.isfile(os.path.join(source, "config.json")):
+            return "diffusers"
+        raise errors.InputFileError(
+            f"{source} is a directory without config.json, so not a diffusers model directory: "
+            f"point config.convert.source at one (config.json + {SAFETENSORS_NAME}) or at a "
+            f"state-dict file")
+    if os.path.isfile(source):
+        return "improved_diffusion"
+    raise errors.InputFileError(f"config.convert.source={source!r} does not exist")
+
+
+def _diffusers_weights_file(directory: str) -> str:
+    for name in (SAFETENSORS_NAME, PICKLE_NAME):
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise errors.InputFileError(f"{directory} has a config.json but neither {SAFETENSORS_NAME} nor "
+                                f"{PICKLE_NAME}: download the weights into it")
+
+
+def read_source(config: ml_collections.ConfigDict) -> dict:
+    """The parameter tree of config's U-Net from config.convert.source, every name, shape and
+    (for diffusers) architecture setting checked."""
+    source = config.convert.source
+    fmt = resolve_format(source, config.convert.format)
+    if fmt == "diffusers":
+        if not os.path.isdir(source):
+            raise errors.InputFileError(f"config.convert.format='diffusers' needs a directory with "
+                                        f"config.json, and {source} is not one")
+        config_path = os.path.join(source, "config.json")
+        try:
+            with open(config_path) as f:
+                found = json.load(f)
+        except (OSError, ValueError) as e:
+            raise errors.InputFileError(f"{config_path} is not readable JSON ({e})") from None
+        if not isinstance(found, dict):
+            raise errors.InputFileError(f"{config_path} is not a JSON object")
+        check_unet2d_config(found, config, config_path)
+        weights = _diffusers_weights_file(source)
+        return params_from_state_dict(read_state_dict(weights), config, "diffusers", weights)
+    if os.path.isdir(source) or not source.endswith(_STATE_DICT_SUFFIXES):
+        raise errors.InputFileError(
+            f"config.convert.format='improved_diffusion' needs a state-dict file "
+            f"({', '.join(_STATE_DICT_SUFFIXES)}), not {source}")
+    return params_from_state_dict(read_state_dict(source), config, fmt, source)
+
+
+def _fresh_state(config: ml_collections.ConfigDict, params):
+    """A TrainState at step 0 holding `params` (and as EMA), with a fresh optimizer state and the
+    rng a fresh run of this config starts from."""
+    params = jax.tree.map(jnp.asarray, params)
+    rng = jax.random.split(jax.random.PRNGKey(config.train.seed))[1]
+    return TrainState(step=jnp.asarray(config.convert.step, jnp.int32), params=params,
+                      ema_params=params, opt_state=create_optimizer(config.train).init(params),
+                      rng=rng)
+
+
+def run_import(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """--mode=import: write config.convert.source's weights as WD/checkpoints/<step>/."""
+    validate_convert_config(config, "import")
+    existing = checkpoints.checkpoint_dir(workdir)
+    if os.path.isdir(existing) and os.listdir(existing):
+        raise errors.ConversionError(f"{existing} already holds checkpoints: import into an empty "
+                                     f"--workdir")
+    params = read_source(config)
+    manager = checkpoints.create_manager(workdir, async_save=False)
+    # data_state {}: no input iterator has run; a resumed --mode=train starts a fresh one.
+    checkpoints.save(manager, config.convert.step, _fresh_state(config, params), config, {})
+    manager.wait_until_finished()
+    manager.close()
+    logging.info("Imported %s into %s/%d", config.convert.source, existing, config.convert.step)
+
+
+def run_export(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """--mode=export: WD's EMA weights -> diffusers UNet2DModel directory config.convert.target."""
+    validate_convert_config(config, "export")
+    diffusers_config = unet2d_config(config)  # raises before anything is read if not expressible
+    target = config.convert.target
+    if os.path.exists(os.path.join(target, "config.json")):
+        raise errors.ConversionError(f"{target} already holds a model (config.json): export into "
+                                     f"a new directory")
+    manager = checkpoints.create_manager(workdir, read_only=True)
+    step = checkpoints.select_step(manager, config.sample.checkpoint_step)
+    template = abstract_train_state(config, create_model(config.model))
+    params = checkpoints.restore_params(manager, step, template,
+                                        parallel.replicated(parallel.create_mesh()))
+    state = state_dict_from_params(jax.tree.map(np.asarray, params), config)
+    write_diffusers_dir(target, diffusers_config, state)
+    logging.info("Exported the EMA weights of %s/%d to %s", checkpoints.checkpoint_dir(workdir),
+                 step, target)
+
+
+def write_diffusers_dir(target: str, diffusers_config: dict, state: dict[str, np.ndarray]) -> None:
+    """config.json + diffusion_pytorch_model.safetensors, each written to a temporary name first."""
+    from safetensors.numpy import save_file
+    os.makedirs(target, exist_ok=True)
+    weights = os.path.join(target, SAFETENSORS_NAME)
+    save_file(state, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    config_path = os.path.join(target, "config.json")
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(diffusers_config, f, indent=2)
+    os.replace(config_path + ".tmp", config_path)
