@@ -26,6 +26,8 @@ MODES: dict[str, str] = {
     "sample": "jax_diffusion.sample_command:run_sample",
     "eval": "jax_diffusion.evaluation.run:run_eval",
     "bench": "jax_diffusion.bench:run_bench",
+    "import": "jax_diffusion.convert.run:run_import",
+    "export": "jax_diffusion.convert.run:run_export",
 }
 
 

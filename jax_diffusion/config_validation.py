@@ -1,7 +1,8 @@
 """The whole config checked once, before any device, dataset or checkpoint is touched.
 
-Part of the entry layer with cli.py: it may read the tables of the mode modules (the metric
-table of evaluation/run.py, the parts of bench.py); library modules never import it.
+Part of the entry layer with cli.py: it may read the tables and checks of the mode modules (the
+metric table of evaluation/run.py, the parts of bench.py, convert's checks); library modules
+never import it.
 
 `validate_config(config, mode, workdir)` walks every section and raises `ConfigError` naming the
 key, the bad value and what is allowed; the modes then trust the config. Allowed values come from
@@ -248,6 +249,9 @@ def validate_config(config: ml_collections.ConfigDict, mode: str, workdir: str) 
     _check_eval(config, mode)
     _check_bench(config.bench)
     validate_distributed_config(config.distributed)
+    if mode in ("import", "export"):
+        from jax_diffusion.convert.run import validate_convert_config
+        validate_convert_config(config, mode)
 
 
 def check_device_divisibility(config: ml_collections.ConfigDict, mode: str, mesh) -> None:

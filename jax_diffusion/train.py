@@ -179,7 +179,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         step = manager.latest_step()
         state, data_state = checkpoints.restore_train_state(
             manager, step, abstract_train_state(config, model), parallel.replicated(mesh))
-        iterator.set_state(data_state)
+        if data_state:  # an imported checkpoint has none: its run starts the data afresh
+            iterator.set_state(data_state)
         logging.info("Resuming from %s at step %d", checkpoints.checkpoint_dir(workdir) +
                      f"/{step}", step)
     step = int(state.step)

@@ -3,18 +3,20 @@ Orbax checkpoint -> sampling; Orbax -> diffusers directory -> from_pretrained gi
 outputs; improved-diffusion state dicts; bad inputs (one clear line, nothing written)."""
 import builtins
 import os
+import subprocess
 
 import flax
 import numpy as np
 import pytest
+from cli_helpers import ENV, TIMEOUT, plain_command
 from convert_helpers import diffusers_unet, load_config, random_inputs, small, torch_forward
+from tiny_config import ROOT
 
 from jax_diffusion import errors, parallel
 from jax_diffusion.convert.readers import SAFETENSORS_NAME
 from jax_diffusion.convert.run import run_export, run_import
 from jax_diffusion.convert.weights import params_from_state_dict, state_dict_from_params
 
-pytest.importorskip("diffusers")
 
 
 def ddpm_config(workdir_source="", **model_overrides):
@@ -34,14 +36,31 @@ def flat(tree):
     return {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
 
 
+def _cli_flags(source: str) -> list[str]:
+    """ddpm_config(source) as main.py flags."""
+    return [f"--config={os.path.join(ROOT, 'configs', 'cifar10.py')}",
+            "--config.data.image_size=16", "--config.model.ch=32", "--config.model.ch_mult=(1,2)",
+            "--config.model.num_res_blocks=1", "--config.model.attention_resolutions=(8,)",
+            f"--config.convert.source={source}", "--config.sample.num_samples=8",
+            "--config.sample.batch_size=8", "--config.sample.num_steps=3",
+            "--config.sample.method=ddim"]
+
+
 def test_import_then_sample_restores_the_imported_weights(tmp_path):
+    """--mode=import then --mode=sample through main.py; the restored weights are the imported
+    ones and compute diffusers' function."""
     from jax_diffusion.models import create_model
-    from jax_diffusion.sampling import restore_for_sampling, run_sample
+    from jax_diffusion.sampling import restore_for_sampling
 
     config = ddpm_config(str(tmp_path / "hf"))
     unet, state = saved_diffusers_model(config, config.convert.source)
     workdir = str(tmp_path / "wd")
-    run_import(config, workdir)
+    for mode in ("import", "sample"):
+        result = subprocess.run(plain_command(workdir, f"--mode={mode}",
+                                              *_cli_flags(config.convert.source)),
+                                env=ENV, cwd=ROOT, capture_output=True, text=True,
+                                timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["0"]
 
     mesh = parallel.create_mesh()
@@ -59,8 +78,7 @@ def test_import_then_sample_restores_the_imported_weights(tmp_path):
     ours = np.asarray(model.apply({"params": params}, x, t))
     assert np.abs(ours - torch_forward(unet, x, t)).max() <= 1e-4
 
-    samples_dir = run_sample(config, workdir)
-    with np.load(os.path.join(samples_dir, "samples_0.npz")) as f:
+    with np.load(os.path.join(workdir, "samples", "samples_0.npz")) as f:
         images = f["images"]
     assert images.shape[0] == 8 and images.shape[1:3] == (16, 16) and images.shape[-1] == 3
     with pytest.raises(errors.ConversionError, match="already holds checkpoints"):

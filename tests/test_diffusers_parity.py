@@ -17,7 +17,6 @@ from convert_helpers import (
 from jax_diffusion.convert.diffusers_config import unet2d_config
 from jax_diffusion.convert.weights import params_from_state_dict
 
-pytest.importorskip("diffusers")
 TOL = 1e-4
 
 

@@ -25,8 +25,7 @@ from jax_diffusion.convert.weights import params_from_state_dict
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch
 BATCH = 2
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jax_diffusion.errors import ConfigError
 from jax_diffusion.models.embeddings import ConditioningEmbedding
 from jax_diffusion.models.layers import (
     DOWNSAMPLE_PADDINGS,
@@ -126,7 +127,7 @@ class UNet(nn.Module):
 
 
 def _fail(key: str, value: Any, problem: str) -> NoReturn:
-    raise ValueError(f"config.model.{key}={value!r} {problem}")
+    raise ConfigError(f"config.model.{key}={value!r} {problem}")
 
 
 def _check_heads(model_config, channels: int) -> None:
@@ -142,7 +143,7 @@ def _check_heads(model_config, channels: int) -> None:
 
 
 def validate_model_config(model_config: "ml_collections.ConfigDict | UNet", image_size: int | None = None) -> None:
-    """Raise ValueError naming the offending `config.model` key and what is allowed.
+    """Raise ConfigError naming the offending `config.model` key and what is allowed.
 
     Takes `config.model` or a UNet (whose fields carry the same names).
     Without `image_size` only the size-independent checks run (the middle attention's heads included);
@@ -178,8 +179,9 @@ def validate_model_config(model_config: "ml_collections.ConfigDict | UNet", imag
         return
     factor = 2 ** (len(m.ch_mult) - 1)
     if image_size % factor:
-        raise ValueError(f"image size {image_size} must be divisible by {factor} = 2^(len(config.model.ch_mult) - 1) "
-                         f"for config.model.ch_mult={tuple(m.ch_mult)!r}")
+        raise ConfigError(f"config.data.image_size={image_size} must be divisible by {factor} = "
+                          f"2^(len(config.model.ch_mult) - 1) for "
+                          f"config.model.ch_mult={tuple(m.ch_mult)!r}")
     sizes = [image_size // 2 ** level for level in range(len(m.ch_mult))]
     for res in m.attention_resolutions:
         if res not in sizes:
