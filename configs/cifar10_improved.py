@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_head_channels = -1
     model.dropout = 0.3
     model.conv_resample = True
-    model.resblock_updown = False        # the paper's CIFAR-10 run resamples with separate conv layers
+    model.resblock_updown = False        # the paper's CIFAR-10 run resamples
+                                         # with separate conv layers
     model.use_scale_shift_norm = True
     model.learn_sigma = True
     model.num_classes = 10               # 11 embedding rows: the last is the null label

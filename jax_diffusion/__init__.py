@@ -1,1 +1,2 @@
-"""jax_diffusion: Gaussian diffusion models (DDPM, Improved DDPM, DDIM, DPM-Solver++) in JAX/Flax."""
+"""jax_diffusion: Gaussian diffusion models (DDPM, Improved DDPM, DDIM, DPM-Solver++) in
+JAX/Flax."""

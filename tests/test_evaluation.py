@@ -169,7 +169,8 @@ def test_kid_is_unbiased_for_one_distribution_and_for_a_known_shift():
     # has power.
     biased = np.mean([((a @ a.T / 16 + 1) ** 3).mean() + ((b @ b.T / 16 + 1) ** 3).mean()
                       - 2 * ((a @ b.T / 16 + 1) ** 3).mean()
-                      for a, b in zip(np.split(x[:30000], 300), np.split(y[:30000], 300))])
+                      for a, b in zip(np.split(x[:30000], 300), np.split(y[:30000], 300),
+                                      strict=True)])
     assert biased > 20 * stderr
     # 1-D N(0,1) vs N(m,1): k(x,y) = (xy+1)^3 has features (x^3, sqrt3 x^2, sqrt3 x, 1), so
     # MMD^2 = (E x^3 - E y^3)^2 + 3 (E x^2 - E y^2)^2 + 3 (E x - E y)^2
@@ -233,7 +234,7 @@ def _np_fid_inception(w, x):
         b7 = c(f"{m}.branch7x7_1", x)
         b7 = c(f"{m}.branch7x7_3", c(f"{m}.branch7x7_2", b7, pad=(0, 3)), pad=(3, 0))
         bd = c(f"{m}.branch7x7dbl_1", x)
-        for i, p in zip((2, 3, 4, 5), ((3, 0), (0, 3), (3, 0), (0, 3))):
+        for i, p in zip((2, 3, 4, 5), ((3, 0), (0, 3), (3, 0), (0, 3)), strict=True):
             bd = c(f"{m}.branch7x7dbl_{i}", bd, pad=p)
         x = cat(c(f"{m}.branch1x1", x), b7, bd,
                 c(f"{m}.branch_pool", _np_avg_pool_excluding_padding(x)))
@@ -315,7 +316,7 @@ def test_flax_inception_matches_independent_numpy_graph(random_weights, tmp_path
     # Split over the 8 (forced CPU) devices: the same numbers.
     sharded = inception_features(module, variables, images, batch_size=2, mesh=create_mesh(),
                                  preprocess="pytorch_fid")
-    for ours, split in zip((pool, logits), sharded):
+    for ours, split in zip((pool, logits), sharded, strict=True):
         np.testing.assert_allclose(split, ours, rtol=1e-5, atol=1e-5 * np.max(np.abs(ours)))
 
 

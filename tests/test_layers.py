@@ -1,12 +1,18 @@
-"""Layer oracles: GroupNorm (+AdaGN), self-attention and the sub-pixel upsampling convolution against
-float64 formulas written out plainly, and their parameters against flax's own layers."""
+"""Layer oracles: GroupNorm (+AdaGN), self-attention and the sub-pixel upsampling convolution
+against float64 formulas written out plainly, and their parameters against flax's own layers."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_diffusion.models.layers import GROUPS, AttentionBlock, GroupNorm, QKVProjection, default_init
+from jax_diffusion.models.layers import (
+    GROUPS,
+    AttentionBlock,
+    GroupNorm,
+    QKVProjection,
+    default_init,
+)
 from jax_diffusion.models.upsample_conv import UpsampleConv, upsample_conv3x3
 
 RNG = np.random.default_rng(0)
@@ -16,7 +22,8 @@ RNG = np.random.default_rng(0)
 
 
 def group_norm_oracle(x, gamma, beta, scale=None, shift=None, eps=1e-5):
-    """float64: normalise each (image, group) over its pixels and channels, then the affine, then AdaGN."""
+    """float64: normalise each (image, group) over its pixels and channels, then the affine, then
+    AdaGN."""
     x = np.asarray(x, np.float64)
     b, c = x.shape[0], x.shape[-1]
     grouped = x.reshape(b, -1, GROUPS, c // GROUPS)
@@ -29,20 +36,24 @@ def group_norm_oracle(x, gamma, beta, scale=None, shift=None, eps=1e-5):
     return y
 
 
-@pytest.mark.parametrize("shape, offset", [((2, 6, 5, 64), 0.0), ((3, 4, 4, 128), 3.0), ((2, 7, 96), -1.5)])
+@pytest.mark.parametrize("shape, offset",
+                         [((2, 6, 5, 64), 0.0), ((3, 4, 4, 128), 3.0), ((2, 7, 96), -1.5)])
 @pytest.mark.parametrize("adagn", [False, True])
 def test_group_norm_matches_the_formula(shape, offset, adagn):
-    """Offset: activations whose mean is 3x their spread still normalise to float32 accuracy, although
-    the variance is E[x^2] - E[x]^2 (flax's fast-variance form)."""
+    """Offset: activations whose mean is 3x their spread still normalise to float32 accuracy,
+    although the variance is E[x^2] - E[x]^2 (flax's fast-variance form)."""
     c = shape[-1]
     x = (offset + RNG.standard_normal(shape) * RNG.uniform(0.5, 2.0, c)).astype(np.float32)
-    gamma, beta = RNG.uniform(0.5, 1.5, c).astype(np.float32), RNG.standard_normal(c).astype(np.float32)
+    gamma, beta = (RNG.uniform(0.5, 1.5, c).astype(np.float32),
+                   RNG.standard_normal(c).astype(np.float32))
     scale = shift = None
     if adagn:
-        scale, shift = (0.3 * RNG.standard_normal((shape[0], c))).astype(np.float32), RNG.standard_normal((shape[0], c)).astype(np.float32)
+        scale, shift = ((0.3 * RNG.standard_normal((shape[0], c))).astype(np.float32),
+                        RNG.standard_normal((shape[0], c)).astype(np.float32))
     out = GroupNorm().apply({"params": {"scale": gamma, "bias": beta}}, x, scale, shift)
     assert out.dtype == jnp.float32 and out.shape == shape
-    np.testing.assert_allclose(out, group_norm_oracle(x, gamma, beta, scale, shift), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(out, group_norm_oracle(x, gamma, beta, scale, shift),
+                               rtol=1e-5, atol=2e-5)
 
 
 def test_group_norm_matches_flax_and_has_its_parameters():
@@ -52,7 +63,8 @@ def test_group_norm_matches_flax_and_has_its_parameters():
     assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, theirs)
     params = {"params": {"scale": RNG.uniform(0.5, 1.5, 64).astype(np.float32),
                          "bias": RNG.standard_normal(64).astype(np.float32)}}
-    np.testing.assert_allclose(GroupNorm().apply(params, x), nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5).apply(params, x),
+    np.testing.assert_allclose(GroupNorm().apply(params, x),
+                               nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5).apply(params, x),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -62,7 +74,8 @@ def test_group_norm_normalises_each_group_separately():
     out = np.asarray(GroupNorm().apply({"params": {"scale": np.ones(64), "bias": np.zeros(64)}},
                                        x.astype(np.float32)), np.float64).reshape(25, GROUPS, 2)
     np.testing.assert_allclose(out.mean(axis=(0, 2)), 0, atol=1e-5)
-    np.testing.assert_allclose(out.var(axis=(0, 2)), 1, atol=2e-3)  # eps=1e-5 shrinks the smallest group
+    # eps=1e-5 shrinks the smallest group
+    np.testing.assert_allclose(out.var(axis=(0, 2)), 1, atol=2e-3)
 
 
 # ---------------------------------------------------------------- attention
@@ -87,10 +100,12 @@ def test_attention_block_matches_the_formula(heads):
     x = RNG.standard_normal((2, 4, 3, 64)).astype(np.float32)
     block = AttentionBlock(num_heads=heads)
     shapes = jax.eval_shape(block.init, jax.random.key(0), x)["params"]
-    params = jax.tree.map(lambda s: (RNG.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(np.float32), shapes)
+    params = jax.tree.map(lambda s: (RNG.standard_normal(s.shape)
+                                     / np.sqrt(s.shape[0])).astype(np.float32), shapes)
     assert params["qkv"]["kernel"].shape == (64, 192)  # nn.Dense(3C)'s parameters
     out = jax.jit(block.apply)({"params": params}, x)
-    reference = attention_oracle(np.asarray(x, np.float64), jax.tree.map(lambda a: np.asarray(a, np.float64), params), heads)
+    reference = attention_oracle(np.asarray(x, np.float64),
+                                 jax.tree.map(lambda a: np.asarray(a, np.float64), params), heads)
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4)
     assert float(np.abs(reference - x).max()) > 0.5  # the attention branch is not negligible
 
@@ -103,7 +118,7 @@ def test_qkv_projection_has_the_parameters_of_nn_dense():
     dense = nn.Dense(192, kernel_init=default_init())
     theirs = dense.init(jax.random.key(5), h)
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_array_equal(a, b)
     params = jax.tree.map(lambda leaf: RNG.standard_normal(leaf.shape).astype(np.float32), ours)
     fused = dense.apply(params, h).reshape(2, 5, 4, 3, 16)
@@ -142,22 +157,27 @@ def test_upsample_conv_gradients_equal_those_of_the_plain_form():
         return jax.lax.conv_general_dilated(up, kernel, (1, 1), ((1, 1), (1, 1)),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    grads = [jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
+    grads = [jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * cotangent),
+                              argnums=(0, 1)))(x, kernel)
              for f in (upsample_conv3x3, plain)]
-    for ours, reference in zip(*grads):
+    for ours, reference in zip(*grads, strict=True):
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
         assert float(jnp.abs(reference).max()) > 1.0
 
 
 def test_upsample_conv_has_the_parameters_of_nn_conv():
-    """Same names, shapes and initial values as the nn.Conv it replaces, so checkpoints carry over."""
+    """Same names, shapes and initial values as the nn.Conv it replaces, so checkpoints carry
+    over."""
     x = jnp.zeros((1, 4, 4, 8))
     ours = UpsampleConv(16, default_init()).init(jax.random.key(3), x)
-    theirs = nn.Conv(16, (3, 3), padding=1, kernel_init=default_init()).init(jax.random.key(3), jnp.zeros((1, 8, 8, 8)))
+    theirs = nn.Conv(16, (3, 3), padding=1,
+                     kernel_init=default_init()).init(jax.random.key(3), jnp.zeros((1, 8, 8, 8)))
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_array_equal(a, b)
     params = jax.tree.map(lambda leaf: RNG.standard_normal(leaf.shape).astype(np.float32), ours)
-    up = jnp.repeat(jnp.repeat(RNG.standard_normal((1, 4, 4, 8)).astype(np.float32), 2, axis=1), 2, axis=2)
+    up = jnp.repeat(jnp.repeat(RNG.standard_normal((1, 4, 4, 8)).astype(np.float32), 2, axis=1),
+                    2, axis=2)
     np.testing.assert_allclose(UpsampleConv(16, default_init()).apply(params, up[:, ::2, ::2]),
-                               nn.Conv(16, (3, 3), padding=1).apply(params, up), rtol=1e-5, atol=1e-5)
+                               nn.Conv(16, (3, 3), padding=1).apply(params, up),
+                               rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""U-Net tests: published parameter counts, FLOPs vs XLA, shapes, conditioning, dropout, bf16, config errors."""
+"""U-Net tests: published parameter counts, FLOPs vs XLA, shapes, conditioning, dropout, bf16,
+config errors."""
 import importlib.util
 import math
 import os
@@ -15,13 +16,15 @@ from jax_diffusion.models import create_model
 from jax_diffusion.models.embeddings import timestep_embedding
 from jax_diffusion.models.layers import ResBlock
 
-# Model inits use rbg keys: a threefry init compiles ~3x slower on CPU, and the key's kind is irrelevant here.
+# Model inits use rbg keys: a threefry init compiles ~3x slower on CPU, and the key's kind is
+# irrelevant here.
 KEY = jax.random.key(0, impl="rbg")
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(CONFIGS, f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(f"configs_{name}",
+                                                  os.path.join(CONFIGS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -30,8 +33,8 @@ def load_config(name: str) -> ml_collections.ConfigDict:
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     """A 2-level, 32-channel U-Net (attention at 8x8): compiles in seconds on a CPU."""
     cfg = load_config("default").model
-    cfg.update(dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), num_heads=2,
-                    dropout=0.1))
+    cfg.update(dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                    num_heads=2, dropout=0.1))
     cfg.update(overrides)
     return cfg
 
@@ -67,7 +70,8 @@ def perturb_zero_leaves(variables, seed: int, scale: float = 1.0):
 # ---------------------------------------------------------------- published architectures
 
 
-@pytest.mark.parametrize("name, expected", [("cifar10", 35_746_307), ("cifar10_improved", 52_552_070)])
+@pytest.mark.parametrize("name, expected",
+                         [("cifar10", 35_746_307), ("cifar10_improved", 52_552_070)])
 def test_parameter_count_matches_published_model(name, expected):
     variables = abstract_params(load_config(name).model, 32, 3)
     assert set(variables) == {"params"}
@@ -81,7 +85,8 @@ def test_improved_model_has_null_label_row_and_scale_shift_projections():
     assert params["conv_out"]["kernel"].shape == (3, 3, 128, 6)  # learned sigma: 2C outputs
 
 
-@pytest.mark.parametrize("skip_conv3x3, scale_shift", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("skip_conv3x3, scale_shift",
+                         [(False, False), (True, False), (False, True)])
 def test_resblock_layout(skip_conv3x3, scale_shift):
     c_in, c_out, emb = 32, 64, 128
     block = ResBlock(c_out, use_scale_shift_norm=scale_shift, skip_conv3x3=skip_conv3x3)
@@ -89,7 +94,8 @@ def test_resblock_layout(skip_conv3x3, scale_shift):
     variables = jax.eval_shape(lambda key: block.init(key, x, e, False), jax.random.key(0))
     k = 3 if skip_conv3x3 else 1
     expected = (2 * c_in + 9 * c_in * c_out + c_out                        # norm1, conv1
-                + emb * c_out * (2 if scale_shift else 1) + c_out * (2 if scale_shift else 1)  # emb_proj
+                + emb * c_out * (2 if scale_shift else 1)                  # emb_proj
+                + c_out * (2 if scale_shift else 1)
                 + 2 * c_out + 9 * c_out * c_out + c_out                    # norm2, conv2
                 + k * k * c_in * c_out + c_out)                            # skip
     assert count(variables) == expected
@@ -143,15 +149,18 @@ def xla_flops(cfg, image_size: int, channels: int, compile_: bool) -> float:
 @pytest.mark.parametrize("name", ["cifar10", "cifar10_improved"])
 def test_forward_flops_of_published_models_match_xla(name):
     cfg = load_config(name).model
-    nominal, as_computed = unet_forward_flops(cfg, 32, 3), unet_forward_flops(cfg, 32, 3, as_computed=True)
+    nominal, as_computed = (unet_forward_flops(cfg, 32, 3),
+                            unet_forward_flops(cfg, 32, 3, as_computed=True))
     measured = xla_flops(cfg, 32, 3, compile_=True)
-    # XLA counts only the non-padding taps of each convolution, so it is a few % below the dense count.
+    # XLA counts only the non-padding taps of each convolution, so it is a few % below the dense
+    # count.
     assert abs(as_computed - measured) / measured < 0.10, (as_computed, measured)
     assert train_flops_per_image(cfg, 32, 3) == 3 * nominal
     assert train_flops_per_image(cfg, 32, 3, as_computed=True) == 3 * as_computed
     if name == "cifar10":
         assert 12.3e9 < nominal < 12.5e9  # the published ~12.4 GFLOPs
-        # The three upsampling convolutions (256 channels, to 8x8, 16x16, 32x32) run 4 of their 9 taps.
+        # The three upsampling convolutions (256 channels, to 8x8, 16x16, 32x32) run 4 of their 9
+        # taps.
         upsampling = sum(2 * size * size * 9 * 256 * 256 for size in (8, 16, 32))
         assert nominal - as_computed == upsampling * 5 // 9
 
@@ -177,12 +186,14 @@ def test_forward_flops_of_small_models_match_xla(overrides):
 
 @pytest.mark.parametrize("image_size, channels, overrides", [
     (8, 1, dict(attention_resolutions=(4,), conv_resample=False)),
-    (32, 1, dict(ch_mult=(1, 2, 2), attention_resolutions=(16, 8), num_head_channels=32, learn_sigma=True)),
+    (32, 1, dict(ch_mult=(1, 2, 2), attention_resolutions=(16, 8), num_head_channels=32,
+                 learn_sigma=True)),
 ])
 def test_output_shape(image_size, channels, overrides):
     cfg = tiny_config(**overrides)
     model = create_model(cfg)
-    x = np.random.default_rng(1).standard_normal((2, image_size, image_size, channels)).astype(np.float32)
+    x = (np.random.default_rng(1).standard_normal((2, image_size, image_size, channels))
+         .astype(np.float32))
     t = jnp.array([0, 999])
     variables = perturb_zero_leaves(jax.jit(model.init)(KEY, x, t), 2)
     out = jax.jit(model.apply)(variables, x, t)
@@ -283,7 +294,8 @@ def test_remat_checkpoints_every_resblock_and_keeps_the_values():
     for remat in (False, True):
         model = create_model(tiny_config(**{**cfg, "remat": remat}))
         outputs.append(jax.jit(model.apply)(params, x, t))
-        grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply(p, x, t))))(params))
+        grad_fn = jax.grad(lambda p, model=model: jnp.sum(model.apply(p, x, t)))
+        grad_jaxpr = str(jax.make_jaxpr(grad_fn)(params))
         remats.append(len(re.findall(r"\bremat\w*", grad_jaxpr)))
     n_resblocks = sum("_res" in name for name in params["params"])
     assert remats == [0, n_resblocks]
@@ -296,18 +308,20 @@ def test_remat_checkpoints_every_resblock_and_keeps_the_values():
 def test_bfloat16_model_keeps_float32_params_and_matches_float32(cond):
     variables, _, apply_f32 = cond
     # Residual branches and output layer at 10% of the init scale, like a network early in training.
-    # (At full scale the error of this random net reaches ~2%: rounding only the params and the input
-    # to bf16 already costs ~0.7% there, so that setting measures the net's sensitivity, not the casts.)
+    # (At full scale the error of this random net reaches ~2%: rounding only the params and the
+    # input to bf16 already costs ~0.7% there, so that setting measures the net's sensitivity, not
+    # the casts.)
     params = perturb_zero_leaves(variables, 4, scale=0.1)
     model_bf16 = create_model(tiny_config(dtype="bfloat16", **COND))
-    init_dtypes = {leaf.dtype for leaf in jax.tree.leaves(jax.eval_shape(model_bf16.init, jax.random.key(0), X, T))}
+    init_dtypes = {leaf.dtype for leaf in jax.tree.leaves(jax.eval_shape(model_bf16.init,
+                                                                         jax.random.key(0), X, T))}
     assert init_dtypes == {jnp.dtype(jnp.float32)}
     y = jnp.array([1, 2])
     ref = apply_f32(params, X, T, y)
     out = jax.jit(model_bf16.apply)(params, X, T, y)
     assert out.dtype == jnp.float32
-    # Relative RMS error ||out - ref|| / ||ref||: bf16 keeps 8 significant bits (0.4% per rounding), so
-    # a correct mixed-precision net lands near 1%; a wrong cast or lost term is O(1).
+    # Relative RMS error ||out - ref|| / ||ref||: bf16 keeps 8 significant bits (0.4% per rounding),
+    # so a correct mixed-precision net lands near 1%; a wrong cast or lost term is O(1).
     rel_rms = float(jnp.sqrt(jnp.mean((out - ref) ** 2) / jnp.mean(ref ** 2)))
     assert rel_rms < 2e-2, rel_rms
     assert float(jnp.sqrt(jnp.mean(ref ** 2))) > 1e-2  # the comparison is not trivially 0 == 0
@@ -335,9 +349,12 @@ def test_bfloat16_lowering_runs_convolutions_and_matmuls_in_bf16(cond):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(ch=48), r"config\.model\.ch=48 must be divisible by 32 \(GroupNorm groups\)"),
-    (dict(num_heads=3), r"config\.model\.num_heads=3 must be a positive divisor of the 64 channels"),
-    (dict(num_head_channels=48), r"config\.model\.num_head_channels=48 must divide the 64 channels"),
-    (dict(dtype="float16"), r"config\.model\.dtype='float16' must be one of \['bfloat16', 'float32'\]"),
+    (dict(num_heads=3),
+     r"config\.model\.num_heads=3 must be a positive divisor of the 64 channels"),
+    (dict(num_head_channels=48),
+     r"config\.model\.num_head_channels=48 must divide the 64 channels"),
+    (dict(dtype="float16"),
+     r"config\.model\.dtype='float16' must be one of \['bfloat16', 'float32'\]"),
 ])
 def test_bad_config_raises_at_create_model(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -346,10 +363,13 @@ def test_bad_config_raises_at_create_model(overrides, message):
 
 @pytest.mark.parametrize("image_size, overrides, message", [
     (8, dict(attention_resolutions=(16,)),
-     r"config\.model\.attention_resolutions=\(16,\) contains 16, .* image size 8 .* allowed sizes: \(8, 4\)"),
-    (16, dict(attention_resolutions=(16,), num_head_channels=64),  # the middle (64 ch) is fine, 16x16 has 32
+     r"config\.model\.attention_resolutions=\(16,\) contains 16, .* image size 8 .* "
+     r"allowed sizes: \(8, 4\)"),
+    # the middle (64 ch) is fine, 16x16 has 32
+    (16, dict(attention_resolutions=(16,), num_head_channels=64),
      r"config\.model\.num_head_channels=64 must divide the 32 channels"),
-    (10, dict(ch_mult=(1, 2, 2), attention_resolutions=()), r"image size 10 must be divisible by 4"),
+    (10, dict(ch_mult=(1, 2, 2), attention_resolutions=()),
+     r"config.data.image_size=10 must be divisible by 4"),
 ])
 def test_bad_config_for_the_image_size_raises_when_called(image_size, overrides, message):
     model = create_model(tiny_config(**overrides))
@@ -363,7 +383,8 @@ def test_experiment_configs_only_override_existing_keys(name):
     def keys(cfg, prefix=""):
         out = set()
         for k, v in cfg.items():
-            out |= keys(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else {prefix + k}
+            out |= (keys(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict)
+                    else {prefix + k})
         return out
 
     assert keys(load_config(name)) == keys(load_config("default"))

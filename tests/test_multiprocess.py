@@ -160,7 +160,8 @@ def test_two_processes_train_like_one_with_the_same_devices(trained, runs):
     # batch, or noise drawn per process, would show.
     earlier, _, _ = _restore(trained["pair"], step=2)
     moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                for a, b in zip(jax.tree.leaves(pair.params), jax.tree.leaves(earlier.params)))
+                for a, b in zip(jax.tree.leaves(pair.params), jax.tree.leaves(earlier.params),
+                                strict=True))
     assert moved > 5e-4, moved
 
     # Only process 0 writes metrics, with the single process's losses.

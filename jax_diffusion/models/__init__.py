@@ -1,4 +1,5 @@
-"""Flax Linen models. `create_model(config.model)` returns the U-Net; see unet.py for the call signature."""
+"""Flax Linen models. `create_model(config.model)` returns the U-Net; see unet.py for the call
+signature."""
 import jax
 import jax.numpy as jnp
 import ml_collections

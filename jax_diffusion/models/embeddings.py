@@ -49,13 +49,14 @@ class ConditioningEmbedding(nn.Module):
         emb = timestep_embedding(t, self.ch, freq_shift=self.freq_shift,
                                  flip_sin_to_cos=self.flip_sin_to_cos)
         emb = nn.Dense(width, dtype=self.dtype, kernel_init=default_init(), name="dense0")(emb)
-        emb = nn.Dense(width, dtype=self.dtype, kernel_init=default_init(), name="dense1")(nn.silu(emb))
+        emb = nn.Dense(width, dtype=self.dtype, kernel_init=default_init(),
+                       name="dense1")(nn.silu(emb))
         if self.num_classes > 0:
             if y is None:
                 y = jnp.full(t.shape, self.num_classes, dtype=jnp.int32)
             table = nn.Embed(self.num_classes + 1, width, name="label_embed")
             emb = emb + table(y).astype(self.dtype)
         elif y is not None:
-            raise ValueError("labels y were given but config.model.num_classes=0 (unconditional model); "
-                             "pass y=None or set num_classes > 0")
+            raise ValueError("labels y were given but config.model.num_classes=0 "
+                             "(unconditional model); pass y=None or set num_classes > 0")
         return emb

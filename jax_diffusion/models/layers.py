@@ -26,7 +26,8 @@ def conv(features: int, kernel: int, dtype: jnp.dtype, name: str, stride: int = 
     (symmetric, as in the PyTorch references)."""
     pad = (kernel // 2, kernel // 2) if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=(pad, pad),
-                   dtype=dtype, kernel_init=nn.initializers.zeros if zero_init else default_init(), name=name)
+                   dtype=dtype, kernel_init=nn.initializers.zeros if zero_init else default_init(),
+                   name=name)
 
 
 class GroupNorm(nn.Module):
@@ -45,7 +46,8 @@ class GroupNorm(nn.Module):
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array, scale: jax.Array | None = None, shift: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, scale: jax.Array | None = None,
+                 shift: jax.Array | None = None) -> jax.Array:
         """x: [B, ..., C]; scale, shift: [B, C] or None. Returns x's shape in `dtype`."""
         channels = x.shape[-1]
         gamma = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
@@ -73,7 +75,8 @@ def _group_average(per_channel: jax.Array) -> jax.Array:
 
 def group_norm(x: jax.Array, name: str, dtype: jnp.dtype, epsilon: float,
                scale: jax.Array | None = None, shift: jax.Array | None = None) -> jax.Array:
-    """GroupNorm(32 groups) in float32; AdaGN `norm(x) * (1 + scale) + shift` when scale/shift ([B, C]) are given."""
+    """GroupNorm(32 groups) in float32; AdaGN `norm(x) * (1 + scale) + shift` when scale/shift
+    ([B, C]) are given."""
     return GroupNorm(dtype, epsilon, name=name)(x, scale, shift)
 
 
@@ -123,11 +126,11 @@ class ResBlock(nn.Module):
     """skip(x) + conv2(dropout(SiLU(norm2(conv1(SiLU(norm1(x))), emb)))).
 
     DDPM flavour: the embedding is projected to `out_ch` and added as a bias before norm2.
-    `use_scale_shift_norm` (Improved DDPM's AdaGN): it is projected to 2 * out_ch = (scale, shift) and
-    norm2 becomes GroupNorm(h) * (1 + scale) + shift. `resample` "up"/"down" makes it the BigGAN-style
-    block that resizes both paths (without convolution) between norm1 and conv1. conv2 is
-    zero-initialised, so a fresh block is the identity (or its skip projection). The skip is a 1x1
-    convolution (3x3 with `skip_conv3x3`) when the channel count changes.
+    `use_scale_shift_norm` (Improved DDPM's AdaGN): it is projected to 2 * out_ch = (scale, shift)
+    and norm2 becomes GroupNorm(h) * (1 + scale) + shift. `resample` "up"/"down" makes it the
+    BigGAN-style block that resizes both paths (without convolution) between norm1 and conv1. conv2
+    is zero-initialised, so a fresh block is the identity (or its skip projection). The skip is a
+    1x1 convolution (3x3 with `skip_conv3x3`) when the channel count changes.
     """
 
     out_ch: int
@@ -150,7 +153,8 @@ class ResBlock(nn.Module):
             h = conv(self.out_ch, 3, self.dtype, "conv1")(h)
 
         emb_width = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
-        e = nn.Dense(emb_width, dtype=self.dtype, kernel_init=default_init(), name="emb_proj")(nn.silu(emb))
+        e = nn.Dense(emb_width, dtype=self.dtype, kernel_init=default_init(),
+                     name="emb_proj")(nn.silu(emb))
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
             h = group_norm(h, "norm2", self.dtype, self.norm_eps, scale, shift)
@@ -165,9 +169,9 @@ class ResBlock(nn.Module):
 
 
 class QKVProjection(nn.Module):
-    """The fused q, k, v projection, with nn.Dense(3C)'s parameters ("kernel" [C, 3C], "bias"), applied
-    as three matmuls with slices of the kernel: slicing q, k and v out of one [..., 3C] output copies
-    each of them, and their gradients again in the backward pass."""
+    """The fused q, k, v projection, with nn.Dense(3C)'s parameters ("kernel" [C, 3C], "bias"),
+    applied as three matmuls with slices of the kernel: slicing q, k and v out of one [..., 3C]
+    output copies each of them, and their gradients again in the backward pass."""
 
     heads: int
     dtype: jnp.dtype = jnp.float32
@@ -189,8 +193,8 @@ class AttentionBlock(nn.Module):
     """x + proj_out(MultiHeadSelfAttention(GroupNorm(x))) over the H * W positions.
 
     q, k, v come from one fused 1x1 projection (3C outputs: per head [q | k | v], the layout of
-    improved-diffusion; same parameter count as DDPM's separate q, k, v). Heads: C // num_head_channels
-    when num_head_channels > 0, else num_heads. proj_out is zero-initialised.
+    improved-diffusion; same parameter count as DDPM's separate q, k, v). Heads:
+    C // num_head_channels when num_head_channels > 0, else num_heads. proj_out is zero-initialised.
     """
 
     num_heads: int = 1

@@ -27,11 +27,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class UNet(nn.Module):
-    """Encoder (ResBlocks [+ attention], downsampling) -> middle (Res, Attn, Res) -> decoder with skips.
+    """Encoder (ResBlocks [+ attention], downsampling) -> middle (Res, Attn, Res) -> decoder with
+    skips.
 
-    Each level of the encoder has `num_res_blocks` ResBlocks of ch * ch_mult[level] channels; the decoder
-    has one more per level, each consuming one skip activation (concatenated on channels). Attention
-    follows every ResBlock whose feature map is in `attention_resolutions` (pixels).
+    Each level of the encoder has `num_res_blocks` ResBlocks of ch * ch_mult[level] channels; the
+    decoder has one more per level, each consuming one skip activation (concatenated on channels).
+    Attention follows every ResBlock whose feature map is in `attention_resolutions` (pixels).
 
     Four conventions tell the published networks apart without changing a parameter's shape
     (see configs/default.py): the time embedding's `time_embedding_freq_shift` and
@@ -60,7 +61,8 @@ class UNet(nn.Module):
     downsample_padding: str = "symmetric"
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
+                 train: bool = False) -> jax.Array:
         """x: [B, H, H, C] float; t: [B] int or float timesteps (float when the diffusion rescales
         them, config.diffusion.rescale_timesteps); y: [B] int labels, or None for the null label.
 
@@ -73,11 +75,13 @@ class UNet(nn.Module):
         dtype = DTYPES[self.dtype]
         emb = ConditioningEmbedding(self.ch, self.num_classes, self.time_embedding_freq_shift,
                                     self.time_embedding_flip_sin_to_cos, dtype, name="embed")(t, y)
-        # remat: recompute each ResBlock in the backward pass; `train` (arg 3 after self, x, emb) is static.
+        # remat: recompute each ResBlock in the backward pass; `train` (arg 3 after self, x, emb) is
+        # static.
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
         def res(h, out_ch, name, resample="none"):
-            block = block_cls(out_ch, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+            block = block_cls(out_ch, dropout=self.dropout,
+                              use_scale_shift_norm=self.use_scale_shift_norm,
                               resample=resample, dtype=dtype, norm_eps=self.norm_eps, name=name)
             return block(h, emb, train)
 
@@ -114,7 +118,8 @@ class UNet(nn.Module):
 
         for level, mult in reversed(list(enumerate(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
-                h = res(jnp.concatenate([h, skips.pop()], axis=-1), self.ch * mult, f"up{level}_res{i}")
+                h = res(jnp.concatenate([h, skips.pop()], axis=-1), self.ch * mult,
+                        f"up{level}_res{i}")
                 if h.shape[1] in self.attention_resolutions:
                     h = attn(h, f"up{level}_attn{i}")
             if level != 0:
@@ -142,19 +147,22 @@ def _check_heads(model_config, channels: int) -> None:
               f"must be a positive divisor of the {channels} channels of an attention layer")
 
 
-def validate_model_config(model_config: "ml_collections.ConfigDict | UNet", image_size: int | None = None) -> None:
+def validate_model_config(model_config: "ml_collections.ConfigDict | UNet",
+                          image_size: int | None = None) -> None:
     """Raise ConfigError naming the offending `config.model` key and what is allowed.
 
     Takes `config.model` or a UNet (whose fields carry the same names).
-    Without `image_size` only the size-independent checks run (the middle attention's heads included);
-    with it, also that the image halves cleanly at each level, that every attention resolution is a
-    feature-map size the U-Net reaches, and the heads of those attention layers.
+    Without `image_size` only the size-independent checks run (the middle attention's heads
+    included); with it, also that the image halves cleanly at each level, that every attention
+    resolution is a feature-map size the U-Net reaches, and the heads of those attention layers.
     """
     m = model_config
     if m.ch <= 0 or m.ch % GROUPS:
-        _fail("ch", m.ch, f"must be divisible by {GROUPS} (GroupNorm groups): use 32, 64, 96, 128, ...")
+        _fail("ch", m.ch,
+              f"must be divisible by {GROUPS} (GroupNorm groups): use 32, 64, 96, 128, ...")
     if len(m.ch_mult) == 0 or any(int(k) != k or k < 1 for k in m.ch_mult):
-        _fail("ch_mult", m.ch_mult, "must be a non-empty sequence of positive integers, e.g. (1, 2, 2, 2)")
+        _fail("ch_mult", m.ch_mult,
+              "must be a non-empty sequence of positive integers, e.g. (1, 2, 2, 2)")
     if m.num_res_blocks < 1:
         _fail("num_res_blocks", m.num_res_blocks, "must be >= 1")
     if not 0.0 <= m.dropout < 1.0:
@@ -186,8 +194,8 @@ def validate_model_config(model_config: "ml_collections.ConfigDict | UNet", imag
     for res in m.attention_resolutions:
         if res not in sizes:
             _fail("attention_resolutions", tuple(m.attention_resolutions),
-                  f"contains {res}, which is not a feature-map size reached at image size {image_size} "
-                  f"with ch_mult={tuple(m.ch_mult)!r}; allowed sizes: {tuple(sizes)}")
+                  f"contains {res}, which is not a feature-map size reached at image size "
+                  f"{image_size} with ch_mult={tuple(m.ch_mult)!r}; allowed sizes: {tuple(sizes)}")
         _check_heads(m, m.ch * m.ch_mult[sizes.index(res)])
 
 
@@ -197,7 +205,8 @@ def create_model(model_config: ml_collections.ConfigDict) -> UNet:
     m = model_config
     return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                 attention_resolutions=tuple(m.attention_resolutions), num_heads=m.num_heads,
-                num_head_channels=m.num_head_channels, dropout=m.dropout, conv_resample=m.conv_resample,
+                num_head_channels=m.num_head_channels, dropout=m.dropout,
+                conv_resample=m.conv_resample,
                 resblock_updown=m.resblock_updown, use_scale_shift_norm=m.use_scale_shift_norm,
                 learn_sigma=m.learn_sigma, num_classes=m.num_classes, dtype=m.dtype, remat=m.remat,
                 time_embedding_freq_shift=m.time_embedding_freq_shift,

@@ -1,8 +1,9 @@
 """Nearest-neighbour 2x upsampling followed by a 3x3 'same' convolution, without the upsampled map.
 
 Every output pixel (2i + a, 2j + b) of conv3x3(upsample(x)) sees only 2 x 2 distinct input pixels,
-because its 3 x 3 window covers pairs of repeated pixels. So the result is four 2 x 2 convolutions of
-x itself, one per output phase (a, b), with the kernel taps that land on the same input pixel summed:
+because its 3 x 3 window covers pairs of repeated pixels. So the result is four 2 x 2 convolutions
+of x itself, one per output phase (a, b), with the kernel taps that land on the same input
+pixel summed:
 
     phase 0 reads input offsets (-1, 0) with taps (k0, k1 + k2)
     phase 1 reads input offsets ( 0, 1) with taps (k0 + k1, k2)
@@ -20,7 +21,8 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def _phase_kernels(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """The 2-tap kernels of output phases 0 and 1 along `axis` (0: rows, 1: columns) of a 3-tap kernel."""
+    """The 2-tap kernels of output phases 0 and 1 along `axis` (0: rows, 1: columns) of a 3-tap
+    kernel."""
     k0, k1, k2 = (jax.lax.index_in_dim(kernel, i, axis) for i in range(3))
     return jnp.concatenate([k0, k1 + k2], axis), jnp.concatenate([k0 + k1, k2], axis)
 
@@ -36,15 +38,17 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     phases = []
     for a, row_kernel in enumerate(_phase_kernels(kernel, 0)):
         # Phase a's 2 x 2 window starts one pixel up (a=0) or at the pixel (a=1): pad accordingly.
-        phases.append(jnp.stack([
-            jax.lax.conv_general_dilated(x, k.astype(x.dtype), (1, 1), ((1 - a, a), (1 - b, b)), dimension_numbers=_DIMENSIONS)
-            for b, k in enumerate(_phase_kernels(row_kernel, 1))], axis=3))  # [B, H, W, 2 (b), C_out]
+        phases.append(jnp.stack([  # [B, H, W, 2 (b), C_out]
+            jax.lax.conv_general_dilated(x, k.astype(x.dtype), (1, 1), ((1 - a, a), (1 - b, b)),
+                                         dimension_numbers=_DIMENSIONS)
+            for b, k in enumerate(_phase_kernels(row_kernel, 1))], axis=3))
     out = jnp.stack(phases, axis=2)  # [B, H, 2 (a), W, 2 (b), C_out]
     return out.reshape(batch, 2 * height, 2 * width, -1)
 
 
 class UpsampleConv(nn.Module):
-    """nn.Conv(features, 3x3, 'same') applied to the 2x nearest-neighbour upsampling of its input."""
+    """nn.Conv(features, 3x3, 'same') applied to the 2x nearest-neighbour upsampling of its
+    input."""
 
     features: int
     kernel_init: nn.initializers.Initializer
@@ -52,6 +56,7 @@ class UpsampleConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
+                            jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return upsample_conv3x3(x.astype(self.dtype), kernel) + bias.astype(self.dtype)
