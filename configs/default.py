@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.train_split = "train"
     data.eval_split = "test"
     data.worker_count = 0            # grain worker processes for the train pipeline; 0 = read in the main process
+    data.decoded_cache = True        # tfds: decode a split once into .npy files (N*H*W*C bytes) beside it
     data.download = True             # download and prepare a missing tfds dataset on first use
     data.prepare_timeout = 3600      # seconds other processes wait for process 0 to prepare it
 

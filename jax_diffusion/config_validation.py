@@ -61,6 +61,8 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
     _positive_int(data, "worker_count", "data", minimum=0)
     _require(isinstance(data.download, bool), "data.download", data.download,
              "must be True or False")
+    _require(isinstance(data.decoded_cache, bool), "data.decoded_cache", data.decoded_cache,
+             "must be True or False")
     _require(data.prepare_timeout > 0, "data.prepare_timeout", data.prepare_timeout,
              "must be > 0 seconds")
     if data.dataset == DIGITS:

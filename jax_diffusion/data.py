@@ -20,6 +20,7 @@ Image convention for sources: uint8 images are in [0, 255] (tfds), float images 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
@@ -43,6 +44,8 @@ DIGITS = "digits"
 # the next batch ready without holding many batches in memory; more parallelism comes from
 # config.data.worker_count processes.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+# Records decoded per tfds read when writing the decoded cache.
+_DECODE_CHUNK = 1024
 # Seconds for resolving and connecting to each download host before a download starts.
 _PROBE_TIMEOUT = 5.0
 # What process 0 publishes when the dataset is ready; anything else is its error message.
@@ -355,6 +358,62 @@ def _tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:
     return source
 
 
+class DecodedFileSource(ArraySource):
+    """An ArraySource over the .npy files `write_decoded` wrote, memory-mapped: batches are read
+    from the page cache by index, and a pickled copy (a grain worker's) reopens the files
+    instead of carrying the arrays."""
+
+    def __init__(self, images_path: str, labels_path: str):
+        super().__init__(np.load(images_path, mmap_mode="r"), np.load(labels_path))
+        self.paths = (images_path, labels_path)
+
+    def __reduce__(self):
+        return DecodedFileSource, self.paths
+
+
+def write_decoded(source: Any, images_path: str, labels_path: str) -> None:
+    """Decodes every record of `source` into images_path (uint8 [N, H, W, C] .npy, as the source
+    gives them) and labels_path (int32 [N]), each written under a temporary name and renamed
+    when complete, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(images_path), exist_ok=True)
+    first, _ = read_examples(source, np.array([0]))
+    count = len(source)
+    start_time = time.monotonic()
+    images_tmp, labels_tmp = images_path + ".tmp.npy", labels_path + ".tmp.npy"
+    images = np.lib.format.open_memmap(images_tmp, mode="w+", dtype=first.dtype,
+                                       shape=(count, *first.shape[1:]))
+    labels = np.empty(count, np.int32)
+    for start in range(0, count, _DECODE_CHUNK):
+        indices = np.arange(start, min(start + _DECODE_CHUNK, count))
+        images[indices], labels[indices] = read_examples(source, indices)
+    images.flush()
+    del images
+    np.save(labels_tmp, labels)
+    os.replace(labels_tmp, labels_path)
+    os.replace(images_tmp, images_path)
+    logging.info("Decoded %d images into %s in %.0f s", count, images_path,
+                 time.monotonic() - start_time)
+
+
+def _decoded_tfds_source(source: Any, config: ml_collections.ConfigDict,
+                         split: str) -> DecodedFileSource:
+    """`source` (a tfds split) decoded once into .npy files in the dataset's directory
+    (`decoded/`), by process 0 when there are several, and read from there."""
+    stem = os.path.join(str(source.dataset_info.data_dir), "decoded",
+                        urllib.parse.quote(split, safe=""))
+    images_path, labels_path = f"{stem}-images.npy", f"{stem}-labels.npy"
+    process_count = jax.process_count()
+    prepare_on_process_zero(
+        lambda: os.path.isfile(images_path) and os.path.isfile(labels_path),
+        lambda: write_decoded(source, images_path, labels_path),
+        what=f"the decoded images of {config.data.dataset!r} (split {split!r}) in {stem}-*",
+        key=f"jax_diffusion/decoded/{stem}", process_index=jax.process_index(),
+        process_count=process_count,
+        channel=JaxKeyValueChannel() if process_count > 1 else None,
+        timeout=config.data.prepare_timeout)
+    return DecodedFileSource(images_path, labels_path)
+
+
 def _open_source(config: ml_collections.ConfigDict, split: str) -> Any:
     """Returns the random-access source of config.data.dataset; digits has one split (all 1797
     images)."""
@@ -363,7 +422,10 @@ def _open_source(config: ml_collections.ConfigDict, split: str) -> Any:
             raise ValueError(f"digits images have 1 channel but "
                              f"config.data.channels={config.data.channels}")
         return ArraySource(*_digits_unit_arrays(config.data.image_size))
-    return _tfds_source(config, split)
+    source = _tfds_source(config, split)
+    if config.data.decoded_cache and _reads_batches(source):
+        return _decoded_tfds_source(source, config, split)
+    return source
 
 
 def _check_image_shape(shape: tuple[int, ...], config: ml_collections.ConfigDict) -> None:
