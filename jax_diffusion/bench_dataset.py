@@ -22,7 +22,8 @@ def _image(index: int):
     import numpy as np
     rng = np.random.default_rng(index)
     ramp = np.linspace(0.0, 1.0, IMAGE_SHAPE[0])
-    base = rng.uniform(0, 255, 3) * ramp[:, None, None] + rng.uniform(0, 255, 3) * ramp[None, :, None]
+    base = (rng.uniform(0, 255, 3) * ramp[:, None, None] +
+            rng.uniform(0, 255, 3) * ramp[None, :, None])
     noisy = base / 2 + rng.normal(0, 12, IMAGE_SHAPE)
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
@@ -49,9 +50,13 @@ def _build(data_dir: str, num_examples: int) -> None:
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
+def version_dir(data_dir: str) -> str:
+    """The dataset's directory in the tfds data dir `data_dir`."""
+    return os.path.join(data_dir, NAME, "1.0.0")
+
+
 def is_prepared(data_dir: str) -> bool:
-    version_dir = os.path.join(data_dir, NAME, "1.0.0")
-    return os.path.isfile(os.path.join(version_dir, "dataset_info.json"))
+    return os.path.isfile(os.path.join(version_dir(data_dir), "dataset_info.json"))
 
 
 def ensure_prepared(data_dir: str, num_examples: int = NUM_EXAMPLES, timeout: float = 1800) -> str:
@@ -61,8 +66,8 @@ def ensure_prepared(data_dir: str, num_examples: int = NUM_EXAMPLES, timeout: fl
     leaves nothing that `is_prepared` accepts."""
     if not is_prepared(data_dir):
         subprocess.run(
-            [sys.executable, "-c",
-             f"from jax_diffusion.bench_dataset import _build; _build({data_dir!r}, {num_examples})"],
+            [sys.executable, "-c", "from jax_diffusion.bench_dataset import _build; "
+             f"_build({data_dir!r}, {num_examples})"],
             check=True, timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
             capture_output=True)
     return data_dir

@@ -395,13 +395,19 @@ def write_decoded(source: Any, images_path: str, labels_path: str) -> None:
                  time.monotonic() - start_time)
 
 
+def decoded_cache_paths(dataset_dir: str, split: str) -> tuple[str, str]:
+    """(images, labels) .npy paths of the decoded cache of `split` of the tfds dataset whose
+    version directory is `dataset_dir` (<data dir>/<name>/<version>)."""
+    stem = os.path.join(dataset_dir, "decoded", urllib.parse.quote(split, safe=""))
+    return f"{stem}-images.npy", f"{stem}-labels.npy"
+
+
 def _decoded_tfds_source(source: Any, config: ml_collections.ConfigDict,
                          split: str) -> DecodedFileSource:
     """`source` (a tfds split) decoded once into .npy files in the dataset's directory
     (`decoded/`), by process 0 when there are several, and read from there."""
-    stem = os.path.join(str(source.dataset_info.data_dir), "decoded",
-                        urllib.parse.quote(split, safe=""))
-    images_path, labels_path = f"{stem}-images.npy", f"{stem}-labels.npy"
+    images_path, labels_path = decoded_cache_paths(str(source.dataset_info.data_dir), split)
+    stem = images_path[:-len("-images.npy")]
     process_count = jax.process_count()
     prepare_on_process_zero(
         lambda: os.path.isfile(images_path) and os.path.isfile(labels_path),

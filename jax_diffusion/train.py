@@ -36,10 +36,22 @@ def ema_decay(decay: float, step: jax.Array) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+STEP_LOOPS = ("auto", "scan", "unroll")
+
+
+def resolve_step_loop(step_loop: str, backend: str | None = None) -> str:
+    """config.train.step_loop as "scan" or "unroll": "auto" unrolls on the CPU (whose scan is
+    slow, see make_train_step) and scans elsewhere (GPU, TPU). `backend` defaults to JAX's."""
+    if step_loop != "auto":
+        return step_loop
+    return "unroll" if (backend or jax.default_backend()) == "cpu" else "scan"
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
                     mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """jit(state, batches) -> (state, metrics), running `steps_per_jit` steps in one call.
+    """jit(state, batches) -> (state, metrics), running `steps_per_jit` steps in one call, as
+    a lax.scan or a Python unroll per config.train.step_loop (`resolve_step_loop`).
 
     `batches` hold a leading steps axis: image [k, B, H, W, C], label [k, B]. A step whose loss
     or gradient is not finite leaves the state unchanged and reports finite=0, so the host can
@@ -87,14 +99,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                        finite=finite.astype(jnp.float32))
         return new_state, metrics
 
-    def multi_step(state: TrainState, batches: dict):
-        # A Python loop, not lax.scan: XLA:CPU ran the step ~25x slower inside a scan, even an
-        # unrolled one (measured 9.1 s vs 0.36 s per digits step). Compile time grows with k.
+    def unrolled_steps(state: TrainState, batches: dict):
+        # XLA:CPU ran the step ~25x slower inside a scan, even an unrolled one (9.1 s vs 0.36 s
+        # per digits step), so the CPU gets k copies of the step; compile time grows with k.
         all_metrics = []
         for i in range(batches["image"].shape[0]):
             state, metrics = one_step(state, jax.tree.map(lambda b: b[i], batches))
             all_metrics.append(metrics)
         return state, jax.tree.map(lambda *m: jnp.stack(m), *all_metrics)
+
+    def scanned_steps(state: TrainState, batches: dict):
+        # One copy of the step in the program whatever k: compile time does not grow with k.
+        return jax.lax.scan(one_step, state, batches)
+
+    multi_step = {"scan": scanned_steps, "unroll": unrolled_steps}[
+        resolve_step_loop(train_config.step_loop)]
 
     return jax.jit(multi_step, donate_argnums=0,
                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh, 1)),

@@ -1,0 +1,1 @@
+"""--mode=bench part `eval`: placeholder replaced below."""
