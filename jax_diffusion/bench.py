@@ -251,7 +251,8 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
     if "memory" in parts:
         result.update(bench_host.bench_memory(config))
     if "eval" in parts:
-        result.update(bench_eval.bench_eval(config, workdir, mesh))
+        sampled = result["sample_img_per_s"] or {}
+        result.update(bench_eval.bench_eval(config, mesh, max(sampled.values(), default=None)))
 
     peak = peak_flops(device_kind)
     result["peak_tflops"] = peak * n_devices / 1e12 if peak else None

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -233,8 +235,9 @@ def bench_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
     state = _random_state(config, mesh)
     jax.block_until_ready(state)
     size = sum(x.nbytes for x in jax.tree.leaves(state))
-    manager = checkpoints.create_manager(os.path.join(workdir, "bench_checkpoint"),
-                                         max_to_keep=1)
+    # A fresh directory: Orbax does not save a step at or below one it finds there.
+    directory = tempfile.mkdtemp(prefix="bench_checkpoint_", dir=workdir)
+    manager = checkpoints.create_manager(directory, max_to_keep=1)
     stalls, saves = [], []
     try:
         for window in range(config.bench.windows + 1):  # the first save warms Orbax up
@@ -247,6 +250,7 @@ def bench_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
                 saves.append(time.perf_counter() - start)
     finally:
         manager.close()
+        shutil.rmtree(directory, ignore_errors=True)
     stall, save = statistics.median(stalls), statistics.median(saves)
     logging.info("checkpoint: %.0f MB state, save %.2f s, loop blocked %.3f s (%.1f%%)",
                  size / 1e6, save, stall, 100 * stall / save)
