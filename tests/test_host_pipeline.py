@@ -179,3 +179,20 @@ def test_bench_host_parts_report_their_keys(bench_data_dir, tmp_path):
         assert set(variant["by_batch"]) == {"2", "4"}
         assert set(variant["largest_batch"]) == {"16GB", "32GB", "80GB"}
         assert variant["by_batch"]["4"]["temp_bytes"] > variant["by_batch"]["2"]["temp_bytes"]
+
+
+@pytest.mark.slow
+def test_bench_eval_part_reports_both_extractors(tmp_path):
+    """--mode=bench with parts sample,eval at batch 2: both Inception sides measured (torch and
+    torch-fidelity are in the test requirements), their ratio, and the projected eval time."""
+    result = run_main(str(tmp_path), "--mode=bench", timeout=900, bench__parts="sample,eval",
+                      bench__sample_steps="2", bench__windows=1, eval__batch_size=2,
+                      eval__num_samples=100)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["inception_img_per_s"] > 0 and report["inception_torch_fidelity_img_per_s"] > 0
+    assert report["inception_ratio_vs_torch_fidelity"] == pytest.approx(
+        report["inception_img_per_s"] / report["inception_torch_fidelity_img_per_s"])
+    sample = report["sample_img_per_s"]["ddim_2"]
+    assert report["eval_projected_s"] == pytest.approx(
+        100 / sample + 100 / report["inception_img_per_s"])
