@@ -27,7 +27,7 @@ from jax_diffusion.config_files import comma_list
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import create_model
-from jax_diffusion.train import _next_batches, make_train_step
+from jax_diffusion.train_step import make_train_step, next_batches, resolve_step_loop
 from jax_diffusion.train_state import abstract_train_state, create_optimizer, create_train_state
 
 # Device memory sizes the `memory` part reports the largest fitting batch for, in GB (1e9 B).
@@ -73,7 +73,7 @@ def _pipeline_img_per_s(config: ml_collections.ConfigDict, mesh, batches: int,
     try:
         def window() -> int:
             for _ in range(batches):
-                jax.block_until_ready(_next_batches(iterator, 1, mesh))
+                jax.block_until_ready(next_batches(iterator, 1, mesh))
             return batches * config.train.batch_size
         window()
         return _median_rate(window, windows)
@@ -139,7 +139,7 @@ def _host_loop_step_s(train_step, state, iterator, mesh, k: int, calls: int, log
         start = time.perf_counter()
         pending = []
         for call in range(calls):
-            state, metrics = train_step(state, _next_batches(iterator, k, mesh))
+            state, metrics = train_step(state, next_batches(iterator, k, mesh))
             pending.append(metrics)
             if (call + 1) % log_every == 0:
                 jax.device_get(pending)
@@ -168,8 +168,6 @@ def bench_host(config: ml_collections.ConfigDict, mesh) -> dict:
     train step as a scan and as an unroll, and the host overhead per step (the loop with the
     real input pipeline minus back-to-back calls on staged batches) with the step loop
     config.train.step_loop resolves to. `host_overhead_ms` is that at config.train.steps_per_jit."""
-    from jax_diffusion.train import resolve_step_loop
-
     bench = config.bench
     model = create_model(config.model)
     diffusion = create_diffusion(config.diffusion)
@@ -184,7 +182,7 @@ def bench_host(config: ml_collections.ConfigDict, mesh) -> dict:
         looped = config.copy_and_resolve_references()
         looped.train.steps_per_jit = k
         iterator = data.create_train_iterator(looped, seed=bench.seed)
-        batches = _next_batches(iterator, k, mesh)
+        batches = next_batches(iterator, k, mesh)
         for loop in ("scan", "unroll"):
             looped.train.step_loop = loop
             jitted = make_train_step(looped, model, diffusion, tx, mesh)

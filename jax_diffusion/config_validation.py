@@ -123,7 +123,7 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     if train.label_dropout > 0:
         _require(config.model.num_classes > 0, "train.label_dropout", train.label_dropout,
                  "needs a class-conditional model (config.model.num_classes > 0)")
-    from jax_diffusion.train import STEP_LOOPS
+    from jax_diffusion.train_step import STEP_LOOPS
     _choice(train.step_loop, "train.step_loop", STEP_LOOPS)
     k = train.steps_per_jit
     for name in ("log_every", "checkpoint_every", "sample_every"):

@@ -14,7 +14,7 @@ from jax_diffusion import bench, cpu_flags, parallel
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.models import create_model
-from jax_diffusion.train import make_train_step
+from jax_diffusion.train_step import make_train_step
 from jax_diffusion.train_state import abstract_train_state, create_optimizer
 
 

@@ -14,7 +14,7 @@ from cli_helpers import run_main
 from test_data import _config, _take
 from tiny_config import tiny_config
 
-from jax_diffusion import bench_dataset, bench_host, data, parallel, train
+from jax_diffusion import bench_dataset, bench_host, data, parallel, train, train_step
 from jax_diffusion.config_validation import validate_config
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
@@ -98,11 +98,11 @@ def test_decoded_source_pickles_as_its_paths(bench_data_dir):
 
 
 def test_resolve_step_loop():
-    assert train.resolve_step_loop("auto", "cpu") == "unroll"
-    assert train.resolve_step_loop("auto", "gpu") == "scan"
-    assert train.resolve_step_loop("auto", "tpu") == "scan"
-    assert train.resolve_step_loop("scan", "cpu") == "scan"
-    assert train.resolve_step_loop("unroll", "tpu") == "unroll"
+    assert train_step.resolve_step_loop("auto", "cpu") == "unroll"
+    assert train_step.resolve_step_loop("auto", "gpu") == "scan"
+    assert train_step.resolve_step_loop("auto", "tpu") == "scan"
+    assert train_step.resolve_step_loop("scan", "cpu") == "scan"
+    assert train_step.resolve_step_loop("unroll", "tpu") == "unroll"
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_scan_and_unroll_train_the_same_steps():
     for loop in ("scan", "unroll"):
         config.train.step_loop = loop
         state = train.create_train_state(config, model, tx, mesh)
-        step = train.make_train_step(config, model, diffusion, tx, mesh)
+        step = train_step.make_train_step(config, model, diffusion, tx, mesh)
         results[loop] = jax.device_get(step(state, parallel.global_batch(batches, mesh, 1)))
     (scan_state, scan_metrics), (unroll_state, unroll_metrics) = results["scan"], results["unroll"]
     assert int(scan_state.step) == int(unroll_state.step) == 3
