@@ -210,19 +210,16 @@ def bench_host(config: ml_collections.ConfigDict, mesh) -> dict:
 
 def _random_state(config: ml_collections.ConfigDict, mesh) -> Any:
     """A train state of config.model's shapes filled with random values (zeros would compress
-    to nothing on disk), created on the devices without running the model."""
+    to nothing on disk), drawn with numpy on the host (no model initialisation to compile)."""
+    rng = np.random.default_rng(config.bench.seed)
+
+    def fill(leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return rng.random(leaf.shape, dtype=np.float32).astype(leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)
+
     abstract = abstract_train_state(config, create_model(config.model))
-    leaves, treedef = jax.tree.flatten(abstract)
-
-    @jax.jit
-    def fill(key):
-        keys = jax.random.split(key, len(leaves))
-        return treedef.unflatten([
-            jax.random.normal(k, leaf.shape).astype(leaf.dtype)
-            if jnp.issubdtype(leaf.dtype, jnp.floating) else jnp.zeros(leaf.shape, leaf.dtype)
-            for k, leaf in zip(keys, leaves, strict=True)])
-
-    return jax.device_put(fill(jax.random.PRNGKey(0)), parallel.replicated(mesh))
+    return jax.device_put(jax.tree.map(fill, abstract), parallel.replicated(mesh))
 
 
 def bench_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
