@@ -107,14 +107,17 @@ def test_resolve_step_loop():
 
 @pytest.mark.slow
 def test_scan_and_unroll_train_the_same_steps():
-    """Three steps in one call as a scan and as an unroll end in the same state and metrics
-    (to float32 round-off); one step fewer is far off (negative control)."""
+    """Three steps in one call as a scan and as an unroll end in the same state and metrics,
+    up to round-off: the parameters' distance is < 1% of how far the three steps moved them (Adam
+    turns round-off in a near-zero gradient into a visible step, so the check is on the whole
+    update, not elementwise); a scan that dropped or repeated a step would be >= 1/3 off."""
     config = tiny_config(train__steps_per_jit=3)
     mesh = parallel.create_mesh(jax.devices()[:1])
     model, diffusion = create_model(config.model), create_diffusion(config.diffusion)
     tx = train.create_optimizer(config.train)
     iterator = data.create_train_iterator(config, seed=0)
     batches = {k: np.stack([b[k] for b in _take(iterator, 3)]) for k in ("image", "label")}
+    initial = jax.device_get(train.create_train_state(config, model, tx, mesh).params)
     results = {}
     for loop in ("scan", "unroll"):
         config.train.step_loop = loop
@@ -123,14 +126,17 @@ def test_scan_and_unroll_train_the_same_steps():
         results[loop] = jax.device_get(step(state, parallel.global_batch(batches, mesh, 1)))
     (scan_state, scan_metrics), (unroll_state, unroll_metrics) = results["scan"], results["unroll"]
     assert int(scan_state.step) == int(unroll_state.step) == 3
-    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(scan_state.params),
-        jax.tree.leaves(train.create_train_state(config, model, tx, mesh).params), strict=True))
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(scan_state.params), jax.tree.leaves(unroll_state.params), strict=True))
-    assert diff < 1e-5 * moved, (diff, moved)
-    np.testing.assert_allclose(scan_metrics["loss"], unroll_metrics["loss"], rtol=1e-5)
+
+    def distance(a, b):
+        return np.sqrt(sum(np.sum((np.asarray(x, np.float64) - y) ** 2)
+                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)))
+
+    moved = distance(unroll_state.params, initial)
+    assert distance(scan_state.params, unroll_state.params) < 0.01 * moved
+    assert distance(scan_state.ema_params, unroll_state.ema_params) < 0.01 * moved
     assert scan_metrics["loss"].shape == (3,)
+    np.testing.assert_allclose(scan_metrics["loss"][0], unroll_metrics["loss"][0], rtol=1e-6)
+    np.testing.assert_allclose(scan_metrics["loss"], unroll_metrics["loss"], rtol=1e-3)
 
 
 def test_largest_batch_is_the_line_through_two_analyses():
