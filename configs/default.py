@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.train_split = "train"
     data.eval_split = "test"
     data.worker_count = 0            # grain worker processes for the train pipeline; 0 = read in the main process
+    data.decoded_cache = True        # tfds: decode a split once into .npy files (N*H*W*C bytes) beside it
     data.download = True             # download and prepare a missing tfds dataset on first use
     data.prepare_timeout = 3600      # seconds other processes wait for process 0 to prepare it
 
@@ -60,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.ema_decay = 0.999
     train.label_dropout = 0.0            # probability of replacing the label by the null label (guidance)
     train.steps_per_jit = 1              # > 1: several steps per compiled call, to hide dispatch
+    train.step_loop = "auto"             # the k steps of a call: "scan" | "unroll" | "auto" (CPU unrolls)
     train.log_every = 100
     train.checkpoint_every = 1000
     train.sample_every = 1000            # 0 disables sample grids
@@ -113,7 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --mode=bench (jax_diffusion/bench.py): random data, compile timed apart, median of windows.
     config.bench = bench = ml_collections.ConfigDict()
-    bench.parts = "train,fwd,sample"     # comma-separated subset of train, fwd, sample
+    bench.parts = "train,fwd,sample"     # comma-separated subset of train, fwd, sample, data, host,
+                                         # checkpoint, memory, eval
     bench.batch_size = 8                 # global training batch; must divide over the devices
     bench.sample_batch_size = 16         # batch of the forward passes and of sampling
     bench.num_steps = 5                  # timed calls per window (train steps, forward passes)
@@ -122,6 +125,12 @@ def get_config() -> ml_collections.ConfigDict:
     bench.sample_steps = "10,50"         # an int or a comma string: one compiled sampler each
     bench.method = "ddim"                # sampler for sample_steps: any config.sample.method
     bench.seed = 0                       # random data and sampling key
+    bench.data_dir = ""                  # data: tfds dir of its CIFAR-shaped set; "" = <workdir>/bench_data
+    bench.data_batch_size = 128          # data: global batch of the pipeline (the CIFAR recipe's)
+    bench.data_batches = 100             # data: batches per timed window
+    bench.data_workers = "0,1,2"         # data: grain worker process counts to measure
+    bench.steps_per_jit = "1,4,16"       # host: steps per compiled call to measure
+    bench.memory_batches = "64,128"      # memory: per-device batches analysed (two give the fit)
 
     # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/distributed.py.
     config.distributed = dist = ml_collections.ConfigDict()

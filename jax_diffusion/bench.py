@@ -23,16 +23,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion import parallel, sampling
+from jax_diffusion import bench_eval, bench_host, parallel, sampling
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.models import create_model
-from jax_diffusion.train import make_train_step
+from jax_diffusion.train_step import make_train_step
 from jax_diffusion.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state)
 
-PARTS = ("train", "fwd", "sample")
+PARTS = ("train", "fwd", "sample", "data", "host", "checkpoint", "memory", "eval")
 
 # Dense bf16 peak FLOP/s of one chip, matched in order as substrings of the lower-cased
 # device_kind (e.g. "nvidia h100 80gb hbm3", "tpu v5 lite"): the more specific names first.
@@ -203,12 +203,12 @@ def _bench_sample(config: ml_collections.ConfigDict, model: nn.Module, mesh, par
 
 def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=bench: measure the parts in config.bench.parts and print the result as one JSON
-    line on stdout. `workdir` is unused: a benchmark writes nothing.
+    line on stdout. `data` writes its dataset into `workdir` (unless config.bench.data_dir
+    names one), `checkpoint` its checkpoints.
 
     Turns the persistent compilation cache off for the whole process (it must run before the
     process's first compile), so that the compile times are compiles, not cache reads.
     """
-    del workdir
     jax.config.update("jax_enable_compilation_cache", False)
     bench = config.bench
     parts = parse_parts(bench.parts)
@@ -236,12 +236,23 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
     if "train" in parts:
         state, measured = _bench_train(config, model, mesh, rng)
         result.update(measured)
-    else:
+    elif "fwd" in parts or "sample" in parts:
         state = create_train_state(config, model, create_optimizer(config.train), mesh)
     if "fwd" in parts:
         result.update(_bench_forward(config, model, mesh, state.params, rng))
     if "sample" in parts:
         result.update(_bench_sample(config, model, mesh, state.params, sample_steps))
+    if "data" in parts:
+        result.update(bench_host.bench_data(config, workdir, mesh))
+    if "host" in parts:
+        result.update(bench_host.bench_host(config, mesh))
+    if "checkpoint" in parts:
+        result.update(bench_host.bench_checkpoint(config, workdir, mesh))
+    if "memory" in parts:
+        result.update(bench_host.bench_memory(config))
+    if "eval" in parts:
+        sampled = result["sample_img_per_s"] or {}
+        result.update(bench_eval.bench_eval(config, mesh, max(sampled.values(), default=None)))
 
     peak = peak_flops(device_kind)
     result["peak_tflops"] = peak * n_devices / 1e12 if peak else None

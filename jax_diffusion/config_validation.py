@@ -62,6 +62,8 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
     _positive_int(data, "worker_count", "data", minimum=0)
     _require(isinstance(data.download, bool), "data.download", data.download,
              "must be True or False")
+    _require(isinstance(data.decoded_cache, bool), "data.decoded_cache", data.decoded_cache,
+             "must be True or False")
     _require(data.prepare_timeout > 0, "data.prepare_timeout", data.prepare_timeout,
              "must be > 0 seconds")
     if data.dataset == DIGITS:
@@ -122,6 +124,8 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     if train.label_dropout > 0:
         _require(config.model.num_classes > 0, "train.label_dropout", train.label_dropout,
                  "needs a class-conditional model (config.model.num_classes > 0)")
+    from jax_diffusion.train_step import STEP_LOOPS
+    _choice(train.step_loop, "train.step_loop", STEP_LOOPS)
     k = train.steps_per_jit
     for name in ("log_every", "checkpoint_every", "sample_every"):
         _require(train[name] % k == 0, f"train.{name}", train[name],
@@ -228,6 +232,14 @@ def _check_bench(bench: ml_collections.ConfigDict) -> None:
     from jax_diffusion.bench import PARTS
     comma_list(bench.parts, "config.bench.parts", PARTS)
     comma_list(bench.sample_steps, "config.bench.sample_steps", integers=True)
+    from jax_diffusion.bench_host import parse_worker_counts
+    parse_worker_counts(bench.data_workers)
+    for name in ("steps_per_jit", "memory_batches"):
+        comma_list(bench[name], f"config.bench.{name}", integers=True)
+    for name in ("data_batch_size", "data_batches"):
+        _positive_int(bench, name, "bench")
+    _require(isinstance(bench.data_dir, str), "bench.data_dir", bench.data_dir,
+             "must be a directory path, or '' for <workdir>/bench_data")
     _choice(bench.method, "bench.method", samplers.METHODS)
     for name in ("batch_size", "sample_batch_size", "num_steps", "windows"):
         _positive_int(bench, name, "bench")

@@ -20,6 +20,7 @@ Image convention for sources: uint8 images are in [0, 255] (tfds), float images 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
@@ -43,6 +44,8 @@ DIGITS = "digits"
 # the next batch ready without holding many batches in memory; more parallelism comes from
 # config.data.worker_count processes.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+# Records decoded per tfds read when writing the decoded cache.
+_DECODE_CHUNK = 1024
 # Seconds for resolving and connecting to each download host before a download starts.
 _PROBE_TIMEOUT = 5.0
 # What process 0 publishes when the dataset is ready; anything else is its error message.
@@ -66,6 +69,11 @@ class ArraySource:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"image": self.images[index], "label": self.labels[index]}
+
+    def read_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(images[indices], labels[indices] as int32): one fancy index, no per-example
+        Python."""
+        return self.images[indices], self.labels[indices].astype(np.int32, copy=False)
 
 
 def _to_model_range(image: np.ndarray) -> np.ndarray:
@@ -350,6 +358,68 @@ def _tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:
     return source
 
 
+class DecodedFileSource(ArraySource):
+    """An ArraySource over the .npy files `write_decoded` wrote, memory-mapped: batches are read
+    from the page cache by index, and a pickled copy (a grain worker's) reopens the files
+    instead of carrying the arrays."""
+
+    def __init__(self, images_path: str, labels_path: str):
+        super().__init__(np.load(images_path, mmap_mode="r"), np.load(labels_path))
+        self.paths = (images_path, labels_path)
+
+    def __reduce__(self):
+        return DecodedFileSource, self.paths
+
+
+def write_decoded(source: Any, images_path: str, labels_path: str) -> None:
+    """Decodes every record of `source` into images_path (uint8 [N, H, W, C] .npy, as the source
+    gives them) and labels_path (int32 [N]), each written under a temporary name and renamed
+    when complete, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(images_path), exist_ok=True)
+    first, _ = read_examples(source, np.array([0]))
+    count = len(source)
+    start_time = time.monotonic()
+    images_tmp, labels_tmp = images_path + ".tmp.npy", labels_path + ".tmp.npy"
+    images = np.lib.format.open_memmap(images_tmp, mode="w+", dtype=first.dtype,
+                                       shape=(count, *first.shape[1:]))
+    labels = np.empty(count, np.int32)
+    for start in range(0, count, _DECODE_CHUNK):
+        indices = np.arange(start, min(start + _DECODE_CHUNK, count))
+        images[indices], labels[indices] = read_examples(source, indices)
+    images.flush()
+    del images
+    np.save(labels_tmp, labels)
+    os.replace(labels_tmp, labels_path)
+    os.replace(images_tmp, images_path)
+    logging.info("Decoded %d images into %s in %.0f s", count, images_path,
+                 time.monotonic() - start_time)
+
+
+def decoded_cache_paths(dataset_dir: str, split: str) -> tuple[str, str]:
+    """(images, labels) .npy paths of the decoded cache of `split` of the tfds dataset whose
+    version directory is `dataset_dir` (<data dir>/<name>/<version>)."""
+    stem = os.path.join(dataset_dir, "decoded", urllib.parse.quote(split, safe=""))
+    return f"{stem}-images.npy", f"{stem}-labels.npy"
+
+
+def _decoded_tfds_source(source: Any, config: ml_collections.ConfigDict,
+                         split: str) -> DecodedFileSource:
+    """`source` (a tfds split) decoded once into .npy files in the dataset's directory
+    (`decoded/`), by process 0 when there are several, and read from there."""
+    images_path, labels_path = decoded_cache_paths(str(source.dataset_info.data_dir), split)
+    stem = images_path[:-len("-images.npy")]
+    process_count = jax.process_count()
+    prepare_on_process_zero(
+        lambda: os.path.isfile(images_path) and os.path.isfile(labels_path),
+        lambda: write_decoded(source, images_path, labels_path),
+        what=f"the decoded images of {config.data.dataset!r} (split {split!r}) in {stem}-*",
+        key=f"jax_diffusion/decoded/{stem}", process_index=jax.process_index(),
+        process_count=process_count,
+        channel=JaxKeyValueChannel() if process_count > 1 else None,
+        timeout=config.data.prepare_timeout)
+    return DecodedFileSource(images_path, labels_path)
+
+
 def _open_source(config: ml_collections.ConfigDict, split: str) -> Any:
     """Returns the random-access source of config.data.dataset; digits has one split (all 1797
     images)."""
@@ -358,38 +428,103 @@ def _open_source(config: ml_collections.ConfigDict, split: str) -> Any:
             raise ValueError(f"digits images have 1 channel but "
                              f"config.data.channels={config.data.channels}")
         return ArraySource(*_digits_unit_arrays(config.data.image_size))
-    return _tfds_source(config, split)
+    source = _tfds_source(config, split)
+    if config.data.decoded_cache and _reads_batches(source):
+        return _decoded_tfds_source(source, config, split)
+    return source
 
 
-class _ToModelInput(grain.transforms.Map):
-    """Validates a record's image shape.
-
-    Returns {"image": float32 [H, W, C] in [-1, 1], "label": int32} from a source record.
-    """
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        self._name = config.data.dataset
-        self._image_size = config.data.image_size
-        self._channels = config.data.channels
-
-    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        image = np.asarray(record["image"])
-        expected = (self._image_size, self._image_size, self._channels)
-        if image.shape != expected:
-            raise ValueError(
-                f"dataset {self._name!r} has images of shape {image.shape} (H, W, C) but "
-                f"config.data.image_size={self._image_size} and "
-                f"config.data.channels={self._channels} ask for {expected}; set those keys to "
-                f"match the dataset (the pipeline does not resize it).")
-        # Unlabelled datasets get label 0 so every batch has the same structure.
-        return {"image": _to_model_range(image), "label": np.int32(record.get("label", 0))}
+def _check_image_shape(shape: tuple[int, ...], config: ml_collections.ConfigDict) -> None:
+    expected = (config.data.image_size, config.data.image_size, config.data.channels)
+    if tuple(shape) != expected:
+        raise ValueError(
+            f"dataset {config.data.dataset!r} has images of shape {tuple(shape)} (H, W, C) but "
+            f"config.data.image_size={config.data.image_size} and "
+            f"config.data.channels={config.data.channels} ask for {expected}; set those keys to "
+            f"match the dataset (the pipeline does not resize it).")
 
 
-def _random_flip(example: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Returns the example with its image mirrored left-right with probability 1/2."""
-    if rng.random() < 0.5:
-        return {**example, "image": example["image"][:, ::-1]}
-    return example
+def read_examples(source: Any, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (images [n, H, W, C] in the source's dtype, labels int32 [n]) of source[indices].
+
+    Uses the source's batch read when it has one: `read_batch` (ArraySource: one fancy index;
+    not for a subclass with its own `__getitem__`, which that would bypass) or `__getitems__`
+    (tfds: one read of all the records). Unlabelled datasets get label 0, so every batch has
+    the same structure."""
+    if isinstance(source, ArraySource) and type(source).__getitem__ is ArraySource.__getitem__:
+        return source.read_batch(indices)
+    keys = [int(i) for i in indices]
+    records = source.__getitems__(keys) if _reads_batches(source) else [source[i] for i in keys]
+    images = np.stack([np.asarray(record["image"]) for record in records])
+    labels = np.array([record.get("label", 0) for record in records], dtype=np.int32)
+    return images, labels
+
+
+def _reads_batches(source: Any) -> bool:
+    """Whether `source` is a tfds data source over array_record files, whose __getitems__ reads
+    all the records in one call (tfds.testing.mock_data's stand-in reader has a __getitems__
+    that fails, so it reads one record at a time)."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    return isinstance(getattr(source, "data_source", None), ArrayRecordDataSource)
+
+
+def flip_mask(seed: int, positions: np.ndarray) -> np.ndarray:
+    """Whether to mirror the examples at these positions of the global stream: one fair coin per
+    (seed, position), computed for a whole batch at once with the SplitMix64 finaliser (Steele
+    et al. 2014), so a flip does not depend on batching, process count or worker count."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps around by design
+        z = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + \
+            positions.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(63)).astype(bool)
+
+
+class _EpochOrder:
+    """The permutation of the source for each epoch, seeded by (seed, epoch); the last one is
+    kept, since a process reads one epoch for many batches in a row."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self._num_examples = num_examples
+        self._seed = seed
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != epoch:
+            order = np.random.default_rng([self._seed, epoch]).permutation(self._num_examples)
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+
+class _ReadLocalBatch:
+    """Local batch i of the stream -> {"image": float32 [L, H, W, C] in [-1, 1], "label": int32
+    [L]}: rows (i % P)*L:(i % P + 1)*L of global batch i // P, read, scaled and flipped as whole
+    arrays (no per-example Python)."""
+
+    def __init__(self, source: Any, config: ml_collections.ConfigDict, *, order_seed: int,
+                 flip_seed: int, local_batch: int, process_count: int):
+        self._source = source
+        self._config = config
+        self._order = _EpochOrder(len(source), order_seed)
+        self._flip_seed = flip_seed if config.data.random_flip else None
+        self._local_batch = local_batch
+        self._process_count = process_count
+        self._batches_per_epoch = len(source) // (local_batch * process_count)
+
+    def __call__(self, index: int, _: Any) -> dict[str, np.ndarray]:
+        global_batch, row = divmod(index, self._process_count)
+        epoch, batch_in_epoch = divmod(global_batch, self._batches_per_epoch)
+        start = (batch_in_epoch * self._process_count + row) * self._local_batch
+        indices = self._order(epoch)[start:start + self._local_batch]
+        images, labels = read_examples(self._source, indices)
+        _check_image_shape(images.shape[1:], self._config)
+        images = _to_model_range(images)
+        if self._flip_seed is not None:
+            positions = index * self._local_batch + np.arange(self._local_batch)
+            flip = flip_mask(self._flip_seed, positions)
+            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+        return {"image": images, "label": labels}
 
 
 def iterator_from_source(
@@ -409,8 +544,8 @@ def iterator_from_source(
     distinct examples and every epoch has the same number of steps. Process p reads rows
     p*local_batch:(p+1)*local_batch of each global batch, so the processes' batches concatenated
     in process order are the single-process batch. Flips (config.data.random_flip) are seeded by
-    the example's position in the global stream, so they too do not depend on process_count. The
-    iterator has
+    the example's position in the global stream, so they too do not depend on process_count.
+    Each local batch is read, scaled and flipped as whole numpy arrays. The iterator has
     `get_state() -> dict` (JSON-serialisable) and `set_state(dict)`.
     """
     num_examples = len(source)
@@ -427,22 +562,18 @@ def iterator_from_source(
             f"config.train.batch_size={global_batch} is larger than dataset "
             f"{config.data.dataset!r} ({num_examples} examples)")
     local_batch = global_batch // process_count
-    to_model_input = _ToModelInput(config)
-    to_model_input.map(source[0])  # fail now, not inside a reader thread, on a wrong image shape
+    # Fail now, not inside a reader thread, on a wrong image shape.
+    _check_image_shape(read_examples(source, np.array([0]))[0].shape[1:], config)
     # Independent 32-bit seeds, so that nearby `seed`s do not give related shuffles or flips.
     order_seed, flip_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-
-    ds = grain.MapDataset.source(source)
-    # Indices past len(ds) belong to later epochs, each shuffled with its own seed; slicing keeps
-    # the first whole global batches of every epoch's permutation, and repeat makes the stream
-    # endless.
-    ds = ds.shuffle(seed=order_seed)[: (num_examples // global_batch) * global_batch].repeat()
-    ds = ds.map(to_model_input)
-    if config.data.random_flip:
-        ds = ds.random_map(_random_flip, seed=flip_seed)
-    # Local batch i is rows (i % P)*local:(i % P + 1)*local of global batch i // P: process p takes
-    # every P-th local batch starting at p, and reads nothing else.
-    ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+    read = _ReadLocalBatch(source, config, order_seed=order_seed, flip_seed=flip_seed,
+                           local_batch=local_batch, process_count=process_count)
+    # Element i of the endless stream is local batch i (the process_count local batches of
+    # global batch i // process_count in process order); process p takes every P-th one
+    # starting at p, and reads nothing else: the slice is lazy.
+    local_batches_per_epoch = (num_examples // global_batch) * process_count
+    ds = grain.MapDataset.range(local_batches_per_epoch).repeat().map_with_index(read)
+    ds = ds[process_index::process_count]
     it_ds = ds.to_iter_dataset(_READ_OPTIONS)
     if config.data.worker_count > 0:
         it_ds = it_ds.mp_prefetch(
@@ -489,7 +620,6 @@ def load_eval_arrays(
     """
     source = _open_source(config, split or config.data.eval_split)
     count = len(source) if max_examples is None else min(max_examples, len(source))
-    to_model_input = _ToModelInput(config)
-    examples = [to_model_input.map(source[i]) for i in range(count)]
-    return (np.stack([e["image"] for e in examples]),
-            np.array([e["label"] for e in examples], dtype=np.int32))
+    images, labels = read_examples(source, np.arange(count))
+    _check_image_shape(images.shape[1:], config)
+    return _to_model_range(images), labels

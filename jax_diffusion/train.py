@@ -1,104 +1,24 @@
-"""Training: create_train_state -> make_train_step -> train (the loop); `run_train` is
---mode=train.
-
-The step is one jit-compiled function over the device mesh: the batch is sharded on "data", the
-state replicated and donated, and XLA averages the gradients across devices. Random numbers
-(timesteps, noise, dropout, label drop) are drawn for the global batch from
-fold_in(state.rng, step), so they do not depend on the device count.
+"""Training: create_train_state -> make_train_step (train_step.py) -> train (the loop);
+`run_train` is --mode=train.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import time
-from collections.abc import Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
 from jax_diffusion import checkpoints, data, parallel, sampling
-from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
+from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError, NonFiniteLossError
 from jax_diffusion.models import create_model
 from jax_diffusion.train_state import (TrainState, abstract_train_state, create_optimizer,
-                                       create_train_state, learning_rate_schedule)
-
-
-def ema_decay(decay: float, step: jax.Array) -> jax.Array:
-    """min(decay, (1 + step) / (10 + step)): early on the EMA follows the parameters closely, so
-    it does not keep a large share of the random initialisation (0.999^1500 = 22% without this)."""
-    step = step.astype(jnp.float32)
-    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-
-
-def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
-                    diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
-                    mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """jit(state, batches) -> (state, metrics), running `steps_per_jit` steps in one call.
-
-    `batches` hold a leading steps axis: image [k, B, H, W, C], label [k, B]. A step whose loss
-    or gradient is not finite leaves the state unchanged and reports finite=0, so the host can
-    stop the run with nothing corrupt in the state.
-    """
-    train_config = config.train
-    num_classes = config.model.num_classes
-    lr_schedule = learning_rate_schedule(train_config)
-
-    def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        images = batch["image"]
-        key = jax.random.fold_in(state.rng, state.step)
-        t_key, noise_key, dropout_key, label_key = jax.random.split(key, 4)
-        t = jax.random.randint(t_key, (images.shape[0],), 0, diffusion.num_timesteps)
-        labels = None
-        if num_classes > 0:
-            # Label dropout trains the null label, the unconditional branch of guidance.
-            drop = jax.random.uniform(label_key, batch["label"].shape)
-            labels = jnp.where(drop < train_config.label_dropout, num_classes, batch["label"])
-
-        def loss_fn(params):
-            def model_fn(x, timesteps):
-                return model.apply({"params": params}, x, timesteps, labels, train=True,
-                                   rngs={"dropout": dropout_key})
-            terms = diffusion.training_losses(model_fn, images, t, noise_key)
-            return jnp.mean(terms["loss"]), terms
-
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def update(state: TrainState) -> TrainState:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            ema_params = optax.incremental_update(params, state.ema_params,
-                                                  1.0 - ema_decay(train_config.ema_decay, state.step))
-            return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                                 opt_state=opt_state)
-
-        # A cond, not a select of new against old: with the select, both states are live at once
-        # and XLA copied every donated buffer (91 ms of copies in a 1.4 s CPU step).
-        new_state = jax.lax.cond(finite, update, lambda state: state, state)
-        metrics = {name: jnp.mean(value) for name, value in terms.items()}
-        metrics.update(loss=loss, grad_norm=grad_norm, lr=lr_schedule(state.step),
-                       finite=finite.astype(jnp.float32))
-        return new_state, metrics
-
-    def multi_step(state: TrainState, batches: dict):
-        # A Python loop, not lax.scan: XLA:CPU ran the step ~25x slower inside a scan, even an
-        # unrolled one (measured 9.1 s vs 0.36 s per digits step). Compile time grows with k.
-        all_metrics = []
-        for i in range(batches["image"].shape[0]):
-            state, metrics = one_step(state, jax.tree.map(lambda b: b[i], batches))
-            all_metrics.append(metrics)
-        return state, jax.tree.map(lambda *m: jnp.stack(m), *all_metrics)
-
-    return jax.jit(multi_step, donate_argnums=0,
-                   in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh, 1)),
-                   out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+                                       create_train_state)
+from jax_diffusion.train_step import make_train_step, next_batches
 
 
 def run_length(config: ml_collections.ConfigDict) -> int:
@@ -147,13 +67,6 @@ class _Preemption:
     def restore(self):
         if not self._multi_process:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def _next_batches(iterator, k: int, mesh) -> dict:
-    """k host batches stacked on a leading axis, as global arrays sharded on "data"."""
-    batches = [next(iterator) for _ in range(k)]
-    local = {name: np.stack([b[name] for b in batches]) for name in batches[0]}
-    return parallel.global_batch(local, mesh, leading_axes=1)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -221,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     try:
         while step < num_steps:
-            state, metrics = train_step(state, _next_batches(iterator, k, mesh))
+            state, metrics = train_step(state, next_batches(iterator, k, mesh))
             step += k
             pending.append(metrics)
             # Read the flag once: SIGTERM may arrive while this step is being logged or saved,

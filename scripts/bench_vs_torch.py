@@ -10,6 +10,8 @@ split over one CPU device per core, and the PyTorch baseline with the same batch
 and in bfloat16. Each run's result is the last JSON line of its stdout. Prints the
 medians over the rounds and the JAX/PyTorch ratios of train and forward img/s to stderr, and
 one JSON summary line on stdout. Long: each run builds and times the 35.7M-parameter model.
+Then runs scripts/bench_host.py (input pipeline, host loop, checkpoint saves, device memory,
+Inception throughput), which prints each figure with its command; --skip-host leaves it out.
 """
 from __future__ import annotations
 
@@ -147,6 +149,9 @@ def run_json(command: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-host", action="store_true",
+                        help="do not run scripts/bench_host.py (pipeline, host loop, "
+                             "checkpoint, memory, Inception figures) afterwards")
     args = parser.parse_args()
     if not os.path.exists(TORCH_BASELINE):
         raise SystemExit(f"bench_vs_torch: {TORCH_BASELINE} not found")
@@ -165,9 +170,12 @@ def main() -> None:
     summary = summarize(jax_runs, torch_runs, jax_split_runs)
     for line in format_summary(summary):
         log(line)
+    host = None if args.skip_host else run_json(
+        [sys.executable, os.path.join(REPO, "scripts", "bench_host.py")])
     print(json.dumps({"rounds": args.rounds, "train_batch": TRAIN_BATCH, "fwd_batch": FWD_BATCH,
                       "split_forward_devices": CPU_DEVICES,
-                      "device": jax_runs[PRECISIONS[0]][0].get("device"), **summary}), flush=True)
+                      "device": jax_runs[PRECISIONS[0]][0].get("device"), **summary,
+                      "host": host}), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from jax_diffusion import bench, cpu_flags, parallel
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.models import create_model
-from jax_diffusion.train import make_train_step
+from jax_diffusion.train_step import make_train_step
 from jax_diffusion.train_state import abstract_train_state, create_optimizer
 
 
@@ -85,8 +85,11 @@ def test_parse_steps_and_parts():
     for bad in ("", "ten", "10,0"):
         with pytest.raises(ValueError, match="config.bench.sample_steps"):
             bench.parse_steps(bad)
-    with pytest.raises(ValueError, match="unknown .'eval'.; allowed: train, fwd, sample"):
-        bench.parse_parts("train,eval")
+    assert bench.parse_parts("data,host,checkpoint,memory,eval") == (
+        "data", "host", "checkpoint", "memory", "eval")
+    with pytest.raises(ValueError, match="unknown .'evals'.; allowed: train, fwd, sample, data, "
+                                         "host, checkpoint, memory, eval"):
+        bench.parse_parts("train,evals")
 
 
 # ---------------------------------------------------------------- scripts/bench_vs_torch.py

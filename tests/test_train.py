@@ -122,7 +122,7 @@ def resume_runs(tmp_path_factory):
     """Workdir "split": train.train to step 3, then again to step 6 (a resume);
     workdir "straight": to step 6 in one run. Records the host batches every run saw."""
     seen = {}
-    original = train._next_batches
+    original = train.next_batches
 
     def recording(iterator, k, mesh):
         batches = original(iterator, k, mesh)
@@ -131,7 +131,7 @@ def resume_runs(tmp_path_factory):
 
     split, straight = (str(tmp_path_factory.mktemp(name)) for name in ("split", "straight"))
     states = {}
-    train._next_batches = recording
+    train.next_batches = recording
     try:
         for current, workdir, num_steps in (("split_1", split, 3), ("split_2", split, 6),
                                             ("straight", straight, 6)):
@@ -140,7 +140,7 @@ def resume_runs(tmp_path_factory):
                                  train__log_every=3)
             states[current] = train.train(config, workdir)
     finally:
-        train._next_batches = original
+        train.next_batches = original
     return {"split": split, "straight": straight, "seen": seen, "states": states,
             "config": tiny_config(train__num_steps=6)}
 
@@ -239,7 +239,7 @@ def test_short_trained_digits_model_draws_the_requested_digits():
     iterator = data.create_train_iterator(config, seed=0)
     losses = []
     for _ in range(num_steps):
-        state, metrics = step_fn(state, train._next_batches(iterator, 1, mesh))
+        state, metrics = step_fn(state, train.next_batches(iterator, 1, mesh))
         losses.append(metrics["loss"])
     losses = np.concatenate(jax.device_get(losses))
     assert np.mean(losses[-100:]) < 0.5 * np.mean(losses[:20])

@@ -1,0 +1,120 @@
+"""One compiled training call: `make_train_step` (k steps per call, as a lax.scan or a Python
+unroll) and `next_batches`, which stacks the k host batches it takes.
+
+The step is one jit-compiled function over the device mesh: the batch is sharded on "data", the
+state replicated and donated, and XLA averages the gradients across devices. Random numbers
+(timesteps, noise, dropout, label drop) are drawn for the global batch from
+fold_in(state.rng, step), so they do not depend on the device count.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jax_diffusion import parallel
+from jax_diffusion.diffusion import GaussianDiffusion
+from jax_diffusion.train_state import TrainState, learning_rate_schedule
+
+
+def ema_decay(decay: float, step: jax.Array) -> jax.Array:
+    """min(decay, (1 + step) / (10 + step)): early on the EMA follows the parameters closely, so
+    it does not keep a large share of the random initialisation (0.999^1500 = 22% without this)."""
+    step = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+STEP_LOOPS = ("auto", "scan", "unroll")
+
+
+def resolve_step_loop(step_loop: str, backend: str | None = None) -> str:
+    """config.train.step_loop as "scan" or "unroll": "auto" unrolls on the CPU (whose scan is
+    slow, see make_train_step) and scans elsewhere (GPU, TPU). `backend` defaults to JAX's."""
+    if step_loop != "auto":
+        return step_loop
+    return "unroll" if (backend or jax.default_backend()) == "cpu" else "scan"
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
+                    diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
+                    mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """jit(state, batches) -> (state, metrics), running `steps_per_jit` steps in one call, as
+    a lax.scan or a Python unroll per config.train.step_loop (`resolve_step_loop`).
+
+    `batches` hold a leading steps axis: image [k, B, H, W, C], label [k, B]. A step whose loss
+    or gradient is not finite leaves the state unchanged and reports finite=0, so the host can
+    stop the run with nothing corrupt in the state.
+    """
+    train_config = config.train
+    num_classes = config.model.num_classes
+    lr_schedule = learning_rate_schedule(train_config)
+
+    def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        images = batch["image"]
+        key = jax.random.fold_in(state.rng, state.step)
+        t_key, noise_key, dropout_key, label_key = jax.random.split(key, 4)
+        t = jax.random.randint(t_key, (images.shape[0],), 0, diffusion.num_timesteps)
+        labels = None
+        if num_classes > 0:
+            # Label dropout trains the null label, the unconditional branch of guidance.
+            drop = jax.random.uniform(label_key, batch["label"].shape)
+            labels = jnp.where(drop < train_config.label_dropout, num_classes, batch["label"])
+
+        def loss_fn(params):
+            def model_fn(x, timesteps):
+                return model.apply({"params": params}, x, timesteps, labels, train=True,
+                                   rngs={"dropout": dropout_key})
+            terms = diffusion.training_losses(model_fn, images, t, noise_key)
+            return jnp.mean(terms["loss"]), terms
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(state: TrainState) -> TrainState:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            step_size = 1.0 - ema_decay(train_config.ema_decay, state.step)
+            ema_params = optax.incremental_update(params, state.ema_params, step_size)
+            return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                                 opt_state=opt_state)
+
+        # A cond, not a select of new against old: with the select, both states are live at once
+        # and XLA copied every donated buffer (91 ms of copies in a 1.4 s CPU step).
+        new_state = jax.lax.cond(finite, update, lambda state: state, state)
+        metrics = {name: jnp.mean(value) for name, value in terms.items()}
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=lr_schedule(state.step),
+                       finite=finite.astype(jnp.float32))
+        return new_state, metrics
+
+    def unrolled_steps(state: TrainState, batches: dict):
+        # XLA:CPU ran the step ~25x slower inside a scan, even an unrolled one (9.1 s vs 0.36 s
+        # per digits step), so the CPU gets k copies of the step; compile time grows with k.
+        all_metrics = []
+        for i in range(batches["image"].shape[0]):
+            state, metrics = one_step(state, jax.tree.map(lambda b: b[i], batches))
+            all_metrics.append(metrics)
+        return state, jax.tree.map(lambda *m: jnp.stack(m), *all_metrics)
+
+    def scanned_steps(state: TrainState, batches: dict):
+        # One copy of the step in the program whatever k: compile time does not grow with k.
+        return jax.lax.scan(one_step, state, batches)
+
+    multi_step = {"scan": scanned_steps, "unroll": unrolled_steps}[
+        resolve_step_loop(train_config.step_loop)]
+
+    return jax.jit(multi_step, donate_argnums=0,
+                   in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh, 1)),
+                   out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+
+
+def next_batches(iterator, k: int, mesh) -> dict:
+    """k host batches stacked on a leading axis, as global arrays sharded on "data"."""
+    batches = [next(iterator) for _ in range(k)]
+    local = {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+    return parallel.global_batch(local, mesh, leading_axes=1)
