@@ -26,6 +26,7 @@ MODES: dict[str, str] = {
     "sample": "jax_diffusion.sample_command:run_sample",
     "eval": "jax_diffusion.evaluation.run:run_eval",
     "bench": "jax_diffusion.bench:run_bench",
+    "distill": "jax_diffusion.distill:run_distill",
 }
 
 
