@@ -173,6 +173,20 @@ def load_teacher(config: ml_collections.ConfigDict, model: nn.Module, mesh):
     return params
 
 
+# distill keys a resumed run must keep: they fix the stages and what the checkpoints hold.
+_RUN_KEYS = ("teacher_steps", "steps_per_stage", "mean_type")
+
+
+def _check_same_run(config: ml_collections.ConfigDict, recorded: dict) -> None:
+    for key in _RUN_KEYS:
+        have = recorded.get("distill", {}).get(key)
+        if have != config.distill[key]:
+            raise ConfigError(
+                f"this workdir holds a distillation with distill.{key}={have!r} but "
+                f"config.distill.{key}={config.distill[key]!r}; resume with the same settings or "
+                f"use another --workdir")
+
+
 def _fresh_stage(state: TrainState, teacher_params, tx: optax.GradientTransformation
                  ) -> TrainState:
     """The student at a stage's start: the teacher's weights (copies: the state is donated to
@@ -206,6 +220,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                            ema_params=original_teacher, opt_state=None, rng=rng)
         state = jax.device_put(state, parallel.replicated(mesh))
     else:
+        _check_same_run(config, checkpoints.restore_config(manager, manager.latest_step()))
         state, data_state = checkpoints.restore_train_state(
             manager, manager.latest_step(), template, parallel.replicated(mesh))
         iterator.set_state(data_state)
