@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo demo-distill test test-fast lint bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -24,6 +24,10 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt Makefile
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
+
+# After `make demo`: distil its model into 8- and 4-step students (runs/digits_distill).
+demo-distill: $(VENV)/.installed
+	$(PY) scripts/demo_distill.py
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .

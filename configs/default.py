@@ -132,6 +132,19 @@ def get_config() -> ml_collections.ConfigDict:
     bench.steps_per_jit = "1,4,16"       # host: steps per compiled call to measure
     bench.memory_batches = "64,128"      # memory: per-device batches analysed (two give the fit)
 
+    # --mode=distill (jax_diffusion/distill.py): few-step students of a trained teacher. Batch size,
+    # seed, gradient clipping, logging and checkpoint intervals come from config.train.
+    config.distill = distill = ml_collections.ConfigDict()
+    distill.method = "progressive"       # "progressive" (Salimans & Ho) | "consistency" (not yet)
+    distill.teacher_workdir = ""         # a --mode=train workdir: its latest EMA weights
+    distill.teacher_steps = 64           # the teacher's DDIM (eta 0) steps on the trailing grid
+    distill.num_halvings = 4             # stages; the last student: teacher_steps / 2**num_halvings
+    distill.steps_per_stage = 2000       # optimizer steps of each stage
+    distill.lr = 1e-4                    # constant AdamW learning rate, fresh optimizer each stage
+    distill.ema_decay = 0.999            # EMA of the student; the EMA is the next stage's teacher
+    distill.mean_type = "v"              # student parametrisation: "v" | "x0" (eps fails at 1 step)
+    distill.student_steps = 0            # written by --mode=distill into its checkpoints; leave 0
+
     # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/distributed.py.
     config.distributed = dist = ml_collections.ConfigDict()
     dist.cluster = "auto"                # "auto": SLURM with several tasks or a Cloud TPU VM joins by itself; "none"

@@ -34,11 +34,13 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def create_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
-                   read_only: bool = False) -> ocp.CheckpointManager:
-    """The run's CheckpointManager. Saves are asynchronous: writing overlaps training."""
+                   read_only: bool = False, keep_period: int | None = None
+                   ) -> ocp.CheckpointManager:
+    """The run's CheckpointManager. Saves are asynchronous: writing overlaps training. Steps
+    that are multiples of `keep_period` are never deleted (a distillation's stage ends)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save, keep_period=keep_period)
     # Named handlers let a fresh manager read item metadata before any save or restore.
     handlers = {"state": ocp.StandardCheckpointHandler(),
                 "ema_params": ocp.StandardCheckpointHandler(),
@@ -218,3 +220,8 @@ def restore_params(manager: ocp.CheckpointManager, step: int, state_template: An
             _abstract(state_template.ema_params, sharding))).ema_params
     state, _ = restore_train_state(manager, step, state_template, sharding)
     return state.params
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The config recorded with the checkpoint at `step`, as a plain dict (its JSON)."""
+    return _restore(manager, step, config=ocp.args.JsonRestore()).config

@@ -28,6 +28,7 @@ MODES: dict[str, str] = {
     "bench": "jax_diffusion.bench:run_bench",
     "import": "jax_diffusion.convert.run:run_import",
     "export": "jax_diffusion.convert.run:run_export",
+    "distill": "jax_diffusion.distill:run_distill",
 }
 
 

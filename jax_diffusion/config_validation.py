@@ -246,6 +246,38 @@ def _check_bench(bench: ml_collections.ConfigDict) -> None:
     _positive_int(bench, "warmup_steps", "bench", minimum=0)
 
 
+DISTILL_METHODS = ("progressive", "consistency")
+STUDENT_MEAN_TYPES = ("v", "x0")  # eps cannot give x0 at the pure-noise step of a 1-step student
+
+
+def _check_distill(config: ml_collections.ConfigDict, mode: str, workdir: str) -> None:
+    distill = config.distill
+    _choice(distill.method, "distill.method", DISTILL_METHODS)
+    _choice(distill.mean_type, "distill.mean_type", STUDENT_MEAN_TYPES)
+    for name in ("teacher_steps", "num_halvings", "steps_per_stage"):
+        _positive_int(distill, name, "distill")
+    _positive_int(distill, "student_steps", "distill", minimum=0)
+    _require(distill.lr > 0, "distill.lr", distill.lr, "must be > 0")
+    _fraction(distill.ema_decay, "distill.ema_decay", 0.0, 1.0, high_open=True)
+    total = config.diffusion.num_timesteps
+    _require(distill.teacher_steps <= total, "distill.teacher_steps", distill.teacher_steps,
+             f"must be at most config.diffusion.num_timesteps={total}")
+    halved = 2 ** distill.num_halvings
+    _require(distill.teacher_steps % halved == 0, "distill.num_halvings", distill.num_halvings,
+             f"halves config.distill.teacher_steps={distill.teacher_steps} {halved}-fold, which "
+             f"must divide it; use a teacher_steps that is a multiple of {halved} (e.g. "
+             f"{halved * max(1, distill.teacher_steps // halved)}) or fewer halvings")
+    if mode != "distill":
+        return
+    _require(distill.student_steps == 0, "distill.student_steps", distill.student_steps,
+             "is written by --mode=distill into its checkpoints; leave it 0")
+    teacher = distill.teacher_workdir
+    _require(bool(teacher) and os.path.isdir(teacher), "distill.teacher_workdir", teacher,
+             "must be the workdir of a trained teacher (--mode=train --workdir=...)")
+    _require(os.path.abspath(teacher) != os.path.abspath(workdir), "distill.teacher_workdir",
+             teacher, "is --workdir itself; the student needs a workdir of its own")
+
+
 def validate_config(config: ml_collections.ConfigDict, mode: str, workdir: str) -> None:
     """Every section of `config` for `--mode=mode`; raises ConfigError on the first problem.
 
@@ -260,6 +292,7 @@ def validate_config(config: ml_collections.ConfigDict, mode: str, workdir: str) 
     _check_sample(config)
     _check_eval(config, mode)
     _check_bench(config.bench)
+    _check_distill(config, mode, workdir)
     validate_distributed_config(config.distributed)
     if mode in ("import", "export"):
         from jax_diffusion.convert.run import validate_convert_config
@@ -273,7 +306,8 @@ def check_device_divisibility(config: ml_collections.ConfigDict, mode: str, mesh
     keys = {"train": ("train.batch_size",),
             "eval": ("eval.nll_batch_size",) if "nll" in comma_list(
                 config.eval.metrics, "config.eval.metrics") else (),
-            "bench": ("bench.batch_size", "bench.sample_batch_size")}.get(mode, ())
+            "bench": ("bench.batch_size", "bench.sample_batch_size"),
+            "distill": ("train.batch_size",)}.get(mode, ())
     for key in keys:
         section, name = key.split(".")
         parallel.check_divisible(config[section][name], mesh, f"config.{key}")

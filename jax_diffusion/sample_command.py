@@ -38,6 +38,7 @@ def write_samples(workdir: str, samples: np.ndarray, labels: np.ndarray,
 
 def run_sample(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=sample."""
+    config = sampling.student_config(config, workdir)
     mesh = parallel.create_mesh()
     model = create_model(config.model)
     params, step = sampling.restore_for_sampling(config, workdir, mesh, model)

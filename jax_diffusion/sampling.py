@@ -4,6 +4,7 @@ training writes. `--mode=sample` (sample_command.py) and `--mode=eval` build on 
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -90,3 +91,39 @@ def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str, mesh,
     params = checkpoints.restore_params(manager, step, abstract_train_state(config, model),
                                         parallel.replicated(mesh), use_ema=config.sample.use_ema)
     return params, step
+
+
+def student_config(config: ml_collections.ConfigDict, workdir: str
+                   ) -> ml_collections.ConfigDict:
+    """`config`, or for the workdir of a distilled student (--mode=distill) a copy that samples
+    it as its checkpoint records: its parametrisation, sampler, eta, step count and guidance,
+    whatever config.sample says for teachers. With several stages kept, the stage whose step
+    count is config.sample.num_steps is chosen, else the last one (config.sample.checkpoint_step
+    >= 0 picks one directly)."""
+    manager = checkpoints.create_manager(workdir, read_only=True)
+    if not manager.all_steps():
+        return config  # restore_for_sampling names the problem
+    latest = checkpoints.restore_config(manager, manager.latest_step())
+    if not latest.get("distill", {}).get("student_steps", 0):
+        return config
+    if config.sample.checkpoint_step >= 0:
+        step = checkpoints.select_step(manager, config.sample.checkpoint_step)
+    else:
+        per_stage = latest["distill"]["steps_per_stage"]
+        stages = {checkpoints.restore_config(manager, s)["distill"]["student_steps"]: s
+                  for s in manager.all_steps() if s % per_stage == 0}
+        step = stages.get(config.sample.num_steps, manager.latest_step())
+        if config.sample.num_steps not in stages:
+            logging.info("%s holds distilled students at %s steps; config.sample.num_steps=%d "
+                         "is not one of them: sampling the latest", workdir,
+                         ", ".join(map(str, sorted(stages))), config.sample.num_steps)
+    record = checkpoints.restore_config(manager, step)
+    effective = ml_collections.ConfigDict(config.to_dict())
+    effective.diffusion.mean_type = record["diffusion"]["mean_type"]
+    for key in ("method", "eta", "num_steps", "schedule", "guidance_scale"):
+        effective.sample[key] = record["sample"][key]
+    effective.sample.checkpoint_step = step
+    effective.distill.student_steps = record["distill"]["student_steps"]
+    logging.info("Distilled student: checkpoint %d, %s with %d steps, eta %g", step,
+                 effective.sample.method, effective.sample.num_steps, effective.sample.eta)
+    return effective

@@ -11,7 +11,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
-STEP_SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
+STEP_SCHEDULES = ("uniform", "quadratic", "logsnr", "karras", "trailing")
 KARRAS_RHO = 7.0   # Karras et al. 2022, eq. 5: rho = 7 spends the steps near sigma_min
 
 
@@ -103,6 +103,18 @@ def logsnr_timesteps(num_timesteps: int, n: int, schedule: str | np.ndarray) -> 
     return set(int(t) for t in _distinct(ts, num_timesteps))
 
 
+def trailing_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """The grid t_i = floor((i + 1) T / N) - 1, i = 0..N-1 (int64, ascending).
+
+    It always starts sampling at t = T - 1 (pure noise; the few-step regime needs that), and it
+    nests under halving: for even N the grid of N/2 steps is the odd-indexed half of the grid of
+    N steps, so one student step spans exactly two teacher steps."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps={num_steps} must lie in [1, {num_timesteps}]")
+    i = np.arange(1, num_steps + 1, dtype=np.int64)
+    return i * num_timesteps // num_steps - 1
+
+
 def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray) -> np.ndarray:
     """The `count` timesteps a sampler visits, ascending int64, for the step schedule `name`.
 
@@ -115,6 +127,8 @@ def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray)
     karras:    sigma_j^(1/rho) even from sigma_max^(1/rho) to sigma_min^(1/rho), rho = 7,
                sigma = sqrt((1 - abar) / abar) (Karras et al. 2022, eq. 5),
                each mapped to the timestep nearest in log sigma.
+    trailing:  t_i = floor((i + 1) T / count) - 1 (`trailing_timesteps`): starts at T - 1 and
+               nests under halving; the grid progressive distillation trains students on.
     Every non-uniform schedule keeps t = 0 and t = T-1 (count >= 2) and pushes coinciding steps
     apart so that exactly `count` distinct steps remain.
     """
@@ -128,6 +142,8 @@ def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray)
         return np.array(sorted(kept), dtype=np.int64)
     if name not in STEP_SCHEDULES:
         raise ValueError(f"unknown step schedule {name!r}; allowed: {', '.join(STEP_SCHEDULES)}")
+    if name == "trailing":
+        return trailing_timesteps(num_timesteps, count)
     if count == 1:
         return np.array([num_timesteps - 1], dtype=np.int64)
     if name == "logsnr":

@@ -39,7 +39,7 @@ def run_length(config: ml_collections.ConfigDict) -> int:
     return length
 
 
-class _Preemption:
+class Preemption:
     """SIGTERM (the preemption notice of TPU VMs, SLURM and Kubernetes) as a stop request that
     the loop checks between steps, at the same step on every process.
 
@@ -102,7 +102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     train_step = make_train_step(config, model, diffusion, tx, mesh)
     grid_sampler = (sampling.GridSampler(config, model, mesh) if config.train.sample_every
                     else None)
-    preemption = _Preemption()
+    preemption = Preemption()
     pending: list[dict] = []  # device metrics since the last log: fetched together, no per-step sync
     last_saved = f"step {step}" if step else "none yet"
     window_start, window_step = time.time(), step

@@ -208,6 +208,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     from clu import metric_writers  # imports TensorFlow: only when evaluating
 
     wanted = wanted_metrics(config)
+    config = sampling.student_config(config, workdir)
     mesh = parallel.create_mesh()
     model = create_model(config.model)
     params, step = sampling.restore_for_sampling(config, workdir, mesh, model)

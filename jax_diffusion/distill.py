@@ -1,0 +1,315 @@
+"""--mode=distill: progressive distillation (Salimans & Ho 2022) of a trained model into a
+few-step deterministic DDIM sampler.
+
+The teacher is the EMA weights of the latest checkpoint in config.distill.teacher_workdir,
+sampled by DDIM (eta 0) with config.distill.teacher_steps steps on the trailing grid
+(schedules.trailing_timesteps). Each of config.distill.num_halvings stages trains a
+student, initialised from its teacher, to take in ONE step what its teacher takes in two
+(distill_targets.progressive_target, x-space loss weighted by max(SNR, 1)), with the
+parametrisation config.distill.mean_type and a fresh optimizer; the stage's EMA student is the
+next stage's teacher. A class-conditional teacher is distilled with the guidance scale
+config.sample.guidance_scale baked in: the student takes the label and no w.
+
+Checkpoints are ordinary training checkpoints in `workdir` at a global step (stage s ends at
+(s + 1) * steps_per_stage; those are never deleted, so every stage's student stays). Each
+records as its config the sampler the student needs (sample.method 'ddim', eta 0, num_steps,
+guidance 1, diffusion.mean_type and distill.student_steps), which `sampling.student_config`
+reads for --mode=sample and --mode=eval. Batches, seed, gradient clipping, logging and
+checkpoint intervals come from config.train; SIGTERM and NaN are handled as in training, and a
+resumed run repeats the uninterrupted one bitwise.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jax_diffusion import checkpoints, data, distill_targets, parallel, samplers, sampling
+from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion, mean_flat
+from jax_diffusion.errors import CheckpointError, ConfigError, NonFiniteLossError
+from jax_diffusion.models import create_model
+from jax_diffusion.train import Preemption
+from jax_diffusion.train_step import apply_if_finite, jit_steps
+from jax_diffusion.train_state import TrainState, abstract_train_state, create_optimizer
+
+# diffusion keys a teacher checkpoint must share with the config: they define its timesteps.
+_DIFFUSION_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type")
+
+
+def student_steps_of_stage(config: ml_collections.ConfigDict, stage: int) -> int:
+    """Sampling steps of the student that stage `stage` (0-based) trains."""
+    return config.distill.teacher_steps // 2 ** (stage + 1)
+
+
+def stage_config(config: ml_collections.ConfigDict, student_steps: int
+                 ) -> ml_collections.ConfigDict:
+    """The config a stage's checkpoints record: the student's parametrisation and sampler."""
+    record = ml_collections.ConfigDict(config.to_dict())
+    record.diffusion.mean_type = config.distill.mean_type
+    record.sample.method = "ddim"
+    record.sample.eta = 0.0
+    record.sample.num_steps = student_steps
+    record.sample.schedule = "trailing"
+    record.sample.guidance_scale = 1.0  # the teacher's guidance is distilled in
+    record.distill.student_steps = student_steps
+    return record
+
+
+def _optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW at the constant config.distill.lr, clipped as in training."""
+    return create_optimizer(ml_collections.ConfigDict({
+        "lr": config.distill.lr, "warmup_steps": 0, "grad_clip": config.train.grad_clip,
+        "weight_decay": config.train.weight_decay}))
+
+
+def teacher_x0_fn(model: nn.Module, diffusion: GaussianDiffusion, params, labels,
+                  config: ml_collections.ConfigDict) -> distill_targets.X0Fn:
+    """x0_fn(x, original timesteps) of the teacher as its sampler sees it: guided with
+    config.sample.guidance_scale for a class-conditional model, clipped per
+    config.sample.clip_denoised. `diffusion` is the full T-step one in the teacher's
+    parametrisation, so its indices are the original timesteps."""
+    num_classes, scale = config.model.num_classes, config.sample.guidance_scale
+
+    def conditional(x, t, y):
+        return model.apply({"params": params}, x, t, y, train=False)
+
+    if num_classes > 0 and scale != 1.0:
+        model_fn = samplers.guided_model_fn(conditional, labels, num_classes, scale)
+    else:
+        model_fn = lambda x, t: conditional(x, t, labels)  # noqa: E731
+
+    def x0_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        return diffusion.p_mean_variance(model_fn, x, t,
+                                         config.sample.clip_denoised)["pred_xstart"]
+
+    return x0_fn
+
+
+def _with_mean_type(diffusion_config: ml_collections.ConfigDict, mean_type: str
+                    ) -> ml_collections.ConfigDict:
+    copy = ml_collections.ConfigDict(diffusion_config.to_dict())
+    copy.mean_type = mean_type
+    return copy
+
+
+def make_distill_step(config: ml_collections.ConfigDict, model: nn.Module,
+                      tx: optax.GradientTransformation, mesh, student_steps: int,
+                      teacher_mean_type: str) -> Callable:
+    """jit(state, teacher_params, batches) -> (state, metrics) for the stage whose student
+    takes `student_steps` steps; one step per entry of the batches' leading axis."""
+    num_timesteps = config.diffusion.num_timesteps
+    teacher_diffusion = create_diffusion(_with_mean_type(config.diffusion, teacher_mean_type))
+    student_diffusion = create_diffusion(_with_mean_type(config.diffusion,
+                                                         config.distill.mean_type))
+    alphas_cumprod = teacher_diffusion.alphas_cumprod
+    num_classes = config.model.num_classes
+
+    def one_step(state: TrainState, teacher_params, batch: dict):
+        x_start = batch["image"]
+        labels = batch["label"] if num_classes > 0 else None
+        key = jax.random.fold_in(state.rng, state.step)
+        index_key, noise_key, dropout_key = jax.random.split(key, 3)
+        index = jax.random.randint(index_key, (x_start.shape[0],), 0, student_steps)
+        t, t_mid, t_end = distill_targets.stage_timesteps(num_timesteps, student_steps, index)
+        x_t = teacher_diffusion.q_sample(x_start, t,
+                                         jax.random.normal(noise_key, x_start.shape))
+        teacher_x0 = teacher_x0_fn(model, teacher_diffusion, teacher_params, labels, config)
+        target = jax.lax.stop_gradient(distill_targets.progressive_target(
+            teacher_x0, x_t, t, t_mid, t_end, alphas_cumprod))
+        weight = distill_targets.truncated_snr_weight(
+            jnp.asarray(alphas_cumprod, jnp.float32)[t])
+
+        def loss_fn(params):
+            output = model.apply({"params": params}, x_t, t, labels, train=True,
+                                 rngs={"dropout": dropout_key})
+            x0 = student_diffusion.p_mean_variance(None, x_t, t, clip_denoised=False,
+                                                   model_output=output)["pred_xstart"]
+            return jnp.mean(weight * mean_flat((x0 - target) ** 2))
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        new_state, grad_norm, finite = apply_if_finite(state, grads, loss, tx,
+                                                       config.distill.ema_decay)
+        return new_state, {"loss": loss, "grad_norm": grad_norm,
+                           "finite": finite.astype(jnp.float32)}
+
+    return jit_steps(one_step, mesh, config.train.step_loop, num_inputs=1)
+
+
+def load_teacher(config: ml_collections.ConfigDict, model: nn.Module, mesh):
+    """The EMA parameters of the latest checkpoint in config.distill.teacher_workdir, checked
+    against config.model and config.diffusion."""
+    teacher_workdir = config.distill.teacher_workdir
+    manager = checkpoints.create_manager(teacher_workdir, read_only=True)
+    if not manager.all_steps():
+        raise CheckpointError(
+            f"config.distill.teacher_workdir={teacher_workdir!r} holds no checkpoint: train the "
+            f"teacher first (--mode=train --workdir={teacher_workdir}) or point it at a "
+            f"trained run")
+    step = manager.latest_step()
+    recorded = checkpoints.restore_config(manager, step)
+    for key in _DIFFUSION_KEYS:
+        have = recorded.get("diffusion", {}).get(key)
+        if have is not None and have != config.diffusion[key]:
+            raise ConfigError(
+                f"the teacher in {teacher_workdir} was trained with diffusion.{key}={have!r} but "
+                f"config.diffusion.{key}={config.diffusion[key]!r}; distil with the teacher's "
+                f"config file")
+    if recorded.get("distill", {}).get("student_steps", 0):
+        raise ConfigError(
+            f"config.distill.teacher_workdir={teacher_workdir!r} holds a distilled student, not "
+            f"a --mode=train run; distil from the original teacher with more num_halvings")
+    try:
+        params = checkpoints.restore_params(manager, step, abstract_train_state(config, model),
+                                            parallel.replicated(mesh), use_ema=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"the teacher (config.distill.teacher_workdir) does not fit: "
+                              f"{e}") from None
+    logging.info("Teacher: %s at step %d", teacher_workdir, step)
+    return params
+
+
+# distill keys a resumed run must keep: they fix the stages and what the checkpoints hold.
+_RUN_KEYS = ("teacher_steps", "steps_per_stage", "mean_type")
+
+
+def _check_same_run(config: ml_collections.ConfigDict, recorded: dict) -> None:
+    for key in _RUN_KEYS:
+        have = recorded.get("distill", {}).get(key)
+        if have != config.distill[key]:
+            raise ConfigError(
+                f"this workdir holds a distillation with distill.{key}={have!r} but "
+                f"config.distill.{key}={config.distill[key]!r}; resume with the same settings or "
+                f"use another --workdir")
+
+
+def _fresh_stage(state: TrainState, teacher_params, tx: optax.GradientTransformation
+                 ) -> TrainState:
+    """The student at a stage's start: the teacher's weights (copies: the state is donated to
+    the step, the teacher is not), its EMA equal to them, a new optimizer state."""
+    params = jax.tree.map(jnp.copy, teacher_params)
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, teacher_params),
+                         opt_state=jax.jit(tx.init)(params))
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Run (or resume) every stage per `config` (validated); returns the final state."""
+    from clu import metric_writers  # imports TensorFlow: only when distilling
+
+    mesh = parallel.create_mesh()
+    parallel.check_divisible(config.train.batch_size, mesh, "config.train.batch_size")
+    distill_config = config.distill
+    per_stage = distill_config.steps_per_stage
+    num_steps = distill_config.num_halvings * per_stage
+    model = create_model(config.model)
+    tx = _optimizer(config)
+    original_teacher = load_teacher(config, model, mesh)
+    iterator = data.create_train_iterator(config, seed=config.train.seed,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    manager = checkpoints.create_manager(workdir, config.train.max_to_keep,
+                                         keep_period=per_stage)
+    template = abstract_train_state(config, model)
+    if manager.latest_step() is None:
+        rng = jax.random.key_data(jax.random.PRNGKey(config.train.seed))
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=original_teacher,
+                           ema_params=original_teacher, opt_state=None, rng=rng)
+        state = jax.device_put(state, parallel.replicated(mesh))
+    else:
+        _check_same_run(config, checkpoints.restore_config(manager, manager.latest_step()))
+        state, data_state = checkpoints.restore_train_state(
+            manager, manager.latest_step(), template, parallel.replicated(mesh))
+        iterator.set_state(data_state)
+        logging.info("Resuming the distillation at step %d", int(state.step))
+    step = int(state.step)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    preemption = Preemption()
+    pending: list[dict] = []
+    teacher, step_fn, step_fn_stage, record = None, None, -1, None
+    window_start, window_step = time.time(), step
+
+    def flush_metrics() -> None:
+        nonlocal window_start, window_step
+        if not pending:
+            return
+        fetched = jax.device_get(pending)
+        pending.clear()
+        stacked = {name: np.concatenate([np.atleast_1d(m[name]) for m in fetched])
+                   for name in fetched[0]}
+        if not np.all(stacked["finite"] == 1):
+            bad = window_step + int(np.argmin(stacked["finite"])) + 1
+            manager.wait_until_finished()
+            raise NonFiniteLossError(
+                f"the distillation loss or gradient became NaN/Inf at step {bad}; stopped "
+                f"without saving. The last good checkpoint stays in "
+                f"{checkpoints.checkpoint_dir(workdir)}. Try a lower --config.distill.lr")
+        steps_per_s = (step - window_step) / max(time.time() - window_start, 1e-9)
+        scalars = {name: float(np.mean(v)) for name, v in stacked.items() if name != "finite"}
+        scalars.update(stage=step_fn_stage, student_steps=record.distill.student_steps,
+                       steps_per_s=steps_per_s)
+        writer.write_scalars(step, scalars)
+        window_start, window_step = time.time(), step
+
+    try:
+        while step < num_steps:
+            stage = step // per_stage
+            if step % per_stage == 0:  # a stage starts: its teacher is the previous student
+                teacher = original_teacher if stage == 0 else state.ema_params
+                teacher = jax.tree.map(jnp.copy, teacher)
+                state = _fresh_stage(state, teacher, tx)
+            elif teacher is None:  # resumed inside a stage: its teacher is a kept checkpoint
+                teacher = original_teacher if stage == 0 else checkpoints.restore_params(
+                    manager, stage * per_stage, template, parallel.replicated(mesh))
+            if step_fn is None or step_fn_stage != stage:
+                student_steps = student_steps_of_stage(config, stage)
+                teacher_mean_type = (config.diffusion.mean_type if stage == 0
+                                     else distill_config.mean_type)
+                step_fn = make_distill_step(config, model, tx, mesh, student_steps,
+                                            teacher_mean_type)
+                step_fn_stage = stage
+                record = stage_config(config, student_steps)
+                logging.info("Stage %d of %d: a %d-step student from a %d-step teacher",
+                             stage + 1, distill_config.num_halvings, student_steps,
+                             2 * student_steps)
+            local = next(iterator)
+            batches = parallel.global_batch({k: v[None] for k, v in local.items()}, mesh,
+                                            leading_axes=1)
+            state, metrics = step_fn(state, teacher, batches)
+            step += 1
+            pending.append(metrics)
+            preempted = preemption.requested(step)
+            stage_end = step % per_stage == 0
+            at_end = step >= num_steps or preempted or stage_end
+            if (config.train.log_every and step % config.train.log_every == 0) or at_end:
+                flush_metrics()
+            if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) \
+                    or at_end:
+                flush_metrics()  # never save after a non-finite step
+                checkpoints.save(manager, step, state, record, iterator.get_state())
+            if stage_end:
+                grid = sampling.GridSampler(record, model, mesh)
+                grid.write(state.ema_params, step, workdir, writer)
+                teacher = None
+            if preempted:
+                logging.info("Preempted: checkpoint saved at step %d", step)
+                break
+    finally:
+        preemption.restore()
+        manager.wait_until_finished()
+        writer.flush()
+    return state
+
+
+def run_distill(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """--mode=distill."""
+    if config.distill.method != "progressive":
+        raise ConfigError(f"config.distill.method={config.distill.method!r} is not implemented "
+                          f"yet; use 'progressive'")
+    distill(config, workdir)

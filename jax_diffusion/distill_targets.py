@@ -1,0 +1,73 @@
+"""The pure math of distillation: step grids, the DDIM step, the progressive-distillation target
+and its loss weight (Salimans & Ho 2022, Algorithm 2), and the consistency-distillation target
+(Song et al. 2023, Algorithm 2), on a discrete-time diffusion.
+
+Conventions: x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(abar_t), sigma_t =
+sqrt(1 - abar_t); abar arrays here are per example [B], and abar = 1 stands for the clean end
+of the chain (where a DDIM step returns x0). Every function is elementwise in the batch, so it
+runs in float64 when its inputs are float64.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_diffusion.schedules import trailing_timesteps
+
+# x0_fn(x_t, original timesteps [B]) -> the (clipped) data prediction of the teacher.
+X0Fn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _broadcast(a: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.asarray(a, x.dtype).reshape(a.shape + (1,) * (x.ndim - 1))
+
+
+def ddim_step(x: jax.Array, x0: jax.Array, abar_from: jax.Array, abar_to: jax.Array
+              ) -> jax.Array:
+    """Deterministic DDIM (eta = 0) from abar_from to abar_to given the data prediction x0:
+    x_to = alpha_to x0 + sigma_to (x - alpha_from x0) / sigma_from."""
+    a_from, a_to = _broadcast(abar_from, x), _broadcast(abar_to, x)
+    eps = (x - jnp.sqrt(a_from) * x0) / jnp.sqrt(1.0 - a_from)
+    return jnp.sqrt(a_to) * x0 + jnp.sqrt(1.0 - a_to) * eps
+
+
+def progressive_target(teacher_x0: X0Fn, x: jax.Array, t: jax.Array, t_mid: jax.Array,
+                       t_end: jax.Array, alphas_cumprod: np.ndarray) -> jax.Array:
+    """The x0 that makes ONE student DDIM step from t to t_end land where TWO teacher DDIM steps
+    t -> t_mid -> t_end land (Salimans & Ho 2022, Algorithm 2):
+
+        z'  = DDIM(x, x0_teacher(x, t), t -> t_mid)
+        z'' = DDIM(z', x0_teacher(z', t_mid), t_mid -> t_end)
+        x~  = (z'' - (sigma_end / sigma_t) x) / (alpha_end - (sigma_end / sigma_t) alpha_t)
+
+    t, t_mid, t_end: original timesteps [B] with t > t_mid > t_end; t_end = -1 is the clean end
+    (abar = 1), where x~ = z''. `alphas_cumprod`: the T-step abar table.
+    """
+    table = jnp.asarray(alphas_cumprod, x.dtype)
+    abar_t, abar_mid = table[t], table[t_mid]
+    abar_end = jnp.where(t_end < 0, jnp.ones((), x.dtype), table[jnp.maximum(t_end, 0)])
+    z_mid = ddim_step(x, teacher_x0(x, t), abar_t, abar_mid)
+    z_end = ddim_step(z_mid, teacher_x0(z_mid, t_mid), abar_mid, abar_end)
+    ratio = _broadcast(jnp.sqrt((1.0 - abar_end) / (1.0 - abar_t)), x)
+    return ((z_end - ratio * x)
+            / (_broadcast(jnp.sqrt(abar_end), x) - ratio * _broadcast(jnp.sqrt(abar_t), x)))
+
+
+def truncated_snr_weight(abar: jax.Array) -> jax.Array:
+    """max(SNR, 1) = max(abar / (1 - abar), 1): the x-space loss weight of progressive
+    distillation ("truncated SNR", Salimans & Ho 2022, sec. 4), finite at SNR = 0."""
+    return jnp.maximum(abar / (1.0 - abar), 1.0)
+
+
+def stage_timesteps(num_timesteps: int, student_steps: int, index: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(t, t_mid, t_end) original timesteps [B] for student steps `index` [B] in
+    0..student_steps-1 of a stage whose teacher has 2 * student_steps steps on the trailing
+    grid: the student's step i spans teacher steps 2i+1 -> 2i -> 2i-1 (-1: the clean end)."""
+    grid = jnp.asarray(trailing_timesteps(num_timesteps, 2 * student_steps), jnp.int32)
+    padded = jnp.concatenate([jnp.full((1,), -1, jnp.int32), grid])  # padded[k + 1] = grid[k]
+    return padded[2 * index + 2], padded[2 * index + 1], padded[2 * index]
+

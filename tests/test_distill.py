@@ -1,0 +1,133 @@
+"""--mode=distill on the tiny digits model: stages, checkpoints that record the student's sampler,
+bitwise resume after a stop inside a stage, sampling the student, and one-line bad inputs."""
+import os
+
+import jax
+import numpy as np
+import pytest
+from cli_helpers import error_line, run_main
+from tiny_config import tiny_config
+
+from jax_diffusion import checkpoints, distill, parallel, sampling, train
+from jax_diffusion.models import create_model
+from jax_diffusion.train_state import abstract_train_state
+
+DISTILL = dict(distill__teacher_steps=4, distill__num_halvings=2, distill__steps_per_stage=3,
+               train__checkpoint_every=0, train__log_every=1, train__max_to_keep=1,
+               sample__grid_size=8)
+
+
+@pytest.fixture(scope="module")
+def teacher_workdir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("teacher"))
+    train.train(tiny_config(train__num_steps=4, train__checkpoint_every=4), workdir)
+    return workdir
+
+
+def _config(teacher, **overrides):
+    return tiny_config(distill__teacher_workdir=teacher, **{**DISTILL, **overrides})
+
+
+class _StopAt:
+    """Stands in for the SIGTERM handler: asks to stop after one step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def requested(self, step):
+        return step == self.step
+
+    def restore(self):
+        pass
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+def test_distillation_resumes_bitwise_and_records_the_student(teacher_workdir, tmp_path,
+                                                              monkeypatch):
+    config = _config(teacher_workdir)
+    straight = distill.distill(config, str(tmp_path / "straight"))
+    assert int(straight.step) == 6
+
+    resumed_dir = str(tmp_path / "resumed")
+    # Stop inside stage 2 (step 4), then resume: stage 2's teacher comes from the kept
+    # stage-1 checkpoint (step 3), the rest from the step-4 checkpoint.
+    monkeypatch.setattr(distill, "Preemption", lambda: _StopAt(4))
+    stopped = distill.distill(config, resumed_dir)
+    assert int(stopped.step) == 4
+    monkeypatch.undo()
+    resumed = distill.distill(config, resumed_dir)
+    for a, b in zip(_leaves(straight), _leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Negative control: the stop changed something that a broken resume would not restore.
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(stopped.params),
+                                                        _leaves(resumed.params), strict=True))
+
+    manager = checkpoints.create_manager(resumed_dir, read_only=True)
+    assert {3, 6} <= set(manager.all_steps())  # stage ends kept despite max_to_keep=1
+    for step, steps in ((3, 2), (6, 1)):
+        record = checkpoints.restore_config(manager, step)
+        assert record["sample"]["method"] == "ddim" and record["sample"]["eta"] == 0.0
+        assert record["sample"]["num_steps"] == steps == record["distill"]["student_steps"]
+        assert record["diffusion"]["mean_type"] == "v"
+    assert os.path.exists(os.path.join(resumed_dir, "grids", "step_00000006.png"))
+
+    # The student's sampler comes from its checkpoint, whatever config.sample says.
+    teacher_style = tiny_config(sample__method="ddpm", sample__eta=0.0, sample__num_steps=50)
+    final = sampling.student_config(teacher_style, resumed_dir)
+    assert (final.sample.method, final.sample.eta, final.sample.num_steps) == ("ddim", 0.0, 1)
+    assert final.sample.checkpoint_step == 6 and final.diffusion.mean_type == "v"
+    two = sampling.student_config(tiny_config(sample__num_steps=2), resumed_dir)
+    assert (two.sample.num_steps, two.sample.checkpoint_step) == (2, 3)
+    assert sampling.student_config(teacher_style, teacher_workdir) is teacher_style
+
+    mesh = parallel.create_mesh()
+    model = create_model(two.model)
+    params, step = sampling.restore_for_sampling(two, resumed_dir, mesh, model)
+    stage_params = checkpoints.restore_params(manager, 3, abstract_train_state(two, model),
+                                              parallel.replicated(mesh))
+    for a, b in zip(_leaves(params), _leaves(stage_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    sample_fn = sampling.make_sample_fn(two, model, mesh, 8)
+    images = sampling.generate_samples(sample_fn, params, np.arange(8) % 10, 8, 0, mesh)
+    assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_the_first_stage_starts_from_the_teacher(teacher_workdir, tmp_path, monkeypatch):
+    """After one step of stage 1 the student differs from the teacher by one optimizer step:
+    with the lr set to 0 it is the teacher exactly (negative control: lr > 0 moves it)."""
+    config = _config(teacher_workdir)
+    mesh = parallel.create_mesh()
+    teacher = distill.load_teacher(config, create_model(config.model), mesh)
+    for lr, same in ((1e-30, True), (1e-3, False)):
+        monkeypatch.setattr(distill, "Preemption", lambda: _StopAt(1))
+        state = distill.distill(_config(teacher_workdir, distill__lr=lr),
+                                str(tmp_path / f"lr{lr}"))
+        equal = all(np.array_equal(a, b) for a, b in zip(_leaves(state.params),
+                                                          _leaves(teacher), strict=True))
+        assert equal == same
+
+
+def test_bad_inputs_are_one_line(tmp_path):
+    """No teacher checkpoint; a halving count that does not divide the teacher's steps."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = error_line(run_main(str(tmp_path / "student"), "--mode=distill",
+                               distill__teacher_workdir=str(empty)))
+    assert "config.distill.teacher_workdir=" in line and "holds no checkpoint" in line, line
+    line = error_line(run_main(str(tmp_path / "student"), "--mode=distill",
+                               distill__teacher_workdir=str(empty), distill__teacher_steps="12",
+                               distill__num_halvings="3"))
+    assert "config.distill.num_halvings=3 halves config.distill.teacher_steps=12" in line, line
+
+
+@pytest.mark.slow
+def test_a_teacher_of_another_architecture_is_one_line(teacher_workdir, tmp_path):
+    line = error_line(run_main(str(tmp_path / "student"), "--mode=distill", model__ch="64",
+                               distill__teacher_workdir=teacher_workdir))
+    assert "the teacher (config.distill.teacher_workdir) does not fit" in line, line
+    assert "does not match the model in the config" in line, line
