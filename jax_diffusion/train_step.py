@@ -97,7 +97,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         # per digits step), so the CPU gets k copies of the step; compile time grows with k.
         all_metrics = []
         for i in range(batches["image"].shape[0]):
-            state, metrics = one_step(state, jax.tree.map(lambda b: b[i], batches))
+            state, metrics = one_step(state, jax.tree.map(lambda b, i=i: b[i], batches))
             all_metrics.append(metrics)
         return state, jax.tree.map(lambda *m: jnp.stack(m), *all_metrics)
 
