@@ -402,6 +402,16 @@ def decoded_cache_paths(dataset_dir: str, split: str) -> tuple[str, str]:
     return f"{stem}-images.npy", f"{stem}-labels.npy"
 
 
+def _write_decoded_or_explain(source: Any, images_path: str, labels_path: str) -> None:
+    try:
+        write_decoded(source, images_path, labels_path)
+    except OSError as e:
+        raise DatasetNotFoundError(
+            f"cannot write the decoded images to {os.path.dirname(images_path)} ({e}): make "
+            f"that directory writable, or read the tfds files directly with "
+            f"--config.data.decoded_cache=False (PNG decoding every epoch)") from e
+
+
 def _decoded_tfds_source(source: Any, config: ml_collections.ConfigDict,
                          split: str) -> DecodedFileSource:
     """`source` (a tfds split) decoded once into .npy files in the dataset's directory
@@ -411,7 +421,7 @@ def _decoded_tfds_source(source: Any, config: ml_collections.ConfigDict,
     process_count = jax.process_count()
     prepare_on_process_zero(
         lambda: os.path.isfile(images_path) and os.path.isfile(labels_path),
-        lambda: write_decoded(source, images_path, labels_path),
+        lambda: _write_decoded_or_explain(source, images_path, labels_path),
         what=f"the decoded images of {config.data.dataset!r} (split {split!r}) in {stem}-*",
         key=f"jax_diffusion/decoded/{stem}", process_index=jax.process_index(),
         process_count=process_count,

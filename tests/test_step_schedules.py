@@ -41,8 +41,10 @@ def test_logsnr_is_logsnr_timesteps():
 def test_exactly_count_distinct_ascending_steps(name, count):
     got = schedules.step_timesteps(name, T, count, BETAS["linear"])
     assert len(got) == count and np.all(np.diff(got) > 0) and got[0] >= 0 and got[-1] < T
-    if name != "uniform" and count > 1:
+    if name not in ("uniform", "trailing") and count > 1:
         assert got[0] == 0 and got[-1] == T - 1
+    if name == "trailing":  # starts from pure noise, steps of T / count
+        assert got[-1] == T - 1 and got[0] == T // count - 1
 
 
 def test_bad_schedule_or_count():
