@@ -39,7 +39,7 @@ test: lint
 test-fast: $(VENV)/.test-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.test-installed
 	$(PY) scripts/bench_vs_torch.py
 
 clean:
