@@ -18,10 +18,12 @@ import numpy as np
 from jax.scipy.special import log_ndtr, ndtr
 
 from jax_diffusion import schedules
+from jax_diffusion.errors import ConfigError
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("mse", "hybrid", "kl")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -79,7 +81,8 @@ class GaussianDiffusion:
 
     def __init__(self, betas: np.ndarray, model_mean_type: str = "eps",
                  model_var_type: str = "fixed_large", loss_type: str = "mse",
-                 use_timesteps: Collection[int] | None = None):
+                 use_timesteps: Collection[int] | None = None, loss_weighting: str = "none",
+                 min_snr_gamma: float = 5.0):
         _check_choice(model_mean_type, MEAN_TYPES, "model_mean_type")
         _check_choice(model_var_type, VAR_TYPES, "model_var_type")
         _check_choice(loss_type, LOSS_TYPES, "loss_type")
@@ -119,6 +122,8 @@ class GaussianDiffusion:
         # fixed_large: sigma_t^2 = beta_t, with the t=1 posterior variance at t=0 so that the
         # decoder log-likelihood stays finite (Ho et al.).
         self.fixed_large_variance = np.append(first, betas[1:])
+        self.loss_weights = loss_weights(self.alphas_cumprod, model_mean_type, loss_weighting,
+                                         min_snr_gamma, loss_type)
 
     # ---------------------------------------------------------------- helpers
     def _extract(self, arr: np.ndarray, t: jax.Array, x: jax.Array) -> jax.Array:
@@ -277,14 +282,15 @@ class GaussianDiffusion:
         target = {"eps": noise, "x0": x_start,
                   "v": self.v_target(x_start, t, noise)}[self.model_mean_type]
         mse = mean_flat((target - mean_part.astype(x_t.dtype)) ** 2)
-        terms = {"mse": mse, "loss": mse}
+        # "mse" stays the plain error (comparable across weightings); "loss" is what trains.
+        terms = {"mse": mse, "loss": self._extract(self.loss_weights, t, mse) * mse}
         if self.loss_type == "hybrid":
             frozen = jax.lax.stop_gradient(mean_part)
             frozen_output = frozen if var_part is None else jnp.concatenate([frozen, var_part], -1)
             vb = self.vb_terms_bpd(model_fn, x_start, x_t, t, clip_denoised=False,
                                    model_output=frozen_output)["output"]
             terms["vb"] = vb * self.num_timesteps / 1000.0
-            terms["loss"] = mse + terms["vb"]
+            terms["loss"] = terms["loss"] + terms["vb"]
         return terms
 
     def prior_bpd(self, x_start: jax.Array) -> jax.Array:
@@ -323,6 +329,34 @@ class GaussianDiffusion:
                 "xstart_mse": xstart_mse, "mse": mse}
 
 
+def loss_weights(alphas_cumprod: np.ndarray, mean_type: str, weighting: str = "none",
+                 gamma: float = 5.0, loss_type: str = "mse") -> np.ndarray:
+    """Per-timestep weights of the mean-squared-error term, float64 [K].
+
+    "none": 1 (L_simple, Ho et al. 2020). "min_snr": Min-SNR-gamma (Hang et al. 2023), with
+    SNR_t = abar_t / (1 - abar_t): the x0-space error weighted by min(SNR_t, gamma), which for
+    the three parameterisations is min(SNR, gamma) / SNR (eps), min(SNR, gamma) / (SNR + 1) (v)
+    and min(SNR, gamma) (x0). It caps the weight of the nearly clean timesteps, where L_simple
+    for eps spends most of its effort, so the noisy ones are learned as well.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ConfigError(f"config.diffusion.loss_weighting={weighting!r} is unknown; allowed: "
+                          f"{', '.join(LOSS_WEIGHTINGS)}")
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    if weighting == "none":
+        return np.ones_like(abar)
+    if loss_type == "kl":
+        raise ConfigError("config.diffusion.loss_weighting='min_snr' weights the MSE term, which "
+                          "config.diffusion.loss_type='kl' does not have: use loss_type 'mse' "
+                          "or 'hybrid', or loss_weighting 'none'")
+    if not gamma > 0:
+        raise ConfigError(f"config.diffusion.min_snr_gamma={gamma} must be > 0 "
+                          f"(Hang et al. 2023 use 5)")
+    snr = abar / (1.0 - abar)
+    clipped = np.minimum(snr, gamma)
+    return {"eps": clipped / snr, "v": clipped / (snr + 1.0), "x0": clipped}[mean_type]
+
+
 def create_diffusion(diffusion_config, respacing: str | Collection[int] | None = None
                      ) -> GaussianDiffusion:
     """The GaussianDiffusion that `config.diffusion` describes, optionally respaced.
@@ -334,4 +368,6 @@ def create_diffusion(diffusion_config, respacing: str | Collection[int] | None =
     if isinstance(respacing, (str, list, tuple)):
         respacing = schedules.space_timesteps(diffusion_config.num_timesteps, respacing)
     return GaussianDiffusion(betas, diffusion_config.mean_type, diffusion_config.var_type,
-                             diffusion_config.loss_type, use_timesteps=respacing)
+                             diffusion_config.loss_type, use_timesteps=respacing,
+                             loss_weighting=diffusion_config.loss_weighting,
+                             min_snr_gamma=diffusion_config.min_snr_gamma)
