@@ -2,7 +2,7 @@
 behind docs/deterministic_sampling.md.
 
     PYTHONPATH=$PWD python scripts/probe_deterministic.py --workdir=/work/runs14b/base \
-        [--config=configs/digits.py] [--parts=denoise,chain,variants]
+        [--config=configs/digits.py] [--parts=denoise,chain,variants] [--set section.key=value]
 
 denoise:  the EMA model's denoising error on the real digits by timestep bucket: eps-MSE,
           x0-MSE (raw and clipped to [-1, 1]) and the classifier's accuracy on the x0-prediction.
@@ -18,7 +18,7 @@ The chains are written here as a Python loop over the library's step functions (
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import ast
 import json
 
 import jax
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_diffusion import data, digits_metrics, images, parallel, samplers, schedules
+from jax_diffusion.config_files import load_config_file
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 from jax_diffusion.sampling import default_labels, restore_for_sampling
@@ -35,11 +36,18 @@ from jax_diffusion.sampling import default_labels, restore_for_sampling
 SPECKLE_JUMP = 1.2
 
 
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("probe_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def load_config(path: str, overrides: list[str] = ()):
+    """The config file with `section.key=value` overrides (values as Python literals, or plain
+    strings), e.g. diffusion.mean_type=eps to read a checkpoint trained before a recipe change."""
+    config = load_config_file(path)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        try:
+            config[section][name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            config[section][name] = value
+    return config
 
 
 def speckled(x: np.ndarray) -> np.ndarray:
@@ -213,8 +221,9 @@ def main() -> None:
     parser.add_argument("--parts", default="denoise,chain,variants")
     parser.add_argument("--num", type=int, default=500)
     parser.add_argument("--out", default="")
+    parser.add_argument("--set", action="append", default=[], help="section.key=value")
     args = parser.parse_args()
-    probe = Probe(load_config(args.config), args.workdir)
+    probe = Probe(load_config(args.config, args.set), args.workdir)
     print(f"checkpoint step {probe.step}; speckled real digits: "
           f"{speckled(probe.real).mean():.4f}", flush=True)
     report = {}
