@@ -187,12 +187,13 @@ def chain_report(probe: Probe, n: int) -> dict:
             "steps": steps}
 
 
-def variants_report(probe: Probe, n: int) -> dict:
+def variants_report(probe: Probe, n: int, names: list[str]) -> dict:
     labels = default_labels(n, probe.config.model.num_classes)
     shape = (n, probe.config.data.image_size, probe.config.data.image_size,
              probe.config.data.channels)
     x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(0), shape))
-    settings = {
+    schedule = probe.config.diffusion.schedule
+    all_settings = {
         "ddim50_eta1": dict(kept=ddim_kept(50), eta=1.0),
         "ddim50_eta0": dict(kept=ddim_kept(50)),
         "ddim50_eta0_noclip": dict(kept=ddim_kept(50), clip=False),
@@ -200,12 +201,13 @@ def variants_report(probe: Probe, n: int) -> dict:
         "ddim50_eta0_uniform_to_T-1": dict(kept=sorted(schedules.space_timesteps(1000, "50"))),
         "ddim10_eta0": dict(kept=ddim_kept(10)),
         "ddim10_eta1": dict(kept=ddim_kept(10), eta=1.0),
-        "dpm++_20": dict(kept=sorted(schedules.logsnr_timesteps(
-            1000, 20, probe.config.diffusion.schedule)), method="dpm"),
-        "dpm++_10": dict(kept=sorted(schedules.logsnr_timesteps(
-            1000, 10, probe.config.diffusion.schedule)), method="dpm"),
+        "dpm++_20": dict(kept=sorted(schedules.logsnr_timesteps(1000, 20, schedule)),
+                         method="dpm"),
+        "dpm++_10": dict(kept=sorted(schedules.logsnr_timesteps(1000, 10, schedule)),
+                         method="dpm"),
         "ddim1000_eta0": dict(kept=list(range(1000))),
     }
+    settings = {name: all_settings[name] for name in names}
     out = {}
     for name, kwargs in settings.items():
         x0, _ = probe.run_chain(x_T, labels, record=False, **kwargs)
@@ -220,6 +222,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/digits.py")
     parser.add_argument("--parts", default="denoise,chain,variants")
     parser.add_argument("--num", type=int, default=500)
+    parser.add_argument("--variants", default="ddim50_eta1,ddim50_eta0,ddim50_eta0_noclip,"
+                        "ddim50_eta0_from_T-1,dpm++_20,ddim1000_eta0")
     parser.add_argument("--out", default="")
     parser.add_argument("--set", action="append", default=[], help="section.key=value")
     args = parser.parse_args()
@@ -239,7 +243,7 @@ def main() -> None:
         for row in report["chain"]["steps"]:
             print(json.dumps(row), flush=True)
     if "variants" in parts:
-        report["variants"] = variants_report(probe, args.num)
+        report["variants"] = variants_report(probe, args.num, args.variants.split(","))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
