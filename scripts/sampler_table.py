@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--out", default="")
+    parser.add_argument("--save_dir", default="", help="also write <method>_<nfe>_<eta>.npz here")
     parser.add_argument("--set", action="append", default=[],
                         help="section.key=value (Python literal) applied to the config")
     args = parser.parse_args()
@@ -68,6 +70,10 @@ def main() -> None:
                       speckled=float(np.mean(speckled(samples.astype(np.float32) / 127.5 - 1))),
                       seconds=round(time.time() - start, 1))
         rows.append(scores)
+        if args.save_dir:
+            os.makedirs(args.save_dir, exist_ok=True)
+            np.savez(os.path.join(args.save_dir, f"{method}_{steps}_{eta:g}.npz"),
+                     images=samples, labels=labels)
         print(json.dumps(scores), flush=True)
     if args.out and jax.process_index() == 0:
         with open(args.out, "w") as f:
