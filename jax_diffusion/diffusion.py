@@ -10,7 +10,7 @@ float32 by default and float64 when JAX's x64 mode is on and the inputs are floa
 from __future__ import annotations
 
 import math
-from typing import Callable, Collection
+from typing import Callable, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 from jax.scipy.special import log_ndtr, ndtr
 
 from jax_diffusion import schedules
-from jax_diffusion.errors import ConfigError
+from jax_diffusion.errors import CheckpointError, ConfigError
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -355,6 +355,23 @@ def loss_weights(alphas_cumprod: np.ndarray, mean_type: str, weighting: str = "n
     snr = abar / (1.0 - abar)
     clipped = np.minimum(snr, gamma)
     return {"eps": clipped / snr, "v": clipped / (snr + 1.0), "x0": clipped}[mean_type]
+
+
+# The keys that fix what a trained network's output means; sampling with other values is silently
+# wrong (an eps network read as v gives noise), so a checkpoint must be sampled with its own.
+OUTPUT_DEFINING_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type")
+
+
+def check_trained_with(saved_diffusion: Mapping, diffusion_config, where: str) -> None:
+    """Raise CheckpointError if `diffusion_config` differs from the config a checkpoint was
+    trained with (`saved_diffusion`: its config's "diffusion" section) in a key that changes
+    what the network's output means. `where` names the checkpoint in the message."""
+    for key in OUTPUT_DEFINING_KEYS:
+        if key in saved_diffusion and saved_diffusion[key] != diffusion_config[key]:
+            raise CheckpointError(
+                f"checkpoint {where} was trained with diffusion.{key}="
+                f"{saved_diffusion[key]!r} but the config says {diffusion_config[key]!r}: pass "
+                f"--config.diffusion.{key}={saved_diffusion[key]} to sample it")
 
 
 def create_diffusion(diffusion_config, respacing: str | Collection[int] | None = None

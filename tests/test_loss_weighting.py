@@ -18,7 +18,7 @@ from jax_diffusion import diffusion as diffusion_lib
 from jax_diffusion import schedules
 from jax_diffusion.config_files import default_config
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
-from jax_diffusion.errors import ConfigError
+from jax_diffusion.errors import CheckpointError, ConfigError
 
 T = 50
 SHAPE = (4, 3, 3, 2)
@@ -161,3 +161,21 @@ def test_bad_settings_are_one_line_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match) as info:
         diffusion_lib.loss_weights(np.array([0.9, 0.5, 0.1]), "eps", **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_is_sampled_with_its_own_parameterisation():
+    """configs/digits.py moved from eps to v: an eps checkpoint read with the new config must be a
+    one-line CheckpointError naming the key and the fix, not silently wrong samples."""
+    config = default_config().diffusion
+    saved = config.to_dict()
+    diffusion_lib.check_trained_with(saved, config, "runs/digits/checkpoints/1500")  # same: fine
+    saved["mean_type"] = "eps"
+    config.mean_type = "v"
+    with pytest.raises(CheckpointError, match=r"trained with diffusion.mean_type='eps' but the "
+                       r"config says 'v': pass --config.diffusion.mean_type=eps") as info:
+        diffusion_lib.check_trained_with(saved, config, "runs/digits/checkpoints/1500")
+    assert "\n" not in str(info.value)
+    # Keys that do not change the output's meaning (loss weighting) may differ.
+    saved["mean_type"], saved["loss_weighting"] = "v", "none"
+    config.loss_weighting = "min_snr"
+    diffusion_lib.check_trained_with(saved, config, "x")
