@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.var_type = "fixed_large"   # "fixed_small" | "fixed_large" | "learned_range"
     diffusion.loss_type = "mse"          # "mse" (L_simple) | "hybrid" | "kl"
     diffusion.rescale_timesteps = False  # True: the network sees t * 1000 / T (improved-diffusion)
+    diffusion.loss_weighting = "none"    # "none" (L_simple) | "min_snr" (Hang et al. 2023)
+    diffusion.min_snr_gamma = 5.0        # "min_snr" weighs the x0 error by min(SNR, gamma)
 
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 2000
@@ -56,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.batch_size = 64                # global, over all devices and processes
     train.lr = 2e-4
     train.warmup_steps = 100
+    train.lr_schedule = "constant"       # after warmup: "constant" (DDPM) | "cosine" (to 0)
     train.grad_clip = 1.0
     train.weight_decay = 0.0
     train.ema_decay = 0.999

@@ -103,6 +103,11 @@ def _check_diffusion(diffusion: ml_collections.ConfigDict) -> None:
     _choice(diffusion.mean_type, "diffusion.mean_type", gaussian.MEAN_TYPES)
     _choice(diffusion.var_type, "diffusion.var_type", gaussian.VAR_TYPES)
     _choice(diffusion.loss_type, "diffusion.loss_type", gaussian.LOSS_TYPES)
+    _choice(diffusion.loss_weighting, "diffusion.loss_weighting", gaussian.LOSS_WEIGHTINGS)
+    _require(diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma", diffusion.min_snr_gamma,
+             "must be > 0 (5 in Hang et al. 2023)")
+    _require(isinstance(diffusion.rescale_timesteps, bool), "diffusion.rescale_timesteps",
+             diffusion.rescale_timesteps, "must be True or False")
     _require(not (diffusion.loss_type == "mse" and diffusion.var_type == "learned_range"),
              "diffusion.loss_type", diffusion.loss_type,
              "does not train a learned variance: use 'hybrid' or 'kl' with "
@@ -117,6 +122,8 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
                  "checkpoint_every", "sample_every"):
         _positive_int(train, name, "train", minimum=0)
     _require(train.lr > 0, "train.lr", train.lr, "must be > 0")
+    from jax_diffusion.train_state import learning_rate_schedule
+    learning_rate_schedule(train)  # raises ConfigError for an unknown or impossible lr_schedule
     _require(train.grad_clip > 0, "train.grad_clip", train.grad_clip, "must be > 0")
     _require(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
     _fraction(train.ema_decay, "train.ema_decay", 0.0, 1.0, high_open=True)

@@ -10,7 +10,7 @@ float32 by default and float64 when JAX's x64 mode is on and the inputs are floa
 from __future__ import annotations
 
 import math
-from typing import Callable, Collection
+from typing import Callable, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +18,12 @@ import numpy as np
 from jax.scipy.special import log_ndtr, ndtr
 
 from jax_diffusion import schedules
+from jax_diffusion.errors import CheckpointError, ConfigError
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("mse", "hybrid", "kl")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -87,7 +89,8 @@ class GaussianDiffusion:
 
     def __init__(self, betas: np.ndarray, model_mean_type: str = "eps",
                  model_var_type: str = "fixed_large", loss_type: str = "mse",
-                 use_timesteps: Collection[int] | None = None, rescale_timesteps: bool = False):
+                 use_timesteps: Collection[int] | None = None, rescale_timesteps: bool = False,
+                 loss_weighting: str = "none", min_snr_gamma: float = 5.0):
         _check_choice(model_mean_type, MEAN_TYPES, "model_mean_type")
         _check_choice(model_var_type, VAR_TYPES, "model_var_type")
         _check_choice(loss_type, LOSS_TYPES, "loss_type")
@@ -128,6 +131,8 @@ class GaussianDiffusion:
         # fixed_large: sigma_t^2 = beta_t, with the t=1 posterior variance at t=0 so that the
         # decoder log-likelihood stays finite (Ho et al.).
         self.fixed_large_variance = np.append(first, betas[1:])
+        self.loss_weights = loss_weights(self.alphas_cumprod, model_mean_type, loss_weighting,
+                                         min_snr_gamma, loss_type)
 
     # ---------------------------------------------------------------- helpers
     def _check(self, x: jax.Array, t: jax.Array, *others: jax.Array) -> None:
@@ -285,14 +290,15 @@ class GaussianDiffusion:
         target = {"eps": noise, "x0": x_start,
                   "v": self.v_target(x_start, t, noise)}[self.model_mean_type]
         mse = mean_flat((target - mean_part.astype(x_t.dtype)) ** 2)
-        terms = {"mse": mse, "loss": mse}
+        # "mse" stays the plain error (comparable across weightings); "loss" is what trains.
+        terms = {"mse": mse, "loss": self._extract(self.loss_weights, t, mse) * mse}
         if self.loss_type == "hybrid":
             frozen = jax.lax.stop_gradient(mean_part)
             frozen_output = frozen if var_part is None else jnp.concatenate([frozen, var_part], -1)
             vb = self.vb_terms_bpd(model_fn, x_start, x_t, t, clip_denoised=False,
                                    model_output=frozen_output)["output"]
             terms["vb"] = vb * self.num_timesteps / 1000.0
-            terms["loss"] = mse + terms["vb"]
+            terms["loss"] = terms["loss"] + terms["vb"]
         return terms
 
     def prior_bpd(self, x_start: jax.Array) -> jax.Array:
@@ -331,6 +337,52 @@ class GaussianDiffusion:
                 "xstart_mse": xstart_mse, "mse": mse}
 
 
+def loss_weights(alphas_cumprod: np.ndarray, mean_type: str, weighting: str = "none",
+                 gamma: float = 5.0, loss_type: str = "mse") -> np.ndarray:
+    """Per-timestep weights of the mean-squared-error term, float64 [K].
+
+    "none": 1 (L_simple, Ho et al. 2020). "min_snr": Min-SNR-gamma (Hang et al. 2023), with
+    SNR_t = abar_t / (1 - abar_t): the x0-space error weighted by min(SNR_t, gamma), which for
+    the three parameterisations is min(SNR, gamma) / SNR (eps), min(SNR, gamma) / (SNR + 1) (v)
+    and min(SNR, gamma) (x0). It caps the weight of the nearly clean timesteps, where L_simple
+    for eps spends most of its effort, so the noisy ones are learned as well.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ConfigError(f"config.diffusion.loss_weighting={weighting!r} is unknown; allowed: "
+                          f"{', '.join(LOSS_WEIGHTINGS)}")
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    if weighting == "none":
+        return np.ones_like(abar)
+    if loss_type == "kl":
+        raise ConfigError("config.diffusion.loss_weighting='min_snr' weights the MSE term, which "
+                          "config.diffusion.loss_type='kl' does not have: use loss_type 'mse' "
+                          "or 'hybrid', or loss_weighting 'none'")
+    if not gamma > 0:
+        raise ConfigError(f"config.diffusion.min_snr_gamma={gamma} must be > 0 "
+                          f"(Hang et al. 2023 use 5)")
+    snr = abar / (1.0 - abar)
+    clipped = np.minimum(snr, gamma)
+    return {"eps": clipped / snr, "v": clipped / (snr + 1.0), "x0": clipped}[mean_type]
+
+
+# The keys that fix what a trained network's output means; sampling with other values is silently
+# wrong (an eps network read as v gives noise), so a checkpoint must be sampled with its own.
+OUTPUT_DEFINING_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type",
+                        "rescale_timesteps")
+
+
+def check_trained_with(saved_diffusion: Mapping, diffusion_config, where: str) -> None:
+    """Raise CheckpointError if `diffusion_config` differs from the config a checkpoint was
+    trained with (`saved_diffusion`: its config's "diffusion" section) in a key that changes
+    what the network's output means. `where` names the checkpoint in the message."""
+    for key in OUTPUT_DEFINING_KEYS:
+        if key in saved_diffusion and saved_diffusion[key] != diffusion_config[key]:
+            raise CheckpointError(
+                f"checkpoint {where} was trained with diffusion.{key}="
+                f"{saved_diffusion[key]!r} but the config says {diffusion_config[key]!r}: pass "
+                f"--config.diffusion.{key}={saved_diffusion[key]} to sample it")
+
+
 def create_diffusion(diffusion_config, respacing: str | Collection[int] | None = None
                      ) -> GaussianDiffusion:
     """The GaussianDiffusion that `config.diffusion` describes, optionally respaced.
@@ -343,6 +395,8 @@ def create_diffusion(diffusion_config, respacing: str | Collection[int] | None =
         respacing = schedules.space_timesteps(diffusion_config.num_timesteps, respacing)
     return GaussianDiffusion(betas, diffusion_config.mean_type, diffusion_config.var_type,
                              diffusion_config.loss_type, use_timesteps=respacing,
-                             # absent from configs saved before the key existed: t as is
+                             # absent from configs saved before the keys existed: the defaults
                              rescale_timesteps=getattr(diffusion_config, "rescale_timesteps",
-                                                       False))
+                                                       False),
+                             loss_weighting=getattr(diffusion_config, "loss_weighting", "none"),
+                             min_snr_gamma=getattr(diffusion_config, "min_snr_gamma", 5.0))

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from jax_diffusion import checkpoints, images, parallel, samplers
+from jax_diffusion.diffusion import check_trained_with
 from jax_diffusion.train_state import abstract_train_state
 
 SampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
@@ -85,9 +86,14 @@ class GridSampler:
 
 def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str, mesh,
                          model: nn.Module) -> tuple[object, int]:
-    """(params, step): EMA (or raw) parameters of the chosen checkpoint, replicated on `mesh`."""
+    """(params, step): EMA (or raw) parameters of the chosen checkpoint, replicated on `mesh`.
+    A checkpoint trained with another diffusion (schedule, T, parametrisation, variance,
+    timestep scaling) is refused: its network's output would be read wrongly."""
     manager = checkpoints.create_manager(workdir, read_only=True)
     step = checkpoints.select_step(manager, config.sample.checkpoint_step)
+    saved = checkpoints.restore_config(manager, step)
+    check_trained_with(saved.get("diffusion", {}), config.diffusion,
+                       f"{checkpoints.checkpoint_dir(workdir)}/{step}")
     params = checkpoints.restore_params(manager, step, abstract_train_state(config, model),
                                         parallel.replicated(mesh), use_ema=config.sample.use_ema)
     return params, step

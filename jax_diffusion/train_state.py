@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 from jax_diffusion import parallel
+from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import example_inputs
 
 
@@ -23,11 +24,30 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so that checkpoints hold plain arrays
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then constant (as DDPM)."""
-    if train_config.warmup_steps <= 0:
-        return optax.constant_schedule(train_config.lr)
-    return optax.linear_schedule(0.0, train_config.lr, train_config.warmup_steps)
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then `lr_schedule`:
+    "constant" (as DDPM), or "cosine": lr (1 + cos(pi s / S)) / 2 at s steps after warmup, with
+    S = num_steps - warmup_steps, reaching 0 at num_steps.
+    """
+    name, lr, warmup = train_config.lr_schedule, train_config.lr, train_config.warmup_steps
+    if name not in LR_SCHEDULES:
+        raise ConfigError(f"config.train.lr_schedule={name!r} is unknown; allowed: "
+                          f"{', '.join(LR_SCHEDULES)}")
+    if name == "cosine":
+        if train_config.epochs > 0:
+            raise ConfigError("config.train.lr_schedule='cosine' decays over "
+                              "config.train.num_steps, but config.train.epochs > 0 sets the run "
+                              "length: set epochs=0 and num_steps, or use lr_schedule 'constant'")
+        if train_config.num_steps <= warmup:
+            raise ConfigError(f"config.train.lr_schedule='cosine' needs config.train.num_steps="
+                              f"{train_config.num_steps} > config.train.warmup_steps={warmup}")
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, train_config.num_steps, 0.0)
+    if warmup <= 0:
+        return optax.constant_schedule(lr)
+    return optax.linear_schedule(0.0, lr, warmup)
 
 
 def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -779,9 +779,12 @@ def test_create_diffusion_from_config():
     class Config:
         schedule, num_timesteps = "cosine", 100
         mean_type, var_type, loss_type = "v", "learned_range", "hybrid"
+        loss_weighting, min_snr_gamma = "min_snr", 5.0
 
     full = diffusion_lib.create_diffusion(Config)
     assert full.num_timesteps == 100 and full.model_mean_type == "v"
+    snr = full.alphas_cumprod / (1 - full.alphas_cumprod)
+    np.testing.assert_allclose(full.loss_weights, np.minimum(snr, 5.0) / (snr + 1), rtol=1e-12)
     np.testing.assert_array_equal(full.betas, schedules.get_beta_schedule("cosine", 100))
     spaced = diffusion_lib.create_diffusion(Config, "ddim10")
     assert spaced.timestep_map.tolist() == list(range(0, 100, 10))

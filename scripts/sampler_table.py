@@ -1,0 +1,84 @@
+"""The digits metric of one checkpoint under several samplers, through the library's own sampling
+path (`make_sample_fn`, `generate_samples`: what --mode=sample runs), same seed and labels each.
+
+    PYTHONPATH=$PWD python scripts/sampler_table.py --workdir=/work/runs14b/base \
+        [--config=configs/digits.py] [--settings="ddim:50:1,ddim:50:0,dpm_solver++:20"] \
+        [--num=1000] [--out=table.json] [--set diffusion.mean_type=v ...]
+
+A setting is method:num_steps[:eta]. Prints one JSON line per setting: accuracy, Frechet
+distance, share of speckled images (scripts/probe_deterministic.py's test), seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from jax_diffusion import digits_metrics, parallel
+from jax_diffusion.models import create_model
+from jax_diffusion.sampling import (
+    default_labels,
+    generate_samples,
+    make_sample_fn,
+    restore_for_sampling,
+)
+from scripts.probe_deterministic import load_config, speckled
+
+DEFAULT_SETTINGS = ("ddim:50:1,ddim:50:0,ddim:10:0,ddim:10:1,dpm_solver++:20,dpm_solver++:10,"
+                    "ddim:20:0")
+
+
+def parse_setting(text: str) -> tuple[str, int, float]:
+    parts = text.split(":")
+    return parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--config", default="configs/digits.py")
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS)
+    parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--save_dir", default="", help="also write <method>_<nfe>_<eta>.npz here")
+    parser.add_argument("--set", action="append", default=[],
+                        help="section.key=value (Python literal) applied to the config")
+    args = parser.parse_args()
+
+    config = load_config(args.config, args.set)
+
+    mesh = parallel.create_mesh()
+    model = create_model(config.model)
+    params, step = restore_for_sampling(config, args.workdir, mesh, model)
+    labels = default_labels(args.num, config.model.num_classes)
+    batch = parallel.round_up_to_devices(min(args.batch, args.num), mesh)
+    rows = []
+    for setting in args.settings.split(","):
+        method, steps, eta = parse_setting(setting)
+        config.sample.method, config.sample.num_steps, config.sample.eta = method, steps, eta
+        start = time.time()
+        sample_fn = make_sample_fn(config, model, mesh, batch)
+        samples = generate_samples(sample_fn, params, labels, batch, config.sample.seed, mesh,
+                                   progress=False)
+        scores = digits_metrics.evaluate(samples, labels)
+        scores.update(method=method, nfe=steps, eta=eta, step=step,
+                      speckled=float(np.mean(speckled(samples.astype(np.float32) / 127.5 - 1))),
+                      seconds=round(time.time() - start, 1))
+        rows.append(scores)
+        if args.save_dir:
+            os.makedirs(args.save_dir, exist_ok=True)
+            np.savez(os.path.join(args.save_dir, f"{method}_{steps}_{eta:g}.npz"),
+                     images=samples, labels=labels)
+        print(json.dumps(scores), flush=True)
+    if args.out and jax.process_index() == 0:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
