@@ -6,15 +6,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.data = data = ml_collections.ConfigDict()
-    data.dataset = "digits"          # "digits" (embedded, offline) or any tfds image dataset, e.g. "cifar10"
+    data.dataset = "digits"          # "digits" (offline) or a tfds image dataset, e.g. "cifar10"
     data.tfds_data_dir = ""          # "" = tfds default (~/tensorflow_datasets)
     data.image_size = 16
     data.channels = 1
     data.random_flip = False         # horizontal flip; wrong for digits, right for CIFAR-10
     data.train_split = "train"
     data.eval_split = "test"
-    data.worker_count = 0            # grain worker processes for the train pipeline; 0 = read in the main process
-    data.decoded_cache = True        # tfds: decode a split once into .npy files (N*H*W*C bytes) beside it
+    data.worker_count = 0            # grain worker processes of the train pipeline; 0 = in-process
+    data.decoded_cache = True        # tfds: decode a split once into .npy files (N*H*W*C bytes)
     data.download = True             # download and prepare a missing tfds dataset on first use
     data.prepare_timeout = 3600      # seconds other processes wait for process 0 to prepare it
 
@@ -24,14 +24,14 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_res_blocks = 2
     model.attention_resolutions = (8,)   # in pixels: attention at these feature-map sizes
     model.num_heads = 1
-    model.num_head_channels = -1         # > 0 overrides num_heads with channels // num_head_channels
+    model.num_head_channels = -1         # > 0: channels // num_head_channels heads, not num_heads
     model.dropout = 0.1
     model.conv_resample = True
     model.resblock_updown = False        # BigGAN-style up/down-sampling inside ResBlocks
     model.use_scale_shift_norm = False   # AdaGN
-    model.learn_sigma = False            # output 2C channels (needs diffusion.var_type="learned_range")
-    model.num_classes = 0                # 0 = unconditional; else num_classes + 1 embedding rows (last = null label)
-    model.dtype = "float32"              # compute dtype: "float32" or "bfloat16"; parameters stay float32
+    model.learn_sigma = False            # 2C output channels (for diffusion.var_type learned_range)
+    model.num_classes = 0                # 0: unconditional; else K + 1 label rows (K: null label)
+    model.dtype = "float32"              # compute: "float32" | "bfloat16"; parameters stay float32
     model.remat = False                  # jax.checkpoint each ResBlock to save activation memory
     # Conventions that tell the published networks apart (no parameter changes shape):
     # Ho et al.'s DDPM (google/ddpm-cifar10-32) 1, False, 1e-6, "tf_same"; improved-diffusion 0,
@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 2000
-    train.epochs = 0                     # > 0: run length = epochs * iterations_per_epoch (DDIM-style)
+    train.epochs = 0                     # > 0: length epochs * iterations_per_epoch (DDIM)
     train.iterations_per_epoch = 0       # 0 with epochs > 0: one pass over the training set
     train.batch_size = 64                # global, over all devices and processes
     train.lr = 2e-4
@@ -62,9 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_clip = 1.0
     train.weight_decay = 0.0
     train.ema_decay = 0.999
-    train.label_dropout = 0.0            # probability of replacing the label by the null label (guidance)
+    train.label_dropout = 0.0            # chance of the null label instead of the label (guidance)
     train.steps_per_jit = 1              # > 1: several steps per compiled call, to hide dispatch
-    train.step_loop = "auto"             # the k steps of a call: "scan" | "unroll" | "auto" (CPU unrolls)
+    train.step_loop = "auto"             # k steps per call: "scan" | "unroll" | "auto" (CPU: unroll)
     train.log_every = 100
     train.checkpoint_every = 1000
     train.sample_every = 1000            # 0 disables sample grids
@@ -72,12 +72,14 @@ def get_config() -> ml_collections.ConfigDict:
     train.seed = 0
 
     config.sample = sample = ml_collections.ConfigDict()
-    sample.method = "ddim"               # "ddpm" | "ddim" | "dpm_solver++" (2M) | "dpm_solver++3m" | "unipc" | "edm_heun"
+    # "ddpm" | "ddim" | "dpm_solver++" (2M) | "dpm_solver++3m" | "unipc" | "edm_heun"
+    sample.method = "ddim"
     sample.num_steps = 50                # network evaluations (NFE); edm_heun needs an odd number
     sample.eta = 0.0
-    sample.schedule = "uniform"          # steps: "uniform" | "quadratic" (in t) | "logsnr" | "karras" (rho 7)
-                                         # uniform for every method; multistep solvers do better with logsnr
-    sample.churn = 0.0                   # edm_heun only: Karras et al. S_churn; 0 = deterministic Alg. 1
+    # steps: "uniform" | "quadratic" (in t) | "logsnr" | "karras" (rho 7) | "trailing" (distilled
+    # students); multistep solvers (dpm_solver++, dpm_solver++3m, unipc) do better with logsnr
+    sample.schedule = "uniform"
+    sample.churn = 0.0                   # edm_heun only: Karras et al. S_churn; 0 = Alg. 1
     sample.guidance_scale = 1.0          # 1 = plain conditional; > 1 classifier-free guidance
     sample.clip_denoised = True
     sample.num_samples = 1000
@@ -91,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.metrics = "fid,is,kid"    # any of fid, is, kid, digits, nll (comma-separated)
     evaluation.num_samples = 50000       # FID is biased upwards at small N; the papers use 50k
     evaluation.batch_size = 200          # Inception batch
-    evaluation.samples_dir = ""          # "" = generate with config.sample; else read samples_*.npz there
+    evaluation.samples_dir = ""          # "" = sample now; else read its samples_*.npz
     # FID Inception weights: "auto" fetches inception_url on first use into the cache
     # ($JAX_DIFFUSION_CACHE_DIR, else $XDG_CACHE_HOME/jax_diffusion, else ~/.cache/jax_diffusion)
     # and checks inception_sha256 before use; any other value is a path (.pth / .pt / .bin / .npz).
@@ -103,10 +105,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Inception input convention; FIDs compare only within one: "tf1" (the papers' TF graph, as
     # torch-fidelity) | "pytorch_fid" (pytorch-fid) | "clean" (clean-fid).
     evaluation.inception_preprocess = "tf1"
-    evaluation.reference_stats = ""      # "" = computed from the training set, cached in the workdir
+    evaluation.reference_stats = ""      # "" = from the training set, cached in the workdir
     evaluation.nll_examples = 0          # 0 = the whole eval split
     evaluation.nll_batch_size = 64
-    evaluation.sweep = ""                # quality vs NFE, e.g. "ddim:10,20,50;dpm_solver++3m:5,10,20;edm_heun:9,19"
+    # quality vs NFE, e.g. "ddim:10,20,50;dpm_solver++3m:5,10,20;edm_heun:9,19"; "" = none
+    evaluation.sweep = ""
 
     # --mode=import / --mode=export (jax_diffusion/convert/): PyTorch checkpoints <-> Orbax.
     config.convert = convert = ml_collections.ConfigDict()
@@ -128,15 +131,15 @@ def get_config() -> ml_collections.ConfigDict:
     bench.sample_steps = "10,50"         # an int or a comma string: one compiled sampler each
     bench.method = "ddim"                # sampler for sample_steps: any config.sample.method
     bench.seed = 0                       # random data and sampling key
-    bench.data_dir = ""                  # data: tfds dir of its CIFAR-shaped set; "" = <workdir>/bench_data
+    bench.data_dir = ""                  # data: a CIFAR-shaped tfds set; "" = <workdir>/bench_data
     bench.data_batch_size = 128          # data: global batch of the pipeline (the CIFAR recipe's)
     bench.data_batches = 100             # data: batches per timed window
     bench.data_workers = "0,1,2"         # data: grain worker process counts to measure
     bench.steps_per_jit = "1,4,16"       # host: steps per compiled call to measure
     bench.memory_batches = "64,128"      # memory: per-device batches analysed (two give the fit)
 
-    # --mode=distill (jax_diffusion/distill.py): few-step students of a trained teacher. Batch size,
-    # seed, gradient clipping, logging and checkpoint intervals come from config.train.
+    # --mode=distill (jax_diffusion/distill.py): few-step students of a trained teacher. Batch
+    # size, seed, gradient clipping, logging and checkpoint intervals come from config.train.
     config.distill = distill = ml_collections.ConfigDict()
     distill.method = "progressive"       # "progressive" (Salimans & Ho) | "consistency" (not yet)
     distill.teacher_workdir = ""         # a --mode=train workdir: its latest EMA weights
@@ -150,11 +153,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/distributed.py.
     config.distributed = dist = ml_collections.ConfigDict()
-    dist.cluster = "auto"                # "auto": SLURM with several tasks or a Cloud TPU VM joins by itself; "none"
-    dist.coordinator_address = ""        # host:port of process 0, e.g. "10.0.0.2:1234"; "" = auto / single process
+    dist.cluster = "auto"                # "auto": a SLURM step or Cloud TPU VM joins itself; "none"
+    dist.coordinator_address = ""        # host:port of process 0, e.g. "10.0.0.2:1234"; "" = auto
     dist.num_processes = 0               # with coordinator_address: how many processes join
-    dist.process_id = -1                 # with coordinator_address: this process's id, 0..num_processes-1
-    dist.local_device_count = 0          # > 0 forces that many CPU devices (tests); 0 honours XLA_FLAGS
+    dist.process_id = -1                 # with coordinator_address: this process's id, 0..n-1
+    dist.local_device_count = 0          # > 0 forces that many CPU devices (tests); 0: XLA_FLAGS
     dist.initialization_timeout = 300    # seconds to wait for every process to join
     dist.heartbeat_timeout = 100         # seconds of silence after which a process counts as dead
 
