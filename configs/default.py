@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.ema_decay = 0.999
     train.label_dropout = 0.0            # chance of the null label instead of the label (guidance)
     train.steps_per_jit = 1              # > 1: several steps per compiled call, to hide dispatch
-    train.step_loop = "auto"             # k steps per call: "scan" | "unroll" | "auto" (CPU: unroll)
+    train.step_loop = "auto"             # the k steps: "scan" | "unroll" | "auto" (CPU: unroll)
     train.log_every = 100
     train.checkpoint_every = 1000
     train.sample_every = 1000            # 0 disables sample grids
