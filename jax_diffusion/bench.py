@@ -193,7 +193,7 @@ def _bench_sample(config: ml_collections.ConfigDict, model: nn.Module, mesh, par
         sample_fn = sampling.make_sample_fn(sample_config, model, mesh, bench.sample_batch_size)
         name = f"{bench.method}_{steps}"
         compiled, compile_s[name] = compile_timed(sample_fn, params, key, labels)
-        call = lambda: compiled(params, key, labels)  # noqa: E731
+        call = lambda compiled=compiled: compiled(params, key, labels)  # noqa: E731
         warm_up(call, min(bench.warmup_steps, 1))
         img_per_s[name] = bench.sample_batch_size / median_call_seconds(call, 1, bench.windows)
         logging.info("sample %s: compiled in %.2f s, %.3f img/s (batch %d)", name,

@@ -10,7 +10,7 @@ float32 by default and float64 when JAX's x64 mode is on and the inputs are floa
 from __future__ import annotations
 
 import math
-from typing import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -190,7 +190,8 @@ class GaussianDiffusion:
                 / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     def predict_xstart_from_v(self, x_t, t, v):
-        """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v, for v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
+        """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v, for
+        v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
         return (extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
 
@@ -201,7 +202,8 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------------- reverse process
     def split_model_output(self, output: jax.Array, x: jax.Array):
-        """(mean part, variance part or None): learned_range puts [mean C | v C] on the last axis."""
+        """(mean part, variance part or None): learned_range puts [mean C | v C] on the last
+        axis."""
         channels = x.shape[-1]
         if self.model_var_type == "learned_range":
             if output.shape != x.shape[:-1] + (2 * channels,):
@@ -291,7 +293,7 @@ class GaussianDiffusion:
                   "v": self.v_target(x_start, t, noise)}[self.model_mean_type]
         mse = mean_flat((target - mean_part.astype(x_t.dtype)) ** 2)
         # "mse" stays the plain error (comparable across weightings); "loss" is what trains.
-        terms = {"mse": mse, "loss": self._extract(self.loss_weights, t, mse) * mse}
+        terms = {"mse": mse, "loss": extract(self.loss_weights, t, mse) * mse}
         if self.loss_type == "hybrid":
             frozen = jax.lax.stop_gradient(mean_part)
             frozen_output = frozen if var_part is None else jnp.concatenate([frozen, var_part], -1)

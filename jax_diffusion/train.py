@@ -103,7 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     grid_sampler = (sampling.GridSampler(config, model, mesh) if config.train.sample_every
                     else None)
     preemption = Preemption()
-    pending: list[dict] = []  # device metrics since the last log: fetched together, no per-step sync
+    # device metrics since the last log: fetched together, no per-step sync
+    pending: list[dict] = []
     last_saved = f"step {step}" if step else "none yet"
     window_start, window_step = time.time(), step
 

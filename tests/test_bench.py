@@ -31,9 +31,9 @@ bench_vs_torch = _load_script()
 
 # ---------------------------------------------------------------- FLOPs behind the MFU
 def test_train_flops_per_image_match_xla_cost_analysis():
-    """The analytic count (as computed: the upsampling convolution at 4 of 9 taps, flops.py) is within
-    10% of XLA's count for the compiled train step (forward, backward, optimizer) on one device:
-    measured 2.2% above it at 32x32, since XLA skips the
+    """The analytic count (as computed: the upsampling convolution at 4 of 9 taps, flops.py) is
+    within 10% of XLA's count for the compiled train step (forward, backward, optimizer) on one
+    device: measured 2.2% above it at 32x32, since XLA skips the
     convolution taps on zero padding, and XLA's train step is 3.03x its forward pass (the 3x
     rule: backward = two matmuls per forward one; the input image needs no gradient, and the
     elementwise ops and the optimizer add a little)."""

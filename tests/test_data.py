@@ -1,4 +1,5 @@
-"""Tests for jax_diffusion/data.py: digits, the grain pipeline (order, flips, sharding, resume), tfds."""
+"""Tests for jax_diffusion/data.py: digits, the grain pipeline (order, flips, sharding, resume),
+tfds."""
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ from configs.default import get_config
 from jax_diffusion import data
 
 
-def _config(dataset="digits", image_size=16, channels=1, batch_size=64, random_flip=False, tfds_data_dir=""):
+def _config(dataset="digits", image_size=16, channels=1, batch_size=64, random_flip=False,
+            tfds_data_dir=""):
     config = get_config()
     config.data.dataset = dataset
     config.data.image_size = image_size
@@ -71,7 +73,8 @@ def test_digits_pipeline_batches_are_sklearn_examples_with_their_labels():
     seen = []
     for batch in _take(data.create_train_iterator(config, seed=0), 3):
         _assert_model_batch(batch, 64, (16, 16, 1))
-        indices = [index_of[image.tobytes()] for image in batch["image"]]  # KeyError if not a digits image
+        # KeyError if not a digits image
+        indices = [index_of[image.tobytes()] for image in batch["image"]]
         np.testing.assert_array_equal(batch["label"], target[indices])
         seen += indices
     assert len(set(seen)) == len(seen) == 192
@@ -95,7 +98,8 @@ def test_digits_eval_arrays_are_the_whole_set_in_order():
 def test_each_epoch_is_a_fresh_permutation_and_the_tail_is_dropped(num_examples):
     config = _config(image_size=4, batch_size=8)
     iterator = data.iterator_from_source(_indexed_source(num_examples), config, seed=0)
-    steps_per_epoch = num_examples // 8  # 5: 40 examples an epoch, the other num_examples - 40 dropped
+    # 5: 40 examples an epoch, the other num_examples - 40 dropped
+    steps_per_epoch = num_examples // 8
     epochs = []
     for _ in range(3):
         labels = np.concatenate([b["label"] for b in _take(iterator, steps_per_epoch)])
@@ -113,10 +117,11 @@ def test_order_and_flips_are_reproducible_from_the_seed():
     first = _take(data.iterator_from_source(source, config, seed=7), 8)
     again = _take(data.iterator_from_source(source, config, seed=7), 8)
     other = _take(data.iterator_from_source(source, config, seed=8), 8)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
-    assert not all(np.array_equal(a["label"], b["label"]) for a, b in zip(first, other))
+    assert not all(np.array_equal(a["label"], b["label"])
+                   for a, b in zip(first, other, strict=True))
 
 
 @pytest.mark.parametrize("random_flip", [True, False])
@@ -126,10 +131,11 @@ def test_random_flip(random_flip):
     expected = source.images.astype(np.float32) / 127.5 - 1.0
     flipped = []
     for batch in _take(data.iterator_from_source(source, config, seed=1), 16):  # 512 images
-        for image, label in zip(batch["image"], batch["label"]):
+        for image, label in zip(batch["image"], batch["label"], strict=True):
             is_original = np.array_equal(image, expected[label])
             is_mirror = np.array_equal(image, expected[label][:, ::-1])
-            assert is_original != is_mirror  # exactly one of the two (random images are not symmetric)
+            # exactly one of the two (random images are not symmetric)
+            assert is_original != is_mirror
             flipped.append(is_mirror)
     fraction = np.mean(flipped)
     if random_flip:
@@ -168,10 +174,12 @@ def test_process_reads_only_its_rows():
     for p in range(2):
         source = CountingSource(base.images, base.labels)
         source.reads = []
-        iterator = data.iterator_from_source(source, config, seed=5, process_index=p, process_count=2)
+        iterator = data.iterator_from_source(source, config, seed=5, process_index=p,
+                                             process_count=2)
         labels = np.concatenate([b["label"] for b in _take(iterator, 3)])
         iterator.close()
-        reads.append(set(source.reads) - {0})  # index 0 is read once up front to check the image shape
+        # index 0 is read once up front to check the image shape
+        reads.append(set(source.reads) - {0})
         assert set(labels.tolist()) - {0} <= reads[-1]
         assert len(source.reads) < 480 // 2
     assert not reads[0] & reads[1]  # in an epoch, no example is read by both processes
@@ -182,7 +190,8 @@ def _resumable_iterator(dataset):
         return data.create_train_iterator(_config(random_flip=True), seed=11)
     # 2 steps an epoch, so the 6 batches of the test span three epochs.
     config = _config(image_size=4, batch_size=8, random_flip=True)
-    return data.iterator_from_source(_indexed_source(20), config, seed=11, process_index=1, process_count=2)
+    return data.iterator_from_source(_indexed_source(20), config, seed=11, process_index=1,
+                                     process_count=2)
 
 
 @pytest.mark.parametrize("dataset", ["digits", "synthetic"])
@@ -193,7 +202,7 @@ def test_resume_from_state_is_exact(dataset):
     expected = _take(iterator, 3)
     restored = _resumable_iterator(dataset)
     restored.set_state(state)
-    for a, b in zip(expected, _take(restored, 3)):
+    for a, b in zip(expected, _take(restored, 3), strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
 
@@ -223,8 +232,10 @@ def test_clear_errors_for_wrong_shapes_and_batch_sizes():
         data.iterator_from_source(source, _config(image_size=8, channels=3, batch_size=4), seed=0)
     with pytest.raises(ValueError, match=r"config\.data\.channels=3"):
         data.create_train_iterator(_config(channels=3), seed=0)
-    with pytest.raises(ValueError, match=r"config\.train\.batch_size=10 is not divisible by process_count=3"):
-        data.iterator_from_source(source, _config(image_size=8, batch_size=10), seed=0, process_count=3)
+    with pytest.raises(ValueError,
+                       match=r"config\.train\.batch_size=10 is not divisible by process_count=3"):
+        data.iterator_from_source(source, _config(image_size=8, batch_size=10), seed=0,
+                                  process_count=3)
     with pytest.raises(ValueError, match=r"config\.train\.batch_size=32 is larger than"):
         data.iterator_from_source(source, _config(image_size=8, batch_size=32), seed=0)
 
@@ -252,7 +263,8 @@ def test_tfds_mock_cifar10_through_the_pipeline(tmp_path):
         source = tfds.data_source("cifar10", split="train", data_dir=str(tmp_path), download=False,
                                   try_gcs=False)
         records = [source[i] for i in range(24)]
-        index_of = {(r["image"].astype(np.float32) / 127.5 - 1.0).tobytes(): i for i, r in enumerate(records)}
+        index_of = {(r["image"].astype(np.float32) / 127.5 - 1.0).tobytes(): i
+                    for i, r in enumerate(records)}
         batches = _take(data.create_train_iterator(config, seed=0), 3)  # one epoch
         assert data.dataset_info(config) == (24, 10)
         eval_images, eval_labels = data.load_eval_arrays(config, max_examples=5)
@@ -300,17 +312,20 @@ def _tiny_image(i):
 
 @pytest.fixture(scope="module")
 def tiny_tfds_dir(tmp_path_factory):
-    """A real tfds dataset in array_record files (built in a subprocess: building needs TensorFlow)."""
+    """A real tfds dataset in array_record files (built in a subprocess: building needs
+    TensorFlow)."""
     data_dir = tmp_path_factory.mktemp("tfds")
-    result = subprocess.run([sys.executable, "-c", _BUILD_TINY_DATASET, str(data_dir)], capture_output=True,
-                            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=120)
+    result = subprocess.run([sys.executable, "-c", _BUILD_TINY_DATASET, str(data_dir)],
+                            capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(data_dir.glob("tiny_images/1.0.0/tiny_images-train.array_record-*"))
     return str(data_dir)
 
 
 def test_tfds_array_record_files_through_the_pipeline(tiny_tfds_dir):
-    config = _config("tiny_images", 4, 3, batch_size=6, random_flip=False, tfds_data_dir=tiny_tfds_dir)
+    config = _config("tiny_images", 4, 3, batch_size=6, random_flip=False,
+                     tfds_data_dir=tiny_tfds_dir)
     index_of = {(_tiny_image(i).astype(np.float32) / 127.5 - 1.0).tobytes(): i for i in range(37)}
     assert data.dataset_info(config) == (30, 3)
 
@@ -326,7 +341,8 @@ def test_tfds_array_record_files_through_the_pipeline(tiny_tfds_dir):
     assert [index_of[im.tobytes()] for im in single[0]["image"]] != \
         [index_of[im.tobytes()] for im in single[5]["image"]]
 
-    halves = [_take(data.create_train_iterator(config, seed=2, process_index=p, process_count=2), 10)
+    halves = [_take(data.create_train_iterator(config, seed=2, process_index=p,
+                                               process_count=2), 10)
               for p in range(2)]
     for step, whole in enumerate(single):
         np.testing.assert_array_equal(
@@ -337,6 +353,7 @@ def test_tfds_array_record_files_through_the_pipeline(tiny_tfds_dir):
     assert sorted(eval_ids) == list(range(30, 37))
     np.testing.assert_array_equal(eval_labels, np.array(eval_ids) % 3)
 
-    with pytest.raises(ValueError, match=r"config\.data\.image_size=16 and config\.data\.channels=3"):
+    with pytest.raises(ValueError,
+                       match=r"config\.data\.image_size=16 and config\.data\.channels=3"):
         config = _config("tiny_images", 16, 3, batch_size=6, tfds_data_dir=tiny_tfds_dir)
         data.create_train_iterator(config, seed=0)

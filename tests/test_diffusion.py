@@ -269,7 +269,7 @@ def test_p_mean_variance_matches_reference(x64, schedule, respaced, mean_type, v
             x0_hat = ref.pred_x0(i, mean_type, xt[b], mean_out[b])
             if clip:
                 x0_hat = np.clip(x0_hat, -1.0, 1.0)
-            log_var = np.vectorize(lambda v: ref.model_log_variance(i, var_type, v))(v_out[b])
+            log_var = np.vectorize(lambda v, i=i: ref.model_log_variance(i, var_type, v))(v_out[b])
             np.testing.assert_allclose(np.asarray(out["pred_xstart"])[b], x0_hat,
                                        rtol=1e-10, atol=1e-10)
             np.testing.assert_allclose(np.asarray(out["mean"])[b],
@@ -502,7 +502,7 @@ def test_kl_loss_is_T_times_the_bound_term(x64, var_type):
     for b, i in enumerate(t):
         xt = ref.q_sample(i, x0[b], noise[b])
         model_mean = ref.posterior_mean(i, ref.pred_x0(i, "eps", xt, mean_out[b]), xt)
-        log_var = np.vectorize(lambda v: ref.model_log_variance(i, var_type, v))(v_out[b])
+        log_var = np.vectorize(lambda v, i=i: ref.model_log_variance(i, var_type, v))(v_out[b])
         if i == 0:  # the decoder term -log p(x_0 | x_1), Ho et al. eq. 13
             log_p = [ref_log_bin_probability(x0[b][k], model_mean[k], np.exp(0.5 * log_var[k]))
                      for k in np.ndindex(x0[b].shape)]

@@ -27,14 +27,14 @@ def _host_batches(config, count):
 
 def _max_abs_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def _bitwise_equal(a, b):
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     return (jax.tree.structure(a) == jax.tree.structure(b) and len(leaves_a) == len(leaves_b)
             and all(np.array_equal(np.asarray(x), np.asarray(y))
-                    for x, y in zip(leaves_a, leaves_b)))
+                    for x, y in zip(leaves_a, leaves_b, strict=True)))
 
 
 # ------------------------------------------------------------------ 1. data parallelism
@@ -177,7 +177,7 @@ def test_resume_is_bit_exact(resume_runs):
     seen = resume_runs["seen"]
     assert [len(seen[name]) for name in ("split_1", "split_2", "straight")] == [3, 3, 6]
     resumed = seen["split_1"] + seen["split_2"]
-    for got, want in zip(resumed, seen["straight"]):
+    for got, want in zip(resumed, seen["straight"], strict=True):
         assert _bitwise_equal(got, want)
     labels = [tuple(b["label"].ravel()) for b in seen["straight"]]
     assert len(set(labels)) == 6  # six different batches, so order matters
