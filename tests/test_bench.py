@@ -29,6 +29,7 @@ def _load_script():
 bench_vs_torch = _load_script()
 
 
+@pytest.mark.slow  # compiles the full CIFAR models
 # ---------------------------------------------------------------- FLOPs behind the MFU
 def test_train_flops_per_image_match_xla_cost_analysis():
     """The analytic count (as computed: the upsampling convolution at 4 of 9 taps, flops.py) is

@@ -27,11 +27,7 @@ def runs(tmp_path_factory):
         f.write("not a directory")
     empty_tfds = str(tmp / "empty_tfds")
     os.makedirs(empty_tfds)
-    typo_config = str(tmp / "typo.py")
-    with open(typo_config, "w") as f:
-        f.write("from jax_diffusion.config_files import default_config\n\n"
-                "def get_config():\n    config = default_config()\n"
-                "    config.train.nums_steps = 10\n    return config\n")
+    typo_config = _typo_config(tmp)
     cases = {
         "method": ([], {"sample__method": "ddim2"}),
         "eta_method": ([], {"sample__method": "ddpm", "sample__eta": "0.5"}),
@@ -63,9 +59,10 @@ def runs(tmp_path_factory):
         stdout, stderr = process.communicate(timeout=120)  # a hang guard, not a speed check
         results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout,
                                                     stderr)
-    return {"results": results, "tmp": tmp, "typo_config": typo_config}
+    return {"results": results, "tmp": tmp}
 
 
+@pytest.mark.slow  # main.py runs
 @pytest.mark.parametrize("name, named", [
     ("method", ["config.sample.method='ddim2'", "allowed: ddpm, ddim"]),
     ("eta_method", ["config.sample.eta=0.5", "only to config.sample.method='ddim'"]),
@@ -90,19 +87,30 @@ def test_bad_config_is_one_line_before_anything_runs(runs, name, named):
     assert not os.path.exists(runs["tmp"] / name)
 
 
+@pytest.mark.slow  # main.py runs
 def test_a_workdir_that_is_a_file(runs):
     line = error_line(runs["results"]["workdir_file"])
     assert "--workdir=" in line and "is a file" in line
 
 
+@pytest.mark.slow  # main.py runs
 def test_cifar10_bad_method_is_named_before_the_missing_data(runs):
     line = error_line(runs["results"]["cifar10_method"])
     assert "tfds build" not in line and "not prepared" not in line
 
 
-def test_a_typo_in_a_config_file_fails_on_load(runs):
+def _typo_config(folder) -> str:
+    path = str(folder / "typo.py")
+    with open(path, "w") as f:
+        f.write("from jax_diffusion.config_files import default_config\n\n"
+                "def get_config():\n    config = default_config()\n"
+                "    config.train.nums_steps = 10\n    return config\n")
+    return path
+
+
+def test_a_typo_in_a_config_file_fails_on_load(tmp_path):
     with pytest.raises(ConfigError, match="nums_steps"):
-        load_config_file(runs["typo_config"])
+        load_config_file(_typo_config(tmp_path))
     with pytest.raises(AttributeError):  # the lock itself
         default_config().train.nums_steps = 10
 

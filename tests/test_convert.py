@@ -46,6 +46,7 @@ def _cli_flags(source: str) -> list[str]:
             "--config.sample.method=ddim"]
 
 
+@pytest.mark.slow  # main.py runs
 def test_import_then_sample_restores_the_imported_weights(tmp_path):
     """--mode=import then --mode=sample through main.py; the restored weights are the imported
     ones and compute diffusers' function."""

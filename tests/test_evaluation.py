@@ -298,6 +298,7 @@ def test_preprocess_matches_pytorch_bilinear_resize():
         np.testing.assert_allclose(ours, _np_preprocess(images), atol=2e-6)
 
 
+@pytest.mark.slow  # the whole network twice
 def test_flax_inception_matches_independent_numpy_graph(random_weights, tmp_path):
     path = tmp_path / "fid_inception.npz"
     np.savez(path, **random_weights)

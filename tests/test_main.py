@@ -22,6 +22,8 @@ from tiny_config import DIGITS_CONFIG, ROOT
 
 from jax_diffusion.config_files import load_config_file
 
+pytestmark = pytest.mark.slow  # main.py end to end: training, resume, sampling runs
+
 METRICS_LINE = re.compile(r"\] \[(\d+)\] .*loss=")
 
 

@@ -26,6 +26,8 @@ from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 
 import torch
+
+pytestmark = pytest.mark.slow  # whole sampling chains of two networks, one in PyTorch
 BATCH = 2
 
 
@@ -64,7 +66,6 @@ def scheduler_kwargs():
                 clip_sample=True)
 
 
-@pytest.mark.slow  # 1000 steps of two networks
 def test_ddpm_1000_steps_matches_ddpm_scheduler(network, monkeypatch):
     from diffusers import DDPMScheduler
     from diffusers.schedulers import scheduling_ddpm

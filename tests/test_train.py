@@ -12,6 +12,8 @@ from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.models import create_model
 
+pytestmark = pytest.mark.slow  # training runs (1 vs 8 devices, resume, a short digits model)
+
 
 def _components(config):
     return (create_model(config.model), create_diffusion(config.diffusion),
