@@ -65,8 +65,8 @@ def stage_config(config: ml_collections.ConfigDict, student_steps: int
 def _optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW at the constant config.distill.lr, clipped as in training."""
     return create_optimizer(ml_collections.ConfigDict({
-        "lr": config.distill.lr, "warmup_steps": 0, "grad_clip": config.train.grad_clip,
-        "weight_decay": config.train.weight_decay}))
+        "lr": config.distill.lr, "warmup_steps": 0, "lr_schedule": "constant",
+        "grad_clip": config.train.grad_clip, "weight_decay": config.train.weight_decay}))
 
 
 def teacher_x0_fn(model: nn.Module, diffusion: GaussianDiffusion, params, labels,
