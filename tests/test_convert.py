@@ -17,6 +17,9 @@ from jax_diffusion.convert.readers import SAFETENSORS_NAME
 from jax_diffusion.convert.run import run_export, run_import
 from jax_diffusion.convert.weights import params_from_state_dict, state_dict_from_params
 
+# Integration: diffusers models built, saved and converted. In `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 
 def ddpm_config(workdir_source="", **model_overrides):
@@ -46,7 +49,6 @@ def _cli_flags(source: str) -> list[str]:
             "--config.sample.method=ddim"]
 
 
-@pytest.mark.slow  # main.py runs
 def test_import_then_sample_restores_the_imported_weights(tmp_path):
     """--mode=import then --mode=sample through main.py; the restored weights are the imported
     ones and compute diffusers' function."""

@@ -36,6 +36,9 @@ from tiny_config import ROOT, tiny_config, tiny_flags
 from jax_diffusion import data
 from jax_diffusion.errors import DatasetNotFoundError, DownloadError
 
+# Integration: loopback servers, tfds builds. In `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 MAIN = os.path.join(ROOT, "main.py")
 REDIRECT = os.path.join(ROOT, "tests", "tfds_redirect.py")
 ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
@@ -190,7 +193,6 @@ def _as_model_input(images: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- end to end through main.py
 
-@pytest.mark.slow
 def test_first_run_prepares_cifar10_and_trains_then_reuses_it(server, archive, tmp_path):
     data_dir = tmp_path / "tfds"
     before = server.gets
@@ -224,7 +226,6 @@ def test_first_run_prepares_cifar10_and_trains_then_reuses_it(server, archive, t
     assert os.path.isdir(tmp_path / "run2" / "checkpoints" / "2")
 
 
-@pytest.mark.slow
 def test_server_down_gives_one_line(archive, tmp_path):
     port = _free_port()
     data_dir = tmp_path / "tfds"
@@ -456,7 +457,6 @@ _TWO_PROCESS_CHILD = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow
 def test_two_real_processes_prepare_once(server, archive, tmp_path):
     """Two jax.distributed processes open CIFAR-10 in one empty data dir at the same time:
     one download, process 1 logs that it waits, both read the 200 training images."""

@@ -17,6 +17,9 @@ from convert_helpers import (
 from jax_diffusion.convert.diffusers_config import unet2d_config
 from jax_diffusion.convert.weights import params_from_state_dict
 
+# Integration: networks run in Flax and in diffusers. In `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 TOL = 1e-4
 
 
@@ -85,7 +88,7 @@ def test_each_ddpm_convention_switched_back_breaks_parity(key, wrong, scale_conv
     assert diff > 100 * TOL
 
 
-@pytest.mark.parametrize("full_size", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("full_size", [False, True])
 def test_improved_config_matches_diffusers_scale_shift_unet(full_size):
     """improved-diffusion's network as diffusers builds it, class-conditional, learned sigma, fed
     float timesteps (rescale_timesteps)."""

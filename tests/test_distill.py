@@ -12,6 +12,9 @@ from jax_diffusion import checkpoints, distill, parallel, sampling, train
 from jax_diffusion.models import create_model
 from jax_diffusion.train_state import abstract_train_state
 
+# Integration: distillation stages and main.py runs. In `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 DISTILL = dict(distill__teacher_steps=4, distill__num_halvings=2, distill__steps_per_stage=3,
                train__checkpoint_every=0, train__log_every=1, train__max_to_keep=1,
                sample__grid_size=8)
@@ -45,7 +48,6 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-@pytest.mark.slow
 def test_distillation_resumes_bitwise_and_records_the_student(teacher_workdir, tmp_path,
                                                               monkeypatch):
     config = _config(teacher_workdir)
@@ -96,7 +98,6 @@ def test_distillation_resumes_bitwise_and_records_the_student(teacher_workdir, t
     assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
 
 
-@pytest.mark.slow
 def test_the_first_stage_starts_from_the_teacher(teacher_workdir, tmp_path, monkeypatch):
     """After one step of stage 1 the student differs from the teacher by one optimizer step:
     with the lr set to 0 it is the teacher exactly (negative control: lr > 0 moves it)."""
@@ -125,7 +126,6 @@ def test_bad_inputs_are_one_line(tmp_path):
     assert "config.distill.num_halvings=3 halves config.distill.teacher_steps=12" in line, line
 
 
-@pytest.mark.slow
 def test_a_teacher_of_another_architecture_is_one_line(teacher_workdir, tmp_path):
     line = error_line(run_main(str(tmp_path / "student"), "--mode=distill", model__ch="64",
                                distill__teacher_workdir=teacher_workdir))

@@ -15,6 +15,9 @@ from jax_diffusion.evaluation import run
 from jax_diffusion.models import create_model
 from jax_diffusion.train_state import create_optimizer, create_train_state
 
+# Integration: eval runs over a checkpoint. In `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ALL = ("digits", "fid", "is", "kid", "nll")
 STEP = 3
 
@@ -127,7 +130,6 @@ def samples_dir(checkpoint):
     return folder
 
 
-@pytest.mark.slow  # 15 eval runs
 @pytest.mark.parametrize("names", [(name,) for name in ALL]
                          + list(itertools.combinations(ALL, 2)))
 def test_every_single_metric_and_every_pair(checkpoint, samples_dir, features, tmp_path, names):
@@ -144,7 +146,6 @@ def test_every_single_metric_and_every_pair(checkpoint, samples_dir, features, t
         assert all(np.isfinite(v) for v in record["values"].values())
 
 
-@pytest.mark.slow  # four samplers
 def test_sweep_samples_every_setting_and_writes_table_plot(checkpoint, features, tmp_path):
     """config.eval.sweep: one row per (method, NFE), each scored by the sample metrics with the
     same seed; a JSON table and a PNG per value; the feature network and the reference

@@ -9,6 +9,9 @@ from jax_diffusion.config_files import comma_list
 from jax_diffusion.evaluation import nll, run
 from jax_diffusion.models import create_model, example_inputs
 
+# Integration: NLL chains on 1 and 8 devices. In `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def nll_setup():

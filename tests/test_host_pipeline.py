@@ -20,6 +20,9 @@ from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import create_model
 
+# Integration: datasets written, bench parts run. In `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 MASK64 = (1 << 64) - 1
 
 
@@ -105,7 +108,6 @@ def test_resolve_step_loop():
     assert train_step.resolve_step_loop("unroll", "tpu") == "unroll"
 
 
-@pytest.mark.slow
 def test_scan_and_unroll_train_the_same_steps():
     """Three steps in one call as a scan and as an unroll end in the same state and metrics,
     up to round-off: the parameters' distance is < 1% of how far the three steps moved them (Adam
@@ -165,7 +167,6 @@ HOST_KEYS = ("data_img_per_s", "data_img_per_s_by_workers", "data_img_per_s_png_
              "train_compile_s_unroll", "checkpoint_save_s", "checkpoint_stall_s", "memory")
 
 
-@pytest.mark.slow
 def test_bench_host_parts_report_their_keys(bench_data_dir, tmp_path):
     """--mode=bench with parts data, host, checkpoint, memory on the tiny model and small
     settings: exit 0 and every key present with a positive figure (no figure is checked)."""
@@ -187,7 +188,6 @@ def test_bench_host_parts_report_their_keys(bench_data_dir, tmp_path):
         assert variant["by_batch"]["4"]["temp_bytes"] > variant["by_batch"]["2"]["temp_bytes"]
 
 
-@pytest.mark.slow
 def test_bench_eval_part_reports_both_extractors(tmp_path):
     """--mode=bench with parts sample,eval at batch 2: both Inception sides measured (torch and
     torch-fidelity are in the test requirements), their ratio, and the projected eval time."""

@@ -23,6 +23,9 @@ from random_inception import random_inception_weights
 
 from jax_diffusion.evaluation import inception
 
+# Integration: Inception runs in JAX and in torch-fidelity. In `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-4  # of the largest |reference| value
 SIZES = (32, 299)
 # On [-1, 1] inputs. TF1 (float32 source positions) and Pillow are reproduced to float32
