@@ -46,7 +46,8 @@ def _reference_target(abar, x, t, t_mid, t_end, x0_fn):
     return np.stack(out)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+# The cosine cases in the fast tier, the linear ones (slower to compile) in the whole suite.
+@pytest.mark.parametrize("schedule", [pytest.param("linear", marks=pytest.mark.slow), "cosine"])
 @pytest.mark.parametrize("student_steps", [1, 2, 4])
 def test_one_student_step_on_the_target_equals_two_teacher_ddim_steps(schedule, student_steps):
     with jax.enable_x64(True):

@@ -423,6 +423,7 @@ def test_order_fit_tells_the_dpm_solver_code_3m_from_third_order():
 
 
 # ---------------------------------------------------------------- 4. configs
+@pytest.mark.slow  # five whole chains, one up to T steps
 def test_uniform_schedule_keeps_todays_ddim_and_ddpm_results_bit_identical():
     model = _mixture_model()
     noise = jax.random.normal(jax.random.key(2), SHAPE)
