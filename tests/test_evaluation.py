@@ -394,6 +394,7 @@ def test_convert_weights_writes_an_npz_that_loads(random_weights, tmp_path):
         np.testing.assert_array_equal(converted["fc.weight"], random_weights["fc.weight"])
 
 
+@pytest.mark.slow  # writes and converts the whole network's weights
 def test_convert_weights_reads_a_pth_without_torch(random_weights, tmp_path, capsys):
     """A .pth written by torch.save converts in a process where `import torch` fails."""
     import subprocess

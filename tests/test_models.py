@@ -146,6 +146,7 @@ def xla_flops(cfg, image_size: int, channels: int, compile_: bool) -> float:
     return analysis["flops"]
 
 
+@pytest.mark.slow  # compiles the full-size published models
 @pytest.mark.parametrize("name", ["cifar10", "cifar10_improved"])
 def test_forward_flops_of_published_models_match_xla(name):
     cfg = load_config(name).model
