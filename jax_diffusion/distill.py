@@ -21,19 +21,18 @@ resumed run repeats the uninterrupted one bitwise.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from jax_diffusion import checkpoints, data, distill_targets, parallel, samplers, sampling
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion, mean_flat
-from jax_diffusion.errors import CheckpointError, ConfigError, NonFiniteLossError
+from jax_diffusion.errors import CheckpointError, ConfigError
+from jax_diffusion.metric_window import MetricWindow
 from jax_diffusion.models import create_model
 from jax_diffusion.train import Preemption
 from jax_diffusion.train_step import apply_if_finite, jit_steps
@@ -231,31 +230,21 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     preemption = Preemption()
-    pending: list[dict] = []
+    window = MetricWindow(step)
     teacher, step_fn, step_fn_stage, record = None, None, -1, None
-    window_start, window_step = time.time(), step
 
-    def flush_metrics() -> None:
-        nonlocal window_start, window_step
-        if not pending:
-            return
-        fetched = jax.device_get(pending)
-        pending.clear()
-        stacked = {name: np.concatenate([np.atleast_1d(m[name]) for m in fetched])
-                   for name in fetched[0]}
-        if not np.all(stacked["finite"] == 1):
-            bad = window_step + int(np.argmin(stacked["finite"])) + 1
-            manager.wait_until_finished()
-            raise NonFiniteLossError(
-                f"the distillation loss or gradient became NaN/Inf at step {bad}; stopped "
+    def nonfinite(bad: int) -> str:
+        manager.wait_until_finished()
+        return (f"the distillation loss or gradient became NaN/Inf at step {bad}; stopped "
                 f"without saving. The last good checkpoint stays in "
                 f"{checkpoints.checkpoint_dir(workdir)}. Try a lower --config.distill.lr")
-        steps_per_s = (step - window_step) / max(time.time() - window_start, 1e-9)
-        scalars = {name: float(np.mean(v)) for name, v in stacked.items() if name != "finite"}
-        scalars.update(stage=step_fn_stage, student_steps=record.distill.student_steps,
-                       steps_per_s=steps_per_s)
+
+    def flush_metrics() -> None:
+        scalars = window.flush(step, nonfinite)
+        if scalars is None:
+            return
+        scalars.update(stage=step_fn_stage, student_steps=record.distill.student_steps)
         writer.write_scalars(step, scalars)
-        window_start, window_step = time.time(), step
 
     try:
         while step < num_steps:
@@ -283,7 +272,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                             leading_axes=1)
             state, metrics = step_fn(state, teacher, batches)
             step += 1
-            pending.append(metrics)
+            window.add(metrics)
             preempted = preemption.requested(step)
             stage_end = step % per_stage == 0
             at_end = step >= num_steps or preempted or stage_end

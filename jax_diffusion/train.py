@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 
 import jax
 import ml_collections
-import numpy as np
 from jax.experimental import multihost_utils
 
 from jax_diffusion import checkpoints, data, parallel, sampling
 from jax_diffusion.diffusion import create_diffusion
-from jax_diffusion.errors import ConfigError, NonFiniteLossError
+from jax_diffusion.errors import ConfigError
+from jax_diffusion.metric_window import MetricWindow
 from jax_diffusion.models import create_model
 from jax_diffusion.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state)
@@ -103,41 +102,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     grid_sampler = (sampling.GridSampler(config, model, mesh) if config.train.sample_every
                     else None)
     preemption = Preemption()
-    # device metrics since the last log: fetched together, no per-step sync
-    pending: list[dict] = []
+    window = MetricWindow(step)
     last_saved = f"step {step}" if step else "none yet"
-    window_start, window_step = time.time(), step
 
-    def flush_metrics() -> None:
-        nonlocal window_start, window_step
-        if not pending:
-            return
-        fetched = jax.device_get(pending)
-        pending.clear()
-        stacked = {name: np.concatenate([np.atleast_1d(m[name]) for m in fetched])
-                   for name in fetched[0]}
-        if not np.all(stacked["finite"] == 1):
-            bad = window_step + int(np.argmin(stacked["finite"])) + 1
-            manager.wait_until_finished()
-            raise NonFiniteLossError(
-                f"the loss or gradient became NaN/Inf at step {bad}; stopped without saving. "
+    def nonfinite(bad: int) -> str:
+        manager.wait_until_finished()
+        return (f"the loss or gradient became NaN/Inf at step {bad}; stopped without saving. "
                 f"The last good checkpoint ({last_saved}) stays in "
                 f"{checkpoints.checkpoint_dir(workdir)}. Try a lower --config.train.lr or "
                 f"--config.train.grad_clip, or check the data")
-        elapsed = max(time.time() - window_start, 1e-9)
-        steps_per_s = (step - window_step) / elapsed
-        scalars = {name: float(np.mean(v)) for name, v in stacked.items() if name != "finite"}
-        scalars.update(steps_per_s=steps_per_s,
-                       img_per_s=steps_per_s * config.train.batch_size,
+
+    def flush_metrics() -> None:
+        scalars = window.flush(step, nonfinite)
+        if scalars is None:
+            return
+        steps_per_s = scalars["steps_per_s"]
+        scalars.update(img_per_s=steps_per_s * config.train.batch_size,
                        eta_min=(num_steps - step) / max(steps_per_s, 1e-9) / 60.0)
         writer.write_scalars(step, scalars)
-        window_start, window_step = time.time(), step
 
     try:
         while step < num_steps:
             state, metrics = train_step(state, next_batches(iterator, k, mesh))
             step += k
-            pending.append(metrics)
+            window.add(metrics)
             # Read the flag once: SIGTERM may arrive while this step is being logged or saved,
             # and "stop" must then wait for the next step's save, not skip this one's.
             preempted = preemption.requested(step)
