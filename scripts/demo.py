@@ -13,9 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKDIR = os.path.join(ROOT, "runs", "digits")
 
 
-def run_main(mode: str, extra: list[str]) -> None:
+def run_main(mode: str, workdir: str, extra: list[str]) -> None:
+    """main.py --mode=`mode` on configs/digits.py in `workdir`, failing the demo if it fails."""
     command = [sys.executable, os.path.join(ROOT, "main.py"), "--config",
-               os.path.join(ROOT, "configs", "digits.py"), f"--workdir={WORKDIR}",
+               os.path.join(ROOT, "configs", "digits.py"), f"--workdir={workdir}",
                f"--mode={mode}", *extra]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True)
@@ -24,13 +25,14 @@ def run_main(mode: str, extra: list[str]) -> None:
 def main() -> None:
     extra = sys.argv[1:]
     times = {"start": time.time()}
-    run_main("train", extra)
+    run_main("train", WORKDIR, extra)
     times["train"] = time.time()
-    run_main("sample", ["--config.sample.num_samples=1000", *extra])
+    run_main("sample", WORKDIR, ["--config.sample.num_samples=1000", *extra])
     times["sample"] = time.time()
     samples_dir = os.path.join(WORKDIR, "samples")
-    run_main("eval", ["--config.eval.metrics=digits", f"--config.eval.samples_dir={samples_dir}",
-                      "--config.eval.num_samples=1000", *extra])
+    run_main("eval", WORKDIR, ["--config.eval.metrics=digits",
+                               f"--config.eval.samples_dir={samples_dir}",
+                               "--config.eval.num_samples=1000", *extra])
     with open(os.path.join(WORKDIR, "eval_digits.json")) as f:
         scores = json.load(f)
     print(f"\ndemo done in {time.time() - times['start']:.0f} s (train "

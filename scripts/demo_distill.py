@@ -4,21 +4,13 @@ the digits classifier (--mode=eval). Extra arguments are passed to every main.py
 """
 import json
 import os
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from demo import ROOT, run_main
+
 TEACHER = os.path.join(ROOT, "runs", "digits")
 WORKDIR = os.path.join(ROOT, "runs", "digits_distill")
-
-
-def run_main(mode: str, extra: list[str]) -> None:
-    command = [sys.executable, os.path.join(ROOT, "main.py"), "--config",
-               os.path.join(ROOT, "configs", "digits.py"), f"--workdir={WORKDIR}",
-               f"--mode={mode}", *extra]
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
 
 
 def main() -> None:
@@ -26,12 +18,12 @@ def main() -> None:
         sys.exit(f"error: no demo model in {TEACHER}: run `make demo` first")
     extra = sys.argv[1:]
     start = time.time()
-    run_main("distill", ["--config.distill.method=progressive",
-                         f"--config.distill.teacher_workdir={TEACHER}", *extra])
+    run_main("distill", WORKDIR, ["--config.distill.method=progressive",
+                                  f"--config.distill.teacher_workdir={TEACHER}", *extra])
     print(f"\ndistillation done in {time.time() - start:.0f} s; grids in {WORKDIR}/grids")
     for steps in (8, 4):
-        run_main("eval", ["--config.eval.metrics=digits", f"--config.sample.num_steps={steps}",
-                          *extra])
+        run_main("eval", WORKDIR, ["--config.eval.metrics=digits",
+                                   f"--config.sample.num_steps={steps}", *extra])
         with open(os.path.join(WORKDIR, "eval_digits.json")) as f:
             values = json.load(f)["values"]
         print(f"  {steps}-step student: classifier accuracy {values['accuracy']:.3f}, "

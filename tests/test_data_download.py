@@ -30,6 +30,8 @@ import time
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from cli_helpers import ENV, MAIN, error_line
+from loopback import serving
 from tfds_redirect import ARCHIVE_NAME, redirect_cifar10
 from tiny_config import ROOT, tiny_config, tiny_flags
 
@@ -39,11 +41,7 @@ from jax_diffusion.errors import DatasetNotFoundError, DownloadError
 # Integration: loopback servers, tfds builds. In `make test`, not in `make test-fast`.
 pytestmark = pytest.mark.slow
 
-MAIN = os.path.join(ROOT, "main.py")
 REDIRECT = os.path.join(ROOT, "tests", "tfds_redirect.py")
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-       "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
-       "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".cache", "jax")}
 TIMEOUT = 300  # seconds for any one child run on a loaded 2-core machine
 CLASS_NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TRAIN_PER_FILE, TEST_COUNT = 40, 50  # 5 x 40 training images, 50 test images
@@ -125,15 +123,9 @@ def archive():
 @pytest.fixture(scope="module")
 def server(archive):
     """The archive at http://127.0.0.1:<port>/cifar-10-binary.tar.gz, stopped at the end."""
-    httpd = CountingServer({f"/{ARCHIVE_NAME}": archive["bytes"]})
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                              daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/{ARCHIVE_NAME}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    with serving(CountingServer({f"/{ARCHIVE_NAME}": archive["bytes"]})) as httpd:
+        httpd.url = f"{httpd.url}/{ARCHIVE_NAME}"
+        yield httpd
 
 
 def _free_port() -> int:
@@ -171,16 +163,6 @@ def _main(url, archive, workdir, data_dir):
                f"--workdir={workdir}", "--mode=train", *flags]
     return subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True,
                           timeout=TIMEOUT)
-
-
-def _error_line(result) -> str:
-    """The run failed with exactly one `error:` line, its last line, and no traceback."""
-    assert result.returncode != 0, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert result.stderr.rstrip().splitlines()[-1] == errors[0], result.stderr[-3000:]
-    return errors[0]
 
 
 def _prepared(data_dir) -> bool:
@@ -230,7 +212,7 @@ def test_server_down_gives_one_line(archive, tmp_path):
     port = _free_port()
     data_dir = tmp_path / "tfds"
     result = _main(f"http://127.0.0.1:{port}/{ARCHIVE_NAME}", archive, tmp_path / "run", data_dir)
-    line = _error_line(result)
+    line = error_line(result)
     assert f"cannot connect to 127.0.0.1:{port}" in line
     assert "tfds build cifar10 --file_format=array_record" in line and str(data_dir) in line
     assert not _prepared(data_dir)

@@ -5,10 +5,10 @@ import hashlib
 import http.server
 import os
 import socket
-import threading
 
 import ml_collections
 import pytest
+from loopback import serving
 
 from jax_diffusion import downloads
 from jax_diffusion.errors import ConfigError, DownloadError, InceptionWeightsNotFoundError
@@ -49,14 +49,8 @@ def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.requests = []
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with serving(httpd):
+        yield httpd
 
 
 @pytest.fixture()
