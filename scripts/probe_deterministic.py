@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion import data, digits_metrics, images, parallel, samplers, schedules
+from jax_diffusion import data, images, parallel, samplers, schedules
+from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.config_files import load_config_file
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
@@ -113,20 +114,17 @@ class Probe:
         model_fn = self.model_fn(y)
         x = jnp.asarray(x_T)
         key = jax.random.PRNGKey(seed)
-        x0_prev = jnp.zeros_like(x)
-        half_inv_r = samplers.dpm_solver_pp_half_inv_r(diffusion.alphas_cumprod)
+        if method != "ddim":  # DPM-Solver++(2M): the library's whole chain, not traced per step
+            if record:
+                raise ValueError("only DDIM chains are traced step by step; pass record=False")
+            x0 = samplers.sample(model_fn, diffusion, x.shape, key, method="dpm_solver++",
+                                 clip_denoised=clip, noise=x)
+            return np.asarray(x0), []
         trace = []
         for i in range(diffusion.num_timesteps - 1, -1, -1):
             t = jnp.full((len(x),), i, jnp.int32)
-            if method == "ddim":
-                z = jax.random.normal(jax.random.fold_in(key, i), x.shape)
-                x_next, x0 = samplers.ddim_step(diffusion, model_fn, x, t, z, eta, clip)
-            else:
-                x0 = diffusion.p_mean_variance(model_fn, x, t, clip)["pred_xstart"]
-                x_next = samplers.dpm_solver_pp_step(
-                    x, x0, x0_prev, diffusion.alphas_cumprod[i],
-                    diffusion.alphas_cumprod_prev[i], half_inv_r[i])
-                x0_prev = x0
+            z = jax.random.normal(jax.random.fold_in(key, i), x.shape)
+            x_next, x0 = samplers.ddim_step(diffusion, model_fn, x, t, z, eta, clip)
             if record:
                 x0_np = np.asarray(x0)
                 trace.append({"t": int(diffusion.timestep_map[i]),

@@ -15,7 +15,8 @@ import numpy as np
 import threadpoolctl
 from sklearn.neural_network import MLPClassifier
 
-from jax_diffusion import data, digits_metrics
+from jax_diffusion import data
+from jax_diffusion.evaluation import digits as digits_metrics
 
 HELD_OUT = 1400  # the split of digits_metrics.train_classifier's docstring
 

@@ -18,7 +18,8 @@ import time
 import jax
 import numpy as np
 
-from jax_diffusion import digits_metrics, parallel
+from jax_diffusion import parallel
+from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.models import create_model
 from jax_diffusion.sampling import (
     default_labels,
