@@ -80,7 +80,8 @@ def test_one_and_eight_devices_give_the_same_steps():
     few differ by up to 1.4e-5 after 3 steps (and the EMA, which follows the params closely in
     its warmup, with them). So for params and EMA: 1e-5 where the RMS gradient is above eps
     (72% of the weights; measured max 6.9e-6), 3e-5 (3% of one step) everywhere."""
-    config = tiny_config()
+    # The eps recipe these tolerances were measured with (digits now trains v with Min-SNR).
+    config = tiny_config(diffusion__mean_type="eps", diffusion__loss_weighting="none")
     assert config.model.dropout > 0 and config.train.label_dropout > 0
     batches = _host_batches(config, 3)
     init1, state1, metrics1, shard1, _ = _train_on(config, jax.devices()[:1], batches)
