@@ -66,6 +66,15 @@ def test_plot_has_one_line_per_sampler_against_log_nfe():
     np.testing.assert_array_equal(lines["ddim"].get_ydata(), [0.91, 0.97])
 
 
+def test_quality_axis_is_log_only_for_positive_values_spanning_orders_of_magnitude():
+    frechet = [dict(row, fd=value) for row, value in zip(ROWS, (0.5, 0.8, 52.0, 1.0), strict=True)]
+    assert sweep_figure(frechet, "fd").axes[0].get_yscale() == "log"
+    assert sweep_figure(ROWS, "digits_accuracy").axes[0].get_yscale() == "linear"
+    negative = [dict(row, fd=value) for row, value in zip(ROWS, (-1.0, 0.8, 52.0, 1.0),
+                                                          strict=True)]
+    assert sweep_figure(negative, "fd").axes[0].get_yscale() == "linear"
+
+
 def test_tensorboard_scalars_one_curve_per_sampler():
     assert tensorboard_scalars(ROWS[:2], "fd") == [("sweep/fd/ddim", 50, 1.5),
                                                    ("sweep/fd/ddim", 10, 3.0)]

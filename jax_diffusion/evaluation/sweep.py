@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import ml_collections
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -69,8 +70,14 @@ def sweep_config(config: ml_collections.ConfigDict, method: str,
     return setting
 
 
+# Positive values spanning more than this ratio get a log-scaled quality axis: a distance (FID,
+# Frechet) falls by orders of magnitude with NFE, and a linear axis flattens the good settings.
+LOG_QUALITY_AXIS_ABOVE = 10.0
+
+
 def sweep_figure(rows: Sequence[Mapping], metric_name: str) -> Figure:
-    """Quality against NFE: one line per method (points in NFE order), log-scaled NFE axis."""
+    """Quality against NFE: one line per method (points in NFE order), log-scaled NFE axis, and
+    a log-scaled quality axis for positive values spanning more than LOG_QUALITY_AXIS_ABOVE."""
     figure = Figure(figsize=(6.0, 4.0), dpi=100)
     axes = figure.add_subplot()
     for method in dict.fromkeys(row["method"] for row in rows):   # first-seen order
@@ -78,6 +85,10 @@ def sweep_figure(rows: Sequence[Mapping], metric_name: str) -> Figure:
         axes.plot([nfe for nfe, _ in points], [value for _, value in points], marker="o",
                   label=method)
     axes.set_xscale("log")
+    values = np.array([row[metric_name] for row in rows], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size and values.min() > 0 and values.max() > LOG_QUALITY_AXIS_ABOVE * values.min():
+        axes.set_yscale("log")
     axes.set_xlabel("network evaluations (NFE)")
     axes.set_ylabel(metric_name)
     axes.grid(True, which="both", alpha=0.3)
