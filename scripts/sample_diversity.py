@@ -1,7 +1,9 @@
 """Are samples as varied as real digits? For each samples .npz (images uint8, labels): accuracy of
 the digits metric's classifier and of one fitted on the first 1,400 digits only, the mean
-distance to the nearest training digit, and the mean within-class pixel standard deviation;
-the same figures for the last 397 real digits (other writers) against the first 1,400.
+distance to the nearest training digit, the mean within-class pixel standard deviation, and the
+accuracy of a stronger classifier (an RBF support-vector machine, 0.96 on the other writers'
+digits against the MLP's 0.92); the same figures for the last 397 real digits (other writers)
+against the first 1,400.
 
     PYTHONPATH=$PWD python scripts/sample_diversity.py samples_a.npz [samples_b.npz ...]
 
@@ -14,6 +16,7 @@ import sys
 import numpy as np
 import threadpoolctl
 from sklearn.neural_network import MLPClassifier
+from sklearn.svm import SVC
 
 from jax_diffusion import data
 from jax_diffusion.evaluation import digits as digits_metrics
@@ -36,9 +39,12 @@ def main() -> None:
         partial = MLPClassifier(hidden_layer_sizes=(128,), max_iter=400, random_state=0)
         partial.fit(real[:HELD_OUT], labels[:HELD_OUT])
         full = digits_metrics.train_classifier(16)
+        svm_partial = SVC(C=10.0, gamma="scale").fit(real[:HELD_OUT], labels[:HELD_OUT])
+        svm_full = SVC(C=10.0, gamma="scale").fit(real, labels)
         held, held_labels = real[HELD_OUT:], labels[HELD_OUT:]
         print(f"real digits {HELD_OUT}..: accuracy (first-{HELD_OUT} classifier) "
-              f"{np.mean(partial.predict(held) == held_labels):.3f}, nearest training digit "
+              f"{np.mean(partial.predict(held) == held_labels):.3f}, SVM (first {HELD_OUT}) "
+              f"{np.mean(svm_partial.predict(held) == held_labels):.3f}, nearest training digit "
               f"(first {HELD_OUT}) {nearest_distance(held, real[:HELD_OUT]).mean():.3f}, "
               f"within-class std {within_class_std(real, labels):.4f} (all digits)")
         for path in sys.argv[1:]:
@@ -48,7 +54,8 @@ def main() -> None:
             accuracy = np.mean(full.predict(features) == sample_labels)
             partial_accuracy = np.mean(partial.predict(features) == sample_labels)
             print(f"{path}: accuracy {accuracy:.3f} "
-                  f"(first-{HELD_OUT} classifier {partial_accuracy:.3f}), "
+                  f"(first-{HELD_OUT} classifier {partial_accuracy:.3f}), SVM (all digits) "
+                  f"{np.mean(svm_full.predict(features) == sample_labels):.3f}, "
                   f"nearest training digit (all) {nearest_distance(features, real).mean():.3f}, "
                   f"within-class std {within_class_std(features, sample_labels):.4f}")
 
