@@ -13,6 +13,10 @@ import numpy as np
 SCHEDULES = ("linear", "cosine")
 STEP_SCHEDULES = ("uniform", "quadratic", "logsnr", "karras", "trailing")
 KARRAS_RHO = 7.0   # Karras et al. 2022, eq. 5: rho = 7 spends the steps near sigma_min
+# Karras et al. 2022, Table 1 ("ours", every model, the VP and cosine ones included): the largest
+# sigma sampled. A cosine schedule's last step has sigma ~ 2e4; a rho = 7 ramp from there puts
+# half of a 5-step grid above sigma = 300, where x_t is pure noise.
+KARRAS_SIGMA_MAX = 80.0
 
 
 def get_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
@@ -125,12 +129,15 @@ def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray)
                every beta schedule starts from noise).
     logsnr:    even in log-SNR (logsnr_timesteps).
     karras:    sigma_j^(1/rho) even from sigma_max^(1/rho) to sigma_min^(1/rho), rho = 7,
-               sigma = sqrt((1 - abar) / abar) (Karras et al. 2022, eq. 5),
-               each mapped to the timestep nearest in log sigma.
+               sigma = sqrt((1 - abar) / abar) (Karras et al. 2022, eq. 5), sigma_min that of
+               t = 0 and sigma_max that of t = T-1 clamped to KARRAS_SIGMA_MAX = 80 (their
+               Table 1), each mapped to the timestep nearest in log sigma; so the grid starts
+               at the timestep nearest sigma = 80 when t = T-1 lies above it (linear betas:
+               sigma 157; cosine: 2e4), from pure noise as DDIM's stride starts below T-1.
     trailing:  t_i = floor((i + 1) T / count) - 1 (`trailing_timesteps`): starts at T - 1 and
                nests under halving; the grid progressive distillation trains students on.
-    Every non-uniform schedule keeps t = 0 and t = T-1 (count >= 2) and pushes coinciding steps
-    apart so that exactly `count` distinct steps remain.
+    Every non-uniform schedule keeps t = 0 and (but karras, see above) t = T-1 (count >= 2), and
+    pushes coinciding steps apart so that exactly `count` distinct steps remain.
     """
     if not 1 <= count <= num_timesteps:
         raise ValueError(f"count={count} steps must be between 1 and num_timesteps={num_timesteps}")
@@ -154,7 +161,7 @@ def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray)
     log_sigma = 0.5 * (np.log1p(-_alphas_cumprod(betas, num_timesteps))
                        - np.log(_alphas_cumprod(betas, num_timesteps)))   # increasing in t
     inv_rho = 1.0 / KARRAS_RHO
-    sigma_max, sigma_min = np.exp(log_sigma[-1]), np.exp(log_sigma[0])
+    sigma_max, sigma_min = min(np.exp(log_sigma[-1]), KARRAS_SIGMA_MAX), np.exp(log_sigma[0])
     targets = (sigma_max ** inv_rho + fraction * (sigma_min ** inv_rho - sigma_max ** inv_rho)
                ) ** KARRAS_RHO
     nearest = np.argmin(np.abs(np.log(targets)[:, None] - log_sigma[None, :]), axis=1)
@@ -169,13 +176,14 @@ def _alphas_cumprod(betas: np.ndarray, num_timesteps: int) -> np.ndarray:
 
 
 def _distinct(ts: np.ndarray, num_timesteps: int) -> np.ndarray:
-    """Ascending ts made strictly increasing inside [0, T-1], ends kept: each step moved as
-    little as needed (up from the start, then down from the end)."""
+    """Ascending ts made strictly increasing inside [0, T-1], starting at 0: each step moved as
+    little as needed (up from the start, then down from the last one, which stays unless the
+    steps below it pushed it up)."""
     ts = np.asarray(ts, dtype=np.int64).copy()
     ts[0] = 0
     for i in range(1, len(ts)):
         ts[i] = max(ts[i], ts[i - 1] + 1)
-    ts[-1] = num_timesteps - 1
+    ts[-1] = min(ts[-1], num_timesteps - 1)
     for i in range(len(ts) - 2, -1, -1):
         ts[i] = min(ts[i], ts[i + 1] - 1)
     return ts

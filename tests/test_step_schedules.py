@@ -20,15 +20,24 @@ def test_quadratic_is_quadratic_in_t():
     np.testing.assert_array_equal(got, np.rint(999 * (np.arange(10) / 9) ** 2))
 
 
-def test_karras_is_nearest_to_rho_7_sigmas():
-    abar = np.cumprod(1.0 - BETAS["linear"])
-    sigma = np.sqrt((1.0 - abar) / abar)
+def _sigmas(name):
+    abar = np.cumprod(1.0 - BETAS[name])
+    return np.sqrt((1.0 - abar) / abar)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_karras_is_nearest_to_rho_7_sigmas_from_sigma_80(name):
+    # Karras et al. 2022, eq. 5 and Table 1: sigma_max = 80 (both schedules' last sigma is above:
+    # linear 157, cosine 2e4), sigma_min = sigma(t = 0).
+    sigma = _sigmas(name)
+    assert sigma[-1] > 80.0
     ramp = np.linspace(0.0, 1.0, 12)
-    targets = (sigma[-1] ** (1 / 7) + ramp * (sigma[0] ** (1 / 7) - sigma[-1] ** (1 / 7))) ** 7
+    targets = (80.0 ** (1 / 7) + ramp * (sigma[0] ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
     expected = sorted(int(np.argmin(np.abs(np.log(sigma) - np.log(s)))) for s in targets)
     assert len(set(expected)) == 12   # no collisions to push apart at this count
-    got = schedules.step_timesteps("karras", T, 12, BETAS["linear"])
+    got = schedules.step_timesteps("karras", T, 12, BETAS[name])
     np.testing.assert_array_equal(got, expected)
+    assert 70.0 < sigma[got[-1]] < 90.0 and got[-1] < T - 1
 
 
 def test_logsnr_is_logsnr_timesteps():
@@ -41,8 +50,10 @@ def test_logsnr_is_logsnr_timesteps():
 def test_exactly_count_distinct_ascending_steps(name, count):
     got = schedules.step_timesteps(name, T, count, BETAS["linear"])
     assert len(got) == count and np.all(np.diff(got) > 0) and got[0] >= 0 and got[-1] < T
-    if name not in ("uniform", "trailing") and count > 1:
+    if name in ("quadratic", "logsnr") and count > 1:
         assert got[0] == 0 and got[-1] == T - 1
+    if name == "karras" and count > 1:   # up to the step nearest sigma = 80, or pushed above it
+        assert got[0] == 0 and got[-1] >= np.argmin(np.abs(np.log(_sigmas("linear") / 80.0)))
     if name == "trailing":  # starts from pure noise, steps of T / count
         assert got[-1] == T - 1 and got[0] == T // count - 1
 
