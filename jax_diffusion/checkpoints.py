@@ -45,11 +45,13 @@ class BackgroundSavingManager(ocp.CheckpointManager):
 
     _pending: threading.Thread | None = None
     _pending_error: BaseException | None = None
+    _owner: threading.Thread | None = None  # the thread that started the background save
 
     def save_in_background(self, step: int, args: ocp.args.Composite) -> None:
         """Start `save(step, args=args)` on a thread and return. `args` must hold arrays nothing
         else will donate or overwrite (a copy made for the save)."""
         self.finish_background_save()
+        self._owner = threading.current_thread()
 
         def run() -> None:
             try:
@@ -67,8 +69,10 @@ class BackgroundSavingManager(ocp.CheckpointManager):
         """Wait until the blocking part of a background save has run (not until the files are
         written: that is wait_until_finished); re-raise its error."""
         pending = self._pending
-        if pending is None or pending is threading.current_thread():
-            return  # Orbax calls these methods itself inside the background save
+        if pending is None or threading.current_thread() is not self._owner:
+            # Orbax's own threads (the background save itself, its finalize thread) call these
+            # methods too; they must not wait for the save they belong to.
+            return
         pending.join()
         self._pending = None
         error, self._pending_error = self._pending_error, None

@@ -245,6 +245,7 @@ def _check_bench(bench: ml_collections.ConfigDict) -> None:
         comma_list(bench[name], f"config.bench.{name}", integers=True)
     for name in ("data_batch_size", "data_batches", "checkpoint_loop_calls"):
         _positive_int(bench, name, "bench")
+    _positive_int(bench, "gap_batches", "bench", minimum=2)  # a gap lies between two batches
     _require(isinstance(bench.data_dir, str), "bench.data_dir", bench.data_dir,
              "must be a directory path, or '' for <workdir>/bench_data")
     _choice(bench.method, "bench.method", samplers.METHODS)
