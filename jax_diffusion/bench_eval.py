@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 
@@ -27,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import io_callback
 
-from jax_diffusion import sampling
+from jax_diffusion import parallel, sampling
 from jax_diffusion.evaluation import inception, metrics
 from jax_diffusion.evaluation.run import wanted_metrics
 from jax_diffusion.flops import unet_forward_flops
@@ -100,38 +100,41 @@ def inception_flops_per_image(module, variables, size: int, channels: int,
 def batch_gaps_s(sample_fn, params, labels: np.ndarray, batch: int, mesh,
                  overlap: bool) -> list[float]:
     """The device's idle time before each sampling batch after the first, in
-    sampling.generate_samples: from the moment batch i's images were ready (seen by a thread
-    waiting on them) to the call that dispatched batch i+1; 0 when that call came earlier."""
-    dispatched, ready, watchers = [], {}, []
+    sampling.generate_samples: from the end of batch i's program to the start of batch i+1's,
+    both stamped by host callbacks inside the program (data dependencies put them before and
+    after the sampler); 0 where the programs overlapped."""
+    stamps = {"start": [], "end": []}
 
-    def timed(params, key, chunk):
-        i = len(dispatched)
-        dispatched.append(time.perf_counter())
+    def stamp(kind: str):
+        def record(value):
+            stamps[kind].append(time.perf_counter())
+            return value
+        return record
+
+    @jax.jit
+    def stamped(params, key, chunk):
+        key = io_callback(stamp("start"), jax.ShapeDtypeStruct(key.shape, key.dtype), key)
         images = sample_fn(params, key, chunk)
+        return io_callback(stamp("end"), jax.ShapeDtypeStruct(images.shape, images.dtype),
+                           images)
 
-        def watch() -> None:
-            jax.block_until_ready(images)
-            ready[i] = time.perf_counter()
-
-        watchers.append(threading.Thread(target=watch))
-        watchers[-1].start()
-        return images
-
-    sampling.generate_samples(timed, params, labels, batch, 0, mesh, progress=False,
+    sampling.generate_samples(stamped, params, labels, batch, 0, mesh, progress=False,
                               overlap=overlap)
-    for watcher in watchers:
-        watcher.join()
-    return [max(0.0, dispatched[i + 1] - ready[i]) for i in range(len(dispatched) - 1)]
+    starts, ends = stamps["start"], stamps["end"]
+    return [max(0.0, starts[i + 1] - ends[i]) for i in range(len(starts) - 1)]
 
 
-def _gaps(config: ml_collections.ConfigDict, model, params, mesh) -> dict:
+def _gaps(config: ml_collections.ConfigDict, model, params) -> dict:
     """Median device idle time between sampling batches (config.sample's sampler with one
-    network evaluation: the gap is host work, whatever a batch costs on the device), batches of
-    config.bench.sample_batch_size, config.bench.gap_batches batches a window, windows
-    alternating overlapped and sequential."""
+    network evaluation: the gap is host and launch work, whatever a batch costs on the device),
+    batches of config.bench.sample_batch_size on one device, config.bench.gap_batches batches a
+    window, windows alternating overlapped and sequential."""
     one_step = config.copy_and_resolve_references()
     one_step.sample.num_steps = 1
     batch = config.bench.sample_batch_size
+    # One device: the stamping callbacks would gather a sharded batch onto one device.
+    mesh = parallel.create_mesh(jax.local_devices()[:1])
+    params = parallel.replicate(params, mesh)
     sample_fn = sampling.make_sample_fn(one_step, model, mesh, batch)
     labels = sampling.default_labels(batch * config.bench.gap_batches, config.model.num_classes)
     gaps = {True: [], False: []}
@@ -223,7 +226,7 @@ def bench_eval(config: ml_collections.ConfigDict, mesh, model, params,
     n = config.eval.num_samples
     result["eval_projected_s"] = (n / sample_img_per_s + n / rate["jax"]
                                   if sample_img_per_s else None)
-    result.update(_gaps(config, model, params, mesh))
+    result.update(_gaps(config, model, params))
     result["inception_flops_per_img"] = inception_flops_per_image(
         module, variables, 32, 3, config.eval.inception_preprocess)
     result["eval_fid_arithmetic_s"] = (fid_arithmetic_s(n, config.bench.windows)
