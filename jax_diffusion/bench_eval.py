@@ -29,8 +29,8 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jax_diffusion import parallel, sampling
+from jax_diffusion.config_files import comma_list
 from jax_diffusion.evaluation import inception, metrics
-from jax_diffusion.evaluation.run import wanted_metrics
 from jax_diffusion.flops import unet_forward_flops
 
 # The model FLOP utilisation the accelerator projections assume (as the README's tables).
@@ -229,8 +229,9 @@ def bench_eval(config: ml_collections.ConfigDict, mesh, model, params,
     result.update(_gaps(config, model, params))
     result["inception_flops_per_img"] = inception_flops_per_image(
         module, variables, 32, 3, config.eval.inception_preprocess)
-    result["eval_fid_arithmetic_s"] = (fid_arithmetic_s(n, config.bench.windows)
-                                       if "fid" in wanted_metrics(config) else 0.0)
+    wants_fid = "fid" in comma_list(config.eval.metrics, "config.eval.metrics")
+    result["eval_fid_arithmetic_s"] = (fid_arithmetic_s(n, config.bench.windows) if wants_fid
+                                       else 0.0)
     batches = -(-n // config.sample.batch_size) + -(-n // batch)
     host_s = batches * result["eval_batch_gap_ms"] / 1e3 + result["eval_fid_arithmetic_s"]
     result["eval_projected_s_by_chip"] = project_eval(

@@ -152,6 +152,8 @@ def test_largest_batch_is_the_line_through_two_analyses():
     ("train.step_loop", "loop", "train.step_loop"),
     ("bench.data_workers", "0,-1", "config.bench.data_workers"),
     ("bench.steps_per_jit", "0", "config.bench.steps_per_jit"),
+    ("bench.gap_batches", 1, "bench.gap_batches"),
+    ("bench.checkpoint_loop_calls", 0, "bench.checkpoint_loop_calls"),
 ])
 def test_config_errors_name_the_key(key, value, words, tmp_path):
     config = tiny_config()
