@@ -40,8 +40,9 @@ def checkpoint_dir(workdir: str) -> str:
 
 class BackgroundSavingManager(ocp.CheckpointManager):
     """An Orbax CheckpointManager that can run the blocking part of a save on a thread
-    (`save_in_background`). Every other call first waits for that part to end, so nothing sees a
-    half-started save, and an error raised there surfaces in the caller's next call."""
+    (`save_in_background`). Every later call from the thread that started it (the training
+    loop's) first waits for that part to end, so the loop never sees a half-started save, and an
+    error raised there surfaces in the loop's next call."""
 
     _pending: threading.Thread | None = None
     _pending_error: BaseException | None = None
@@ -85,7 +86,8 @@ def _after_background_save(name: str):
         self.finish_background_save()
         return getattr(ocp.CheckpointManager, name)(self, *args, **kwargs)
     method.__name__ = name
-    method.__doc__ = f"CheckpointManager.{name}, after any background save has started."
+    method.__doc__ = (f"CheckpointManager.{name}, after the blocking part of a background "
+                      f"save has run.")
     return method
 
 

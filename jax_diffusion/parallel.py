@@ -69,7 +69,8 @@ def map_batches(fn: Callable[..., Any], arrays: tuple[np.ndarray, ...], batch_si
     With `overlap` (default), batch i+1 is dispatched before batch i is fetched: JAX runs it
     asynchronously, so the devices compute it while the host copies batch i out and places the
     next inputs, instead of idling between batches. The results are the same either way (every
-    batch is the same call); overlap=False is the sequential reference (bench.py measures both)."""
+    batch is the same call); overlap=False is the sequential reference (bench_eval.py times
+    both)."""
     check_divisible(batch_size, mesh, "the batch size")
     num = len(arrays[0])
     num_batches = -(-num // batch_size)
