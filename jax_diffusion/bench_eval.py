@@ -101,8 +101,9 @@ def batch_gaps_s(sample_fn, params, labels: np.ndarray, batch: int, mesh,
                  overlap: bool) -> list[float]:
     """The device's idle time before each sampling batch after the first, in
     sampling.generate_samples: from the end of batch i's program to the start of batch i+1's,
-    both stamped by host callbacks inside the program (data dependencies put them before and
-    after the sampler); 0 where the programs overlapped."""
+    both stamped by host callbacks inside the program (data dependencies and an optimization
+    barrier put them before and after all of the sampler's work); 0 where the programs
+    overlapped."""
     stamps = {"start": [], "end": []}
 
     def stamp(kind: str):
@@ -114,6 +115,9 @@ def batch_gaps_s(sample_fn, params, labels: np.ndarray, batch: int, mesh,
     @jax.jit
     def stamped(params, key, chunk):
         key = io_callback(stamp("start"), jax.ShapeDtypeStruct(key.shape, key.dtype), key)
+        # Nothing of the sampler, not even its work on the parameters or labels alone, may be
+        # scheduled before the start stamp.
+        params, key, chunk = jax.lax.optimization_barrier((params, key, chunk))
         images = sample_fn(params, key, chunk)
         return io_callback(stamp("end"), jax.ShapeDtypeStruct(images.shape, images.dtype),
                            images)
