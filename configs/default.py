@@ -137,6 +137,8 @@ def get_config() -> ml_collections.ConfigDict:
     bench.data_workers = "0,1,2"         # data: grain worker process counts to measure
     bench.steps_per_jit = "1,4,16"       # host: steps per compiled call to measure
     bench.memory_batches = "64,128"      # memory: per-device batches analysed (two give the fit)
+    bench.checkpoint_loop_calls = 100_000  # checkpoint: tiny jitted calls standing in for the loop
+    bench.gap_batches = 6                # eval: sampling batches a window when timing their gaps
 
     # --mode=distill (jax_diffusion/distill.py): few-step students of a trained teacher. Batch
     # size, seed, gradient clipping, logging and checkpoint intervals come from config.train.

@@ -47,6 +47,10 @@ PEAK_FLOPS = (
     ("tpu v4", 275e12),
 )
 
+# The accelerators the `eval` part projects --mode=eval onto: (table name, device_kind).
+PROJECTION_CHIPS = (("H100 SXM", "h100"), ("A100", "a100"), ("TPU v4", "tpu v4"),
+                    ("TPU v5e", "tpu v5e"), ("TPU v5p", "tpu v5p"))
+
 
 def peak_flops(device_kind: str) -> float | None:
     """Peak bf16 FLOP/s of one device of this kind, or None when unknown (e.g. a CPU)."""
@@ -236,7 +240,7 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
     if "train" in parts:
         state, measured = _bench_train(config, model, mesh, rng)
         result.update(measured)
-    elif "fwd" in parts or "sample" in parts:
+    elif {"fwd", "sample", "eval"} & set(parts):
         state = create_train_state(config, model, create_optimizer(config.train), mesh)
     if "fwd" in parts:
         result.update(_bench_forward(config, model, mesh, state.params, rng))
@@ -252,7 +256,9 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
         result.update(bench_host.bench_memory(config))
     if "eval" in parts:
         sampled = result["sample_img_per_s"] or {}
-        result.update(bench_eval.bench_eval(config, mesh, max(sampled.values(), default=None)))
+        chips = {name: peak_flops(kind) for name, kind in PROJECTION_CHIPS}
+        result.update(bench_eval.bench_eval(config, mesh, model, state.params,
+                                            max(sampled.values(), default=None), chips))
 
     peak = peak_flops(device_kind)
     result["peak_tflops"] = peak * n_devices / 1e12 if peak else None

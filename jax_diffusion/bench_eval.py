@@ -1,7 +1,9 @@
 """--mode=bench part `eval`: Inception feature extraction (the FID/IS/KID network) in img/s,
 this project's Flax port against torch-fidelity's extractor on the same CPU and batch, in
-alternating windows so that a shared machine's drift hits both alike; and the end-to-end time of
-`--mode=eval` on config.eval.num_samples samples projected from the measured parts.
+alternating windows so that a shared machine's drift hits both alike; the device's idle time
+between sampling batches with and without the overlap of parallel.map_batches; and the
+end-to-end time of `--mode=eval` on config.eval.num_samples samples projected per accelerator
+from the measured parts.
 
 Throughput does not depend on the weights, so both networks run with random weights (no
 weights file is needed). torch-fidelity is optional: without torch and torch-fidelity its side
@@ -24,8 +26,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import io_callback
 
-from jax_diffusion.evaluation import inception
+from jax_diffusion import parallel, sampling
+from jax_diffusion.config_files import comma_list
+from jax_diffusion.evaluation import inception, metrics
+from jax_diffusion.flops import unet_forward_flops
+
+# The model FLOP utilisation the accelerator projections assume (as the README's tables).
+PROJECTED_MFU = 0.40
 
 
 def torch_fidelity_extractor() -> Callable[[np.ndarray], None] | None:
@@ -63,11 +72,14 @@ def torch_fidelity_extractor() -> Callable[[np.ndarray], None] | None:
     return extract
 
 
-def _jax_extractor(batch: int, mesh) -> Callable[[np.ndarray], None]:
+def _random_inception() -> tuple[inception.FIDInceptionV3, dict]:
     module = inception.FIDInceptionV3()
     variables = jax.jit(module.init)(jax.random.PRNGKey(0),
                                      jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3)))
+    return module, variables
 
+
+def _jax_extractor(module, variables, batch: int, mesh) -> Callable[[np.ndarray], None]:
     def extract(images_uint8: np.ndarray) -> None:
         jax.block_until_ready(inception.inception_features(module, variables, images_uint8,
                                                            batch_size=batch, mesh=mesh))
@@ -75,17 +87,126 @@ def _jax_extractor(batch: int, mesh) -> Callable[[np.ndarray], None]:
     return extract
 
 
-def bench_eval(config: ml_collections.ConfigDict, mesh, sample_img_per_s: float | None) -> dict:
+def inception_flops_per_image(module, variables, size: int, channels: int,
+                              preprocess: str = "tf1") -> float:
+    """XLA's FLOP count of one image's features: the resize to 299 and the network, compiled
+    for a batch of 8 on one device."""
+    batch = 8
+    images = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.uint8)
+    features = jax.jit(lambda v, x: module.apply(v, inception.preprocess(x, preprocess)))
+    return features.lower(variables, images).compile().cost_analysis()["flops"] / batch
+
+
+def batch_gaps_s(sample_fn, params, labels: np.ndarray, batch: int, mesh,
+                 overlap: bool) -> list[float]:
+    """The device's idle time before each sampling batch after the first, in
+    sampling.generate_samples: from the end of batch i's program to the start of batch i+1's,
+    both stamped by host callbacks inside the program (data dependencies and an optimization
+    barrier put them before and after all of the sampler's work); 0 where the programs
+    overlapped."""
+    stamps = {"start": [], "end": []}
+
+    def stamp(kind: str):
+        def record(value):
+            stamps[kind].append(time.perf_counter())
+            return value
+        return record
+
+    @jax.jit
+    def stamped(params, key, chunk):
+        key = io_callback(stamp("start"), jax.ShapeDtypeStruct(key.shape, key.dtype), key)
+        # Nothing of the sampler, not even its work on the parameters or labels alone, may be
+        # scheduled before the start stamp.
+        params, key, chunk = jax.lax.optimization_barrier((params, key, chunk))
+        images = sample_fn(params, key, chunk)
+        return io_callback(stamp("end"), jax.ShapeDtypeStruct(images.shape, images.dtype),
+                           images)
+
+    sampling.generate_samples(stamped, params, labels, batch, 0, mesh, progress=False,
+                              overlap=overlap)
+    starts, ends = stamps["start"], stamps["end"]
+    return [max(0.0, starts[i + 1] - ends[i]) for i in range(len(starts) - 1)]
+
+
+def _gaps(config: ml_collections.ConfigDict, model, params) -> dict:
+    """Median device idle time between sampling batches (config.sample's sampler with one
+    network evaluation: the gap is host and launch work, whatever a batch costs on the device),
+    batches of config.bench.sample_batch_size on one device, config.bench.gap_batches batches a
+    window, windows alternating overlapped and sequential."""
+    one_step = config.copy_and_resolve_references()
+    one_step.sample.num_steps = 1
+    batch = config.bench.sample_batch_size
+    # One device: the stamping callbacks would gather a sharded batch onto one device.
+    mesh = parallel.create_mesh(jax.local_devices()[:1])
+    params = parallel.replicate(params, mesh)
+    sample_fn = sampling.make_sample_fn(one_step, model, mesh, batch)
+    labels = sampling.default_labels(batch * config.bench.gap_batches, config.model.num_classes)
+    gaps = {True: [], False: []}
+    batch_gaps_s(sample_fn, params, labels[:2 * batch], batch, mesh, True)  # compile, warm up
+    for _ in range(config.bench.windows):
+        for overlap in gaps:
+            gaps[overlap] += batch_gaps_s(sample_fn, params, labels, batch, mesh, overlap)
+    result = {"eval_batch_gap_ms": 1e3 * statistics.median(gaps[True]),
+              "eval_batch_gap_ms_sequential": 1e3 * statistics.median(gaps[False])}
+    logging.info("eval: device idle between sampling batches of %d: %.2f ms overlapped, %.2f ms "
+                 "sequential (medians of %d gaps each)", batch, result["eval_batch_gap_ms"],
+                 result["eval_batch_gap_ms_sequential"], len(gaps[True]))
+    return result
+
+
+def fid_arithmetic_s(num_samples: int, windows: int) -> float:
+    """Seconds of FID's host arithmetic on num_samples 2048-d features: mean and covariance
+    (timed on min(num_samples, 5,000) random features, scaled linearly in N) and the Frechet
+    distance against a second Gaussian (its matrix square roots do not depend on N)."""
+    timed_n = min(num_samples, 5_000)
+    features = np.random.default_rng(0).standard_normal((timed_n, 2048), dtype=np.float32)
+    stats_s, distance_s = [], []
+    for _ in range(windows):
+        start = time.perf_counter()
+        mu, sigma = metrics.feature_statistics(features)
+        stats_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        metrics.frechet_distance(mu, sigma, mu + 0.1, sigma * 1.1)
+        distance_s.append(time.perf_counter() - start)
+    return (statistics.median(stats_s) * num_samples / timed_n + statistics.median(distance_s))
+
+
+def project_eval(config: ml_collections.ConfigDict, inception_flops: float, host_s: float,
+                 chips: dict[str, float]) -> dict[str, dict[str, float]]:
+    """--mode=eval on config.eval.num_samples samples per accelerator of `chips` (name -> peak
+    FLOP/s) at PROJECTED_MFU: sampling (config.sample's NFE, doubled by classifier-free
+    guidance, times the U-Net's analytic forward FLOPs), Inception features (XLA's count), and
+    `host_s` of host work that does not overlap the device."""
+    sample = config.sample
+    guided = config.model.num_classes > 0 and sample.guidance_scale != 1.0
+    forward = unet_forward_flops(config.model, config.data.image_size, config.data.channels)
+    n = config.eval.num_samples
+    table = {}
+    for chip, peak in chips.items():
+        rate = PROJECTED_MFU * peak
+        sampling_s = n * sample.num_steps * (2 if guided else 1) * forward / rate
+        features_s = n * inception_flops / rate
+        table[chip] = {"sampling_s": sampling_s, "inception_s": features_s, "host_s": host_s,
+                       "total_s": sampling_s + features_s + host_s}
+    return table
+
+
+def bench_eval(config: ml_collections.ConfigDict, mesh, model, params,
+               sample_img_per_s: float | None, chips: dict[str, float]) -> dict:
     """`eval`: img/s of Inception features (resize to 299 included) at config.eval.batch_size
     on 32x32x3 uint8 images, JAX and torch-fidelity side by side (median over
-    config.bench.windows alternating windows of one batch each, after one warm-up batch), and
-    the projected --mode=eval time on config.eval.num_samples samples: sampling at
-    `sample_img_per_s` (the `sample` part, when measured) plus feature extraction, in sequence
-    (the upper bound: no overlap)."""
+    config.bench.windows alternating windows of one batch each, after one warm-up batch); the
+    device idle time between sampling batches, overlapped and sequential (`_gaps`); and the
+    --mode=eval time on config.eval.num_samples samples: here in sequence from the measured
+    rates (`eval_projected_s`, with `sample_img_per_s` from the `sample` part when measured), and
+    per accelerator of `chips` from the FLOPs (`eval_projected_s_by_chip`, project_eval) plus
+    the host work measured here that does not overlap the device (the gaps between batches and,
+    when config.eval.metrics has fid, FID's arithmetic)."""
     batch = config.eval.batch_size
     images = np.random.default_rng(config.bench.seed).integers(0, 256, (batch, 32, 32, 3),
                                                                dtype=np.uint8)
-    sides = {"jax": _jax_extractor(batch, mesh)}
+    module, variables = _random_inception()
+    sides = {"jax": _jax_extractor(module, variables, batch, mesh)}
     torch_side = torch_fidelity_extractor()
     if torch_side is not None:
         sides["torch_fidelity"] = torch_side
@@ -103,10 +224,24 @@ def bench_eval(config: ml_collections.ConfigDict, mesh, sample_img_per_s: float 
               "inception_ratio_vs_torch_fidelity":
                   rate["jax"] / rate["torch_fidelity"] if "torch_fidelity" in rate else None,
               "inception_batch": batch}
-    n = config.eval.num_samples
-    result["eval_projected_s"] = (n / sample_img_per_s + n / rate["jax"]
-                                  if sample_img_per_s else None)
     logging.info("eval: Inception %.1f img/s (JAX), %s (torch-fidelity), batch %d", rate["jax"],
                  f"{rate['torch_fidelity']:.1f} img/s" if "torch_fidelity" in rate else "n/a",
                  batch)
+    n = config.eval.num_samples
+    result["eval_projected_s"] = (n / sample_img_per_s + n / rate["jax"]
+                                  if sample_img_per_s else None)
+    result.update(_gaps(config, model, params))
+    result["inception_flops_per_img"] = inception_flops_per_image(
+        module, variables, 32, 3, config.eval.inception_preprocess)
+    wants_fid = "fid" in comma_list(config.eval.metrics, "config.eval.metrics")
+    result["eval_fid_arithmetic_s"] = (fid_arithmetic_s(n, config.bench.windows) if wants_fid
+                                       else 0.0)
+    batches = -(-n // config.sample.batch_size) + -(-n // batch)
+    host_s = batches * result["eval_batch_gap_ms"] / 1e3 + result["eval_fid_arithmetic_s"]
+    result["eval_projected_s_by_chip"] = project_eval(
+        config, result["inception_flops_per_img"], host_s, chips)
+    for chip, row in result["eval_projected_s_by_chip"].items():
+        logging.info("eval: %d samples on one %s at %.0f%% MFU: sampling %.0f s + Inception "
+                     "%.0f s + host %.1f s = %.1f min", n, chip, 100 * PROJECTED_MFU,
+                     row["sampling_s"], row["inception_s"], row["host_s"], row["total_s"] / 60)
     return result

@@ -222,35 +222,90 @@ def _random_state(config: ml_collections.ConfigDict, mesh) -> Any:
     return jax.device_put(jax.tree.map(fill, abstract), parallel.replicated(mesh))
 
 
+def _host_loop(calls: int) -> Callable[[], None]:
+    """A stand-in for the training loop's own work: `calls` tiny jitted calls, each dispatched
+    and waited for (Python and dispatch on the loop's thread, as in train.train)."""
+    bump = jax.jit(lambda x: x + 1)
+    start = jnp.zeros(())
+
+    def loop() -> None:
+        x = start
+        for _ in range(calls):
+            x = bump(x)
+            x.block_until_ready()
+
+    loop()
+    return loop
+
+
+def _timed_save(manager, save: Callable[[], None], loop: Callable[[], None]
+                ) -> tuple[float, float, float]:
+    """(seconds `save()` blocked its caller, seconds from its start until `loop()` run right
+    after it ended, seconds until the files were complete on disk)."""
+    start = time.perf_counter()
+    save()
+    stall = time.perf_counter() - start
+    loop()
+    looped = time.perf_counter() - start
+    manager.wait_until_finished()
+    return stall, looped, time.perf_counter() - start
+
+
 def bench_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
-    """`checkpoint`: an asynchronous save of a train state of config.model's shapes (random
-    values) through the training loop's save path: `checkpoint_stall_s` is how long the call
-    blocks the loop, `checkpoint_save_s` from its start until the files are complete on disk
-    (wait_until_finished). Medians over config.bench.windows saves."""
+    """`checkpoint`: asynchronous saves of a train state of config.model's shapes (random
+    values) through the training loop's save path (checkpoints.save): `checkpoint_stall_s` is
+    how long the call blocks the loop, `checkpoint_save_s` from its start until the files are
+    complete on disk (wait_until_finished). Alternating with each, the same save with Orbax's
+    blocking part on the calling thread (`..._blocking` keys: the save path before background
+    saves). Medians over config.bench.windows saves of each kind, and the median of the
+    per-save stall/save ratios. `checkpoint_loop_delay_s[_blocking]`: how much longer a host
+    loop of config.bench.checkpoint_loop_calls jitted calls takes when started with a save than
+    alone (`checkpoint_loop_s`): the stall plus the background part's competition for the GIL
+    and, on this CPU, for the cores that also run the device computation."""
     state = _random_state(config, mesh)
     jax.block_until_ready(state)
     size = sum(x.nbytes for x in jax.tree.leaves(state))
     # A fresh directory: Orbax does not save a step at or below one it finds there.
     directory = tempfile.mkdtemp(prefix="bench_checkpoint_", dir=workdir)
     manager = checkpoints.create_manager(directory, max_to_keep=1)
-    stalls, saves = [], []
+    kinds = {
+        "background": lambda step: checkpoints.save(manager, step, state, config, {}),
+        "blocking": lambda step: manager.save(
+            step, args=checkpoints.save_args(state, config, {})),
+    }
+    loop = _host_loop(config.bench.checkpoint_loop_calls)
+    times = {kind: [] for kind in kinds}
+    alone = []
+    step = 0
     try:
-        for window in range(config.bench.windows + 1):  # the first save warms Orbax up
+        for window in range(config.bench.windows + 1):  # the first saves warm Orbax up
             start = time.perf_counter()
-            checkpoints.save(manager, window + 1, state, config, {"bench": window})
-            stall = time.perf_counter() - start
-            manager.wait_until_finished()
-            if window:
-                stalls.append(stall)
-                saves.append(time.perf_counter() - start)
+            loop()
+            alone.append(time.perf_counter() - start)
+            for kind, save in kinds.items():
+                step += 1
+                timed = _timed_save(manager, lambda save=save, step=step: save(step), loop)
+                if window:
+                    times[kind].append(timed)
     finally:
         manager.close()
         shutil.rmtree(directory, ignore_errors=True)
-    stall, save = statistics.median(stalls), statistics.median(saves)
-    logging.info("checkpoint: %.0f MB state, save %.2f s, loop blocked %.3f s (%.1f%%)",
-                 size / 1e6, save, stall, 100 * stall / save)
-    return {"checkpoint_save_s": save, "checkpoint_stall_s": stall,
-            "checkpoint_bytes": size}
+    loop_s = statistics.median(alone[1:])
+    result = {"checkpoint_bytes": size, "checkpoint_loop_s": loop_s,
+              "checkpoint_background": isinstance(manager, checkpoints.BackgroundSavingManager)}
+    for kind, suffix in (("background", ""), ("blocking", "_blocking")):
+        stalls, looped, saves = zip(*times[kind], strict=True)
+        result[f"checkpoint_stall_s{suffix}"] = statistics.median(stalls)
+        result[f"checkpoint_save_s{suffix}"] = statistics.median(saves)
+        result[f"checkpoint_stall_ratio{suffix}"] = statistics.median(
+            stall / save for stall, _, save in times[kind])
+        result[f"checkpoint_loop_delay_s{suffix}"] = statistics.median(looped) - loop_s
+        logging.info("checkpoint (%s): %.0f MB state, save %.2f s, loop blocked %.3f s "
+                     "(median ratio %.1f%%), a %.2f s host loop right after it delayed %.3f s",
+                     kind, size / 1e6, statistics.median(saves), statistics.median(stalls),
+                     100 * result[f"checkpoint_stall_ratio{suffix}"], loop_s,
+                     result[f"checkpoint_loop_delay_s{suffix}"])
+    return result
 
 
 def _memory_analysis(config: ml_collections.ConfigDict, batch: int) -> dict:

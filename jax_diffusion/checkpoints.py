@@ -8,13 +8,18 @@
 
 Every failure to find or read a checkpoint becomes a `CheckpointError` whose message names the
 checkpoint and says what to do.
+
+A save blocks the training loop only for a device-side copy of the state (see `save`): Orbax's
+own blocking part (the copy to host memory, one metadata record per array) runs on a thread.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import jax
@@ -33,11 +38,77 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+class BackgroundSavingManager(ocp.CheckpointManager):
+    """An Orbax CheckpointManager that can run the blocking part of a save on a thread
+    (`save_in_background`). Every later call from the thread that started it (the training
+    loop's) first waits for that part to end, so the loop never sees a half-started save, and an
+    error raised there surfaces in the loop's next call."""
+
+    _pending: threading.Thread | None = None
+    _pending_error: BaseException | None = None
+    _owner: threading.Thread | None = None  # the thread that started the background save
+
+    def save_in_background(self, step: int, args: ocp.args.Composite) -> None:
+        """Start `save(step, args=args)` on a thread and return. `args` must hold arrays nothing
+        else will donate or overwrite (a copy made for the save)."""
+        self.finish_background_save()
+        self._owner = threading.current_thread()
+
+        def run() -> None:
+            try:
+                self._save_now(step, args)
+            except BaseException as e:  # noqa: BLE001  (re-raised on the caller's thread)
+                self._pending_error = e
+
+        self._pending = threading.Thread(target=run, name=f"checkpoint-save-{step}")
+        self._pending.start()
+
+    def _save_now(self, step: int, args: ocp.args.Composite) -> None:
+        super().save(step, args=args)
+
+    def finish_background_save(self) -> None:
+        """Wait until the blocking part of a background save has run (not until the files are
+        written: that is wait_until_finished); re-raise its error."""
+        pending = self._pending
+        if pending is None or threading.current_thread() is not self._owner:
+            # Orbax's own threads (the background save itself, its finalize thread) call these
+            # methods too; they must not wait for the save they belong to.
+            return
+        pending.join()
+        self._pending = None
+        error, self._pending_error = self._pending_error, None
+        if error is not None:
+            raise error
+
+
+def _after_background_save(name: str):
+    def method(self, *args, **kwargs):
+        self.finish_background_save()
+        return getattr(ocp.CheckpointManager, name)(self, *args, **kwargs)
+    method.__name__ = name
+    method.__doc__ = (f"CheckpointManager.{name}, after the blocking part of a background "
+                      f"save has run.")
+    return method
+
+
+# Every public call that reads or changes the checkpoints waits for a background save first.
+for _name in ("save", "restore", "item_metadata", "metadata", "all_steps", "latest_step",
+              "should_save", "delete", "reload", "check_for_errors", "wait_until_finished",
+              "close"):
+    setattr(BackgroundSavingManager, _name, _after_background_save(_name))
+
+
 def create_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
                    read_only: bool = False, keep_period: int | None = None
                    ) -> ocp.CheckpointManager:
     """The run's CheckpointManager. Saves are asynchronous: writing overlaps training. Steps
-    that are multiples of `keep_period` are never deleted (a distillation's stage ends)."""
+    that are multiples of `keep_period` are never deleted (a distillation's stage ends).
+
+    A single-process run's asynchronous manager also starts saves on a thread
+    (BackgroundSavingManager). With several processes Orbax's save begins with a barrier that
+    is a device collective (multihost_utils.sync_global_devices): issued from a thread it could
+    interleave differently with the training step's collectives on different processes, so
+    there the blocking part stays on the loop's thread."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=async_save, keep_period=keep_period)
@@ -45,19 +116,40 @@ def create_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
     handlers = {"state": ocp.StandardCheckpointHandler(),
                 "ema_params": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+    in_background = async_save and not read_only and jax.process_count() == 1
+    manager_class = BackgroundSavingManager if in_background else ocp.CheckpointManager
+    return manager_class(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+def save_args(state: Any, config: ml_collections.ConfigDict, data_state: Any
+              ) -> ocp.args.Composite:
+    """The four items of a checkpoint of `state` (a TrainState)."""
+    train_part = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+                  "rng": state.rng}
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(train_part),
+        ema_params=ocp.args.StandardSave(state.ema_params),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        data=ocp.args.JsonSave(copy.deepcopy(data_state)))
+
+
+def _device_copy(tree: Any) -> Any:
+    """New device buffers holding `tree`'s values; the copy is dispatched, not waited for."""
+    return jax.device_put(tree, may_alias=False)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          config: ml_collections.ConfigDict, data_state: Any) -> None:
-    """Start saving `state` (a TrainState) at `step`; returns before the files are written."""
-    train_part = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-                  "rng": state.rng}
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_part),
-        ema_params=ocp.args.StandardSave(state.ema_params),
-        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-        data=ocp.args.JsonSave(data_state)))
+    """Start saving `state` (a TrainState) at `step`; returns before the files are written.
+
+    With a BackgroundSavingManager it returns before Orbax has even copied the arrays to host
+    memory: the arrays handed to Orbax are a device-side copy of the state (dispatched
+    asynchronously), which the next step's donation of the state cannot touch. That copy holds
+    one more state's worth of device memory until Orbax has its host copy."""
+    if isinstance(manager, BackgroundSavingManager):
+        manager.save_in_background(step, save_args(_device_copy(state), config, data_state))
+    else:
+        manager.save(step, args=save_args(state, config, data_state))
 
 
 def _step_path(manager: ocp.CheckpointManager, step: int) -> str:

@@ -243,8 +243,9 @@ def _check_bench(bench: ml_collections.ConfigDict) -> None:
     parse_worker_counts(bench.data_workers)
     for name in ("steps_per_jit", "memory_batches"):
         comma_list(bench[name], f"config.bench.{name}", integers=True)
-    for name in ("data_batch_size", "data_batches"):
+    for name in ("data_batch_size", "data_batches", "checkpoint_loop_calls"):
         _positive_int(bench, name, "bench")
+    _positive_int(bench, "gap_batches", "bench", minimum=2)  # a gap lies between two batches
     _require(isinstance(bench.data_dir, str), "bench.data_dir", bench.data_dir,
              "must be a directory path, or '' for <workdir>/bench_data")
     _choice(bench.method, "bench.method", samplers.METHODS)

@@ -53,13 +53,15 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, mesh,
 
 
 def generate_samples(sample_fn: SampleFn, params, labels: np.ndarray, batch_size: int,
-                     seed: int, mesh, progress: bool = True) -> np.ndarray:
+                     seed: int, mesh, progress: bool = True, overlap: bool = True) -> np.ndarray:
     """All samples for `labels`, batch by batch; batch i uses key fold_in(seed, i), so the
-    images depend on the seed and batch size, not on the device count."""
+    images depend on the seed and batch size, not on the device count. Batch i+1 is sampled
+    while batch i is fetched (parallel.map_batches; overlap=False: one after the other)."""
     base_key = jax.random.PRNGKey(seed)
     return parallel.map_batches(
         lambda i, chunk: sample_fn(params, jax.random.fold_in(base_key, i), chunk),
-        (labels.astype(np.int32),), batch_size, mesh, "sampling" if progress else None)
+        (labels.astype(np.int32),), batch_size, mesh, "sampling" if progress else None,
+        overlap=overlap)
 
 
 class GridSampler:

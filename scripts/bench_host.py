@@ -6,11 +6,14 @@
               0/1/2 grain workers, with the plain-numpy reference of the same run
   host        host overhead per step and train-step compile times (scan, unroll), tiny model,
               steps_per_jit 1, 4, 16
-  checkpoint  async Orbax save of the CIFAR train state: save duration and loop stall
+  checkpoint  async Orbax save of the CIFAR train state: save duration and loop stall, the
+              training loop's path (background) against Orbax's blocking part on the loop
   memory      XLA memory analysis of the CIFAR train step, batch 64 and 128 per device,
               float32/bfloat16, with and without remat; largest batch for 16/32/80 GB
   eval        Inception img/s, Flax vs torch-fidelity, same batch (torch-fidelity side only when
-              torch and torch-fidelity are installed: requirements-test.txt)
+              torch and torch-fidelity are installed: requirements-test.txt); device idle time
+              between sampling batches, overlapped and sequential; --mode=eval on 50,000
+              samples projected per accelerator
 
 Each is one `main.py --mode=bench` run; prints the machine's load (os.getloadavg) before each,
 since this machine may be shared, and one JSON line with every result on stdout. The data set
@@ -40,7 +43,7 @@ def commands(workdir: str) -> dict[str, list[str]]:
         "data": main_py("cifar10.py", "data", "--config.bench.windows=5"),
         "host": main_py("digits.py", "host", *TINY_MODEL, "--config.bench.steps_per_jit=1,4,16",
                         "--config.bench.num_steps=4", "--config.bench.windows=3"),
-        "checkpoint": main_py("cifar10.py", "checkpoint", "--config.bench.windows=3"),
+        "checkpoint": main_py("cifar10.py", "checkpoint", "--config.bench.windows=5"),
         "memory": main_py("cifar10.py", "memory", "--config.bench.memory_batches=64,128"),
         "eval": main_py("cifar10.py", "eval", "--config.eval.batch_size=50",
                         "--config.bench.windows=3"),
@@ -65,10 +68,17 @@ def figures(part: str, result: dict) -> list[str]:
                 "; unroll " + ", ".join(f"k={k}: {v:.1f}" for k, v in unroll.items()) +
                 f"; scan k=16/k=1 {scan.get('16', 0) / scan.get('1', 1):.2f}x"]
     if part == "checkpoint":
-        save, stall = result["checkpoint_save_s"], result["checkpoint_stall_s"]
-        return [f"checkpoint_save_s {save:.2f}, checkpoint_stall_s {stall:.3f} "
-                f"({100 * stall / save:.1f}% of the save), "
-                f"{result['checkpoint_bytes'] / 1e6:.0f} MB"]
+        lines = [f"{result['checkpoint_bytes'] / 1e6:.0f} MB train state; medians of "
+                 f"{result['windows']} saves each"]
+        for suffix, name in (("", "background (the loop's path)"),
+                             ("_blocking", "Orbax's blocking part on the loop")):
+            lines.append(
+                f"{name}: checkpoint_save_s{suffix} {result['checkpoint_save_s' + suffix]:.2f}, "
+                f"checkpoint_stall_s{suffix} {result['checkpoint_stall_s' + suffix]:.3f}, "
+                f"stall/save {100 * result['checkpoint_stall_ratio' + suffix]:.1f}%, a "
+                f"{result['checkpoint_loop_s']:.2f} s host loop delayed "
+                f"{result['checkpoint_loop_delay_s' + suffix]:.3f} s")
+        return lines
     if part == "memory":
         lines = []
         for name, row in result["memory"].items():
@@ -79,9 +89,20 @@ def figures(part: str, result: dict) -> list[str]:
                          f"{row.get('largest_batch')}")
         return lines
     ratio = result["inception_ratio_vs_torch_fidelity"]
-    return [f"inception_img_per_s {result['inception_img_per_s']:.1f} (JAX), torch-fidelity "
-            f"{result['inception_torch_fidelity_img_per_s'] or float('nan'):.1f}, ratio "
-            f"{ratio if ratio is None else round(ratio, 2)} (batch {result['inception_batch']})"]
+    lines = [f"inception_img_per_s {result['inception_img_per_s']:.1f} (JAX), torch-fidelity "
+             f"{result['inception_torch_fidelity_img_per_s'] or float('nan'):.1f}, ratio "
+             f"{ratio if ratio is None else round(ratio, 2)} (batch {result['inception_batch']})",
+             f"eval_batch_gap_ms {result['eval_batch_gap_ms']:.2f} (overlapped), "
+             f"eval_batch_gap_ms_sequential {result['eval_batch_gap_ms_sequential']:.2f} "
+             f"(sampling batch {result['sample_batch']})",
+             f"--mode=eval, 50,000 samples, projected at 40% MFU: Inception "
+             f"{result['inception_flops_per_img'] / 1e9:.2f} GFLOP/img, FID arithmetic on this "
+             f"host {result['eval_fid_arithmetic_s']:.1f} s",
+             "| chip | sampling | Inception | host | total |", "|---|---|---|---|---|"]
+    for chip, row in result["eval_projected_s_by_chip"].items():
+        lines.append(f"| {chip} | {row['sampling_s'] / 60:.1f} min | {row['inception_s']:.0f} s "
+                     f"| {row['host_s']:.0f} s | {row['total_s'] / 60:.1f} min |")
+    return lines
 
 
 def main() -> None:

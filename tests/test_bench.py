@@ -179,3 +179,28 @@ def test_convolutions_compile_to_plain_xla_convolutions():
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
     assert hlo.count(" convolution(") == 3  # forward, input gradient, kernel gradient
     assert "ynn_fusion" not in hlo
+
+
+# ---------------------------------------------------------------- eval projection
+def test_eval_projection_is_the_flop_count_over_the_projected_rate():
+    """DDPM CIFAR-10, 50,000 samples of DDIM-100 on one H100 SXM at 40% MFU: 50,000 x 100 x
+    12.44 GFLOP / (0.4 x 989 TFLOP/s) = 157 s (the README's 2.6 min); classifier-free guidance
+    doubles the sampling FLOPs; Inception and host time add."""
+    from jax_diffusion import bench_eval
+    from jax_diffusion.config_files import load_config_file
+    config = load_config_file(os.path.join(ROOT, "configs", "cifar10.py"))
+    config.sample.num_steps, config.eval.num_samples = 100, 50_000
+    forward = unet_forward_flops(config.model, 32, 3)
+    assert 12.4e9 < forward < 12.5e9
+    table = bench_eval.project_eval(config, 11e9, 3.0, {"H100 SXM": 989e12})
+    row = table["H100 SXM"]
+    assert row["sampling_s"] == pytest.approx(50_000 * 100 * forward / (0.4 * 989e12))
+    assert 150 < row["sampling_s"] < 160
+    assert row["inception_s"] == pytest.approx(50_000 * 11e9 / (0.4 * 989e12))
+    assert row["total_s"] == pytest.approx(row["sampling_s"] + row["inception_s"] + 3.0)
+    config.model.num_classes, config.sample.guidance_scale = 10, 2.0
+    guided = bench_eval.project_eval(config, 11e9, 3.0, {"H100 SXM": 989e12})["H100 SXM"]
+    assert guided["sampling_s"] == pytest.approx(2 * row["sampling_s"])
+    config.sample.guidance_scale = 1.0  # a plain conditional model: one pass per step
+    plain = bench_eval.project_eval(config, 11e9, 3.0, {"H100 SXM": 989e12})["H100 SXM"]
+    assert plain["sampling_s"] == pytest.approx(row["sampling_s"])

@@ -14,7 +14,7 @@ from cli_helpers import run_main
 from test_data import _config, _take
 from tiny_config import tiny_config
 
-from jax_diffusion import bench_dataset, bench_host, data, parallel, train, train_step
+from jax_diffusion import bench, bench_dataset, bench_host, data, parallel, train, train_step
 from jax_diffusion.config_validation import validate_config
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
@@ -152,6 +152,8 @@ def test_largest_batch_is_the_line_through_two_analyses():
     ("train.step_loop", "loop", "train.step_loop"),
     ("bench.data_workers", "0,-1", "config.bench.data_workers"),
     ("bench.steps_per_jit", "0", "config.bench.steps_per_jit"),
+    ("bench.gap_batches", 1, "bench.gap_batches"),
+    ("bench.checkpoint_loop_calls", 0, "bench.checkpoint_loop_calls"),
 ])
 def test_config_errors_name_the_key(key, value, words, tmp_path):
     config = tiny_config()
@@ -164,7 +166,10 @@ def test_config_errors_name_the_key(key, value, words, tmp_path):
 HOST_KEYS = ("data_img_per_s", "data_img_per_s_by_workers", "data_img_per_s_png_decode",
              "data_img_per_s_numpy_reference", "host_overhead_ms",
              "host_overhead_ms_by_steps_per_jit", "train_compile_s_scan",
-             "train_compile_s_unroll", "checkpoint_save_s", "checkpoint_stall_s", "memory")
+             "train_compile_s_unroll", "checkpoint_save_s", "checkpoint_stall_s",
+             "checkpoint_stall_ratio", "checkpoint_loop_delay_s", "checkpoint_save_s_blocking",
+             "checkpoint_stall_s_blocking", "checkpoint_stall_ratio_blocking",
+             "checkpoint_loop_delay_s_blocking", "checkpoint_loop_s", "memory")
 
 
 def test_bench_host_parts_report_their_keys(bench_data_dir, tmp_path):
@@ -173,7 +178,8 @@ def test_bench_host_parts_report_their_keys(bench_data_dir, tmp_path):
     result = run_main(str(tmp_path), "--mode=bench", timeout=900,
                       bench__parts="data,host,checkpoint,memory", bench__data_dir=bench_data_dir,
                       bench__data_batches=2, bench__data_workers="0,1", bench__windows=2,
-                      bench__num_steps=1, bench__steps_per_jit="1", bench__memory_batches="2,4")
+                      bench__num_steps=1, bench__steps_per_jit="1", bench__memory_batches="2,4",
+                      bench__checkpoint_loop_calls=100)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(HOST_KEYS) <= set(report), set(HOST_KEYS) - set(report)
@@ -181,6 +187,8 @@ def test_bench_host_parts_report_their_keys(bench_data_dir, tmp_path):
     assert report["data_img_per_s"] == max(report["data_img_per_s_by_workers"].values()) > 0
     assert report["host_overhead_ms"] >= 0 and set(report["train_compile_s_scan"]) == {"1"}
     assert 0 < report["checkpoint_stall_s"] <= report["checkpoint_save_s"]
+    assert 0 < report["checkpoint_stall_s_blocking"] <= report["checkpoint_save_s_blocking"]
+    assert report["checkpoint_background"] is True  # one process: the loop's save path
     assert set(report["memory"]) == {"float32", "float32_remat", "bfloat16", "bfloat16_remat"}
     for variant in report["memory"].values():
         assert set(variant["by_batch"]) == {"2", "4"}
@@ -190,10 +198,13 @@ def test_bench_host_parts_report_their_keys(bench_data_dir, tmp_path):
 
 def test_bench_eval_part_reports_both_extractors(tmp_path):
     """--mode=bench with parts sample,eval at batch 2: both Inception sides measured (torch and
-    torch-fidelity are in the test requirements), their ratio, and the projected eval time."""
+    torch-fidelity are in the test requirements), their ratio, the gaps between sampling
+    batches, and the projected eval time, here and per accelerator (the FID arithmetic too, as
+    eval.metrics asks for fid)."""
     result = run_main(str(tmp_path), "--mode=bench", timeout=900, bench__parts="sample,eval",
                       bench__sample_steps="2", bench__windows=1, eval__batch_size=2,
-                      eval__num_samples=100)
+                      eval__num_samples=100, eval__metrics="fid", bench__sample_batch_size=8,
+                      bench__gap_batches=3)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["inception_img_per_s"] > 0 and report["inception_torch_fidelity_img_per_s"] > 0
@@ -202,3 +213,13 @@ def test_bench_eval_part_reports_both_extractors(tmp_path):
     sample = report["sample_img_per_s"]["ddim_2"]
     assert report["eval_projected_s"] == pytest.approx(
         100 / sample + 100 / report["inception_img_per_s"])
+    assert report["eval_batch_gap_ms"] >= 0 and report["eval_batch_gap_ms_sequential"] >= 0
+    assert report["eval_fid_arithmetic_s"] > 0
+    # Inception-v3 at 299x299: ~5.7 G multiply-adds (Szegedy et al. 2016), 2 FLOPs each.
+    assert 10e9 < report["inception_flops_per_img"] < 13e9
+    projected = report["eval_projected_s_by_chip"]
+    assert list(projected) == [name for name, _ in bench.PROJECTION_CHIPS]
+    for row in projected.values():
+        assert row["total_s"] == pytest.approx(row["sampling_s"] + row["inception_s"] +
+                                               row["host_s"])
+        assert row["host_s"] >= report["eval_fid_arithmetic_s"]
