@@ -87,8 +87,9 @@ def sample(model_fn: ModelFn, diffusion: GaussianDiffusion, sigma_data: float,
                        x0 = f(x_t, tau_k)
 
     each f clipped to [-1, 1] with clip_denoised (as the reference sampler does). `key` is
-    split into (noise_key, chain_key); z_k is N(0, I) from fold_in(chain_key, k). `noise`
-    (z of the first level) defaults to N(0, I) from noise_key. `diffusion`: the full T-step one.
+    split into (noise_key, chain_key); z_k is N(0, I) from fold_in(chain_key, k - 1) (k - 1:
+    the level's 0-based index). `noise` (z of the first level) defaults to N(0, I) from
+    noise_key. `diffusion`: the full T-step one.
     """
     shape = tuple(int(d) for d in shape)
     levels = np.asarray(timesteps, dtype=np.int64)
@@ -117,7 +118,7 @@ def sample(model_fn: ModelFn, diffusion: GaussianDiffusion, sigma_data: float,
         f = table["skip"][k] * x + table["out"][k] * x0
         if clip_denoised:
             f = jnp.clip(f, -1.0, 1.0)
-        z_k = jax.random.normal(jax.random.fold_in(chain_key, k), shape, dtype)
+        z_k = jax.random.normal(jax.random.fold_in(chain_key, k + 1), shape, dtype)
         return table["data"][k] * f + table["noise"][k] * z_k, None
 
     x0, _ = jax.lax.scan(step, x_first, jnp.arange(len(levels), dtype=jnp.int32))
