@@ -143,8 +143,8 @@ def make_distill_step(config: ml_collections.ConfigDict, model: nn.Module,
             jnp.asarray(alphas_cumprod, jnp.float32)[t])
 
         def loss_fn(params):
-            output = model.apply({"params": params}, x_t, t, labels, train=True,
-                                 rngs={"dropout": dropout_key})
+            output = model.apply({"params": params}, x_t, student_diffusion.timesteps_for_model(t),
+                                 labels, train=True, rngs={"dropout": dropout_key})
             x0 = student_diffusion.p_mean_variance(None, x_t, t, clip_denoised=False,
                                                    model_output=output)["pred_xstart"]
             return jnp.mean(weight * mean_flat((x0 - target) ** 2))
