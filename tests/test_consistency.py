@@ -10,6 +10,7 @@ import pytest
 
 import gaussian_mixture as gm
 from jax_diffusion import consistency, distill, distill_targets, samplers, schedules
+from jax_diffusion.config_validation import DISTILL_METHODS
 from jax_diffusion.diffusion import GaussianDiffusion
 
 T = 1000
@@ -258,3 +259,7 @@ def test_target_network_is_the_ema_of_the_updated_student():
             np.testing.assert_allclose(new_state[-1].params[name], expected, rtol=1e-6)
         params, state = new_params, new_state
     assert not np.allclose(state[-1].params["w"], params["w"])  # it lags the student
+
+
+def test_validation_knows_every_method():
+    assert tuple(distill.METHODS) == DISTILL_METHODS
