@@ -143,14 +143,20 @@ def get_config() -> ml_collections.ConfigDict:
     # --mode=distill (jax_diffusion/distill.py): few-step students of a trained teacher. Batch
     # size, seed, gradient clipping, logging and checkpoint intervals come from config.train.
     config.distill = distill = ml_collections.ConfigDict()
-    distill.method = "progressive"       # "progressive" (Salimans & Ho) | "consistency" (not yet)
+    distill.method = "progressive"       # "progressive" (Salimans & Ho) | "consistency" (Song)
     distill.teacher_workdir = ""         # a --mode=train workdir: its latest EMA weights
-    distill.teacher_steps = 64           # the teacher's DDIM (eta 0) steps on the trailing grid
-    distill.num_halvings = 4             # stages; the last student: teacher_steps / 2**num_halvings
-    distill.steps_per_stage = 2000       # optimizer steps of each stage
+    distill.teacher_steps = 64           # progressive: the teacher's DDIM (eta 0) trailing steps
+    distill.num_halvings = 4             # progressive: stages; last student teacher_steps / 2**it
+    distill.steps_per_stage = 2000       # optimizer steps of each stage (consistency: one stage)
     distill.lr = 1e-4                    # constant AdamW learning rate, fresh optimizer each stage
     distill.ema_decay = 0.999            # EMA of the student; the EMA is the next stage's teacher
-    distill.mean_type = "v"              # student parametrisation: "v" | "x0" (eps fails at 1 step)
+    distill.mean_type = "v"              # progressive student: "v" | "x0" (eps fails at 1 step)
+    # Consistency distillation (consistency.py): f = c_skip x + c_out F, F the teacher's network.
+    distill.num_scales = 18              # N levels of the training grid (the paper's CIFAR-10 18)
+    distill.sigma_max = 80.0             # Karras levels up to this sigma (EDM's), plus t = T - 1
+    distill.sigma_data = 0.5             # sigma_data of c_skip / c_out (EDM's and the paper's)
+    distill.solver = "heun"              # the teacher's ODE step: "heun" | "euler" (= DDIM)
+    distill.target_decay = 0.95          # mu of the target network's EMA; 0 = the student itself
     distill.student_steps = 0            # written by --mode=distill into its checkpoints; leave 0
 
     # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/distributed.py.

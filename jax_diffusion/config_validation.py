@@ -254,27 +254,41 @@ def _check_bench(bench: ml_collections.ConfigDict) -> None:
     _positive_int(bench, "warmup_steps", "bench", minimum=0)
 
 
+# The keys of distill.METHODS, spelled here so that validating does not import the distillation
+# loop and its data pipeline (3 s) for every mode; tests/test_consistency.py checks they agree.
 DISTILL_METHODS = ("progressive", "consistency")
 STUDENT_MEAN_TYPES = ("v", "x0")  # eps cannot give x0 at the pure-noise step of a 1-step student
+
+
+def _check_consistency(config: ml_collections.ConfigDict) -> None:
+    from jax_diffusion.distill_targets import ODE_STEPS, consistency_timesteps
+    from jax_diffusion.schedules import get_beta_schedule
+    distill = config.distill
+    _choice(distill.solver, "distill.solver", tuple(ODE_STEPS))
+    _fraction(distill.target_decay, "distill.target_decay", 0.0, 1.0, high_open=True)
+    _require(distill.sigma_data > 0, "distill.sigma_data", distill.sigma_data, "must be > 0")
+    _positive_int(distill, "num_scales", "distill", minimum=3)
+    _require(distill.sigma_max > 0, "distill.sigma_max", distill.sigma_max, "must be > 0")
+    betas = get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    try:
+        consistency_timesteps(betas, distill.num_scales, distill.sigma_max)
+    except ValueError as e:
+        raise ConfigError(f"config.distill.num_scales={distill.num_scales} with "
+                          f"config.distill.sigma_max={distill.sigma_max}: {e}; lower num_scales "
+                          f"or raise sigma_max") from None
 
 
 def _check_distill(config: ml_collections.ConfigDict, mode: str, workdir: str) -> None:
     distill = config.distill
     _choice(distill.method, "distill.method", DISTILL_METHODS)
-    _choice(distill.mean_type, "distill.mean_type", STUDENT_MEAN_TYPES)
-    for name in ("teacher_steps", "num_halvings", "steps_per_stage"):
-        _positive_int(distill, name, "distill")
+    _positive_int(distill, "steps_per_stage", "distill")
     _positive_int(distill, "student_steps", "distill", minimum=0)
     _require(distill.lr > 0, "distill.lr", distill.lr, "must be > 0")
     _fraction(distill.ema_decay, "distill.ema_decay", 0.0, 1.0, high_open=True)
-    total = config.diffusion.num_timesteps
-    _require(distill.teacher_steps <= total, "distill.teacher_steps", distill.teacher_steps,
-             f"must be at most config.diffusion.num_timesteps={total}")
-    halved = 2 ** distill.num_halvings
-    _require(distill.teacher_steps % halved == 0, "distill.num_halvings", distill.num_halvings,
-             f"halves config.distill.teacher_steps={distill.teacher_steps} {halved}-fold, which "
-             f"must divide it; use a teacher_steps that is a multiple of {halved} (e.g. "
-             f"{halved * max(1, distill.teacher_steps // halved)}) or fewer halvings")
+    if distill.method == "consistency":
+        _check_consistency(config)
+    else:
+        _check_progressive(config)
     if mode != "distill":
         return
     _require(distill.student_steps == 0, "distill.student_steps", distill.student_steps,
@@ -284,6 +298,21 @@ def _check_distill(config: ml_collections.ConfigDict, mode: str, workdir: str) -
              "must be the workdir of a trained teacher (--mode=train --workdir=...)")
     _require(os.path.abspath(teacher) != os.path.abspath(workdir), "distill.teacher_workdir",
              teacher, "is --workdir itself; the student needs a workdir of its own")
+
+
+def _check_progressive(config: ml_collections.ConfigDict) -> None:
+    distill = config.distill
+    _choice(distill.mean_type, "distill.mean_type", STUDENT_MEAN_TYPES)
+    for name in ("teacher_steps", "num_halvings"):
+        _positive_int(distill, name, "distill")
+    total = config.diffusion.num_timesteps
+    _require(distill.teacher_steps <= total, "distill.teacher_steps", distill.teacher_steps,
+             f"must be at most config.diffusion.num_timesteps={total}")
+    halved = 2 ** distill.num_halvings
+    _require(distill.teacher_steps % halved == 0, "distill.num_halvings", distill.num_halvings,
+             f"halves config.distill.teacher_steps={distill.teacher_steps} {halved}-fold, which "
+             f"must divide it; use a teacher_steps that is a multiple of {halved} (e.g. "
+             f"{halved * max(1, distill.teacher_steps // halved)}) or fewer halvings")
 
 
 def validate_config(config: ml_collections.ConfigDict, mode: str, workdir: str) -> None:

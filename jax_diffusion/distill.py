@@ -1,18 +1,32 @@
-"""--mode=distill: progressive distillation (Salimans & Ho 2022) of a trained model into a
-few-step deterministic DDIM sampler.
+"""--mode=distill: few-step students of a trained model, by progressive distillation (Salimans &
+Ho 2022) or consistency distillation (Song et al. 2023). One loop (`distill`) runs either; what
+differs is a row of the method table `METHODS`.
 
-The teacher is the EMA weights of the latest checkpoint in config.distill.teacher_workdir,
-sampled by DDIM (eta 0) with config.distill.teacher_steps steps on the trailing grid
-(schedules.trailing_timesteps). Each of config.distill.num_halvings stages trains a
-student, initialised from its teacher, to take in ONE step what its teacher takes in two
-(distill_targets.progressive_target, x-space loss weighted by max(SNR, 1)), with the
+The teacher is the EMA weights of the latest checkpoint in config.distill.teacher_workdir. A
+class-conditional teacher is distilled with the guidance scale config.sample.guidance_scale
+baked in: the student takes the label and no w.
+
+progressive: the teacher is sampled by DDIM (eta 0) with config.distill.teacher_steps steps on
+the trailing grid (schedules.trailing_timesteps). Each of config.distill.num_halvings stages
+trains a student, initialised from its teacher, to take in ONE step what its teacher takes in
+two (distill_targets.progressive_target, x-space loss weighted by max(SNR, 1)), with the
 parametrisation config.distill.mean_type and a fresh optimizer; the stage's EMA student is the
-next stage's teacher. A class-conditional teacher is distilled with the guidance scale
-config.sample.guidance_scale baked in: the student takes the label and no w.
+next stage's teacher.
+
+consistency: one stage of config.distill.steps_per_stage steps trains the consistency model
+f(x, sigma) = c_skip x + c_out F (consistency.py; F is the teacher's network and head, the
+student starts as the teacher) so that f at a level t_{n+1} of the grid
+distill_targets.consistency_timesteps (config.distill.num_scales levels) matches f of the
+target network theta^- at the teacher's one ODE step (config.distill.solver: Heun or Euler =
+DDIM) to the level t_n below, under the pseudo-Huber distance. theta^- is the EMA of the
+student with decay config.distill.target_decay (mu; 0: the student itself under stop_gradient,
+the paper's CIFAR-10 setting), kept in the optimizer state; the sampled student is the EMA with
+config.distill.ema_decay, as in progressive. Sampled by the multistep consistency sampler with
+any config.sample.num_steps (consistency.sample).
 
 Checkpoints are ordinary training checkpoints in `workdir` at a global step (stage s ends at
 (s + 1) * steps_per_stage; those are never deleted, so every stage's student stays). Each
-records as its config the sampler the student needs (sample.method 'ddim', eta 0, num_steps,
+records as its config the sampler the student needs (sample.method, eta 0, num_steps, schedule,
 guidance 1, diffusion.mean_type and distill.student_steps), which `sampling.student_config`
 reads for --mode=sample and --mode=eval. Batches, seed, gradient clipping, logging and
 checkpoint intervals come from config.train; SIGTERM and NaN are handled as in training, and a
@@ -20,8 +34,10 @@ resumed run repeats the uninterrupted one bitwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,7 +45,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jax_diffusion import checkpoints, data, distill_targets, parallel, samplers, sampling
+from jax_diffusion import (checkpoints, consistency, data, distill_targets, parallel, samplers,
+                           sampling)
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion, mean_flat
 from jax_diffusion.errors import CheckpointError, ConfigError
 from jax_diffusion.metric_window import MetricWindow
@@ -126,8 +143,8 @@ def make_distill_step(config: ml_collections.ConfigDict, model: nn.Module,
             jnp.asarray(alphas_cumprod, jnp.float32)[t])
 
         def loss_fn(params):
-            output = model.apply({"params": params}, x_t, t, labels, train=True,
-                                 rngs={"dropout": dropout_key})
+            output = model.apply({"params": params}, x_t, student_diffusion.timesteps_for_model(t),
+                                 labels, train=True, rngs={"dropout": dropout_key})
             x0 = student_diffusion.p_mean_variance(None, x_t, t, clip_denoised=False,
                                                    model_output=output)["pred_xstart"]
             return jnp.mean(weight * mean_flat((x0 - target) ** 2))
@@ -139,6 +156,149 @@ def make_distill_step(config: ml_collections.ConfigDict, model: nn.Module,
                            "finite": finite.astype(jnp.float32)}
 
     return jit_steps(one_step, mesh, config.train.step_loop, num_inputs=1)
+
+
+class TargetNetwork(NamedTuple):
+    """Optimizer state of `target_network`: the parameters theta^- of the target network."""
+    params: Any
+
+
+def target_network(decay: float) -> optax.GradientTransformation:
+    """Passes the updates on and keeps theta^- <- decay theta^- + (1 - decay) theta in its state
+    (Song et al. 2023, Alg. 2), theta being the updated student: last in a chain, params +
+    updates is it. In the optimizer state, so checkpoints, resume and the skip of non-finite
+    steps cover it as they cover Adam's moments."""
+
+    def init(params) -> TargetNetwork:
+        return TargetNetwork(jax.tree.map(jnp.copy, params))
+
+    def update(updates, state: TargetNetwork, params=None):
+        new_params = optax.apply_updates(params, updates)
+        return updates, TargetNetwork(optax.incremental_update(new_params, state.params,
+                                                               1.0 - decay))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _consistency_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The progressive optimizer, then the target network when target_decay > 0 (at 0 the
+    target network is the student itself and nothing is stored)."""
+    if config.distill.target_decay == 0:
+        return _optimizer(config)
+    return optax.chain(_optimizer(config), target_network(config.distill.target_decay))
+
+
+def target_params(config: ml_collections.ConfigDict, state: TrainState):
+    """theta^- of a consistency distillation state."""
+    if config.distill.target_decay == 0:
+        return state.params
+    return state.opt_state[-1].params
+
+
+def make_consistency_step(config: ml_collections.ConfigDict, model: nn.Module,
+                          tx: optax.GradientTransformation, mesh) -> Callable:
+    """jit(state, teacher_params, batches) -> (state, metrics) of consistency distillation
+    (Song et al. 2023, Alg. 2): per example a level n of the grid, x at t_{n+1} from the data,
+    x' = the teacher's ODE step to t_n, loss d(f_theta(x, t_{n+1}), f_theta^-(x', t_n)) with
+    the pseudo-Huber d and uniform weights. The student and the target network see the same
+    dropout mask (as the reference implementations run them)."""
+    diffusion = create_diffusion(config.diffusion)   # the teacher's head, the student's too
+    alphas_cumprod = diffusion.alphas_cumprod
+    distill_config = config.distill
+    grid = jnp.asarray(distill_targets.consistency_timesteps(
+        diffusion.betas, distill_config.num_scales, distill_config.sigma_max), jnp.int32)
+    ode_step = distill_targets.ODE_STEPS[distill_config.solver]
+    num_classes = config.model.num_classes
+
+    def one_step(state: TrainState, teacher_params, batch: dict):
+        x_start = batch["image"]
+        labels = batch["label"] if num_classes > 0 else None
+        key = jax.random.fold_in(state.rng, state.step)
+        index_key, noise_key, dropout_key = jax.random.split(key, 3)
+        n = jax.random.randint(index_key, (x_start.shape[0],), 0, len(grid) - 1)
+        t_high, t_low = grid[n + 1], grid[n]
+        x_high = diffusion.q_sample(x_start, t_high, jax.random.normal(noise_key, x_start.shape))
+        teacher_x0 = teacher_x0_fn(model, diffusion, teacher_params, labels, config)
+        x_low = ode_step(teacher_x0, x_high, t_high, t_low, alphas_cumprod)
+
+        def consistency_fn(params, x, t):
+            output = model.apply({"params": params}, x, diffusion.timesteps_for_model(t),
+                                 labels, train=True, rngs={"dropout": dropout_key})
+            return consistency.consistency_output(diffusion, distill_config.sigma_data, x, t,
+                                                  output)
+
+        target = jax.lax.stop_gradient(
+            consistency_fn(target_params(config, state), x_low, t_low))
+
+        def loss_fn(params):
+            difference = consistency_fn(params, x_high, t_high) - target
+            return jnp.mean(distill_targets.pseudo_huber(difference))
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        new_state, grad_norm, finite = apply_if_finite(state, grads, loss, tx,
+                                                       distill_config.ema_decay)
+        return new_state, {"loss": loss, "grad_norm": grad_norm,
+                           "finite": finite.astype(jnp.float32)}
+
+    return jit_steps(one_step, mesh, config.train.step_loop, num_inputs=1)
+
+
+def consistency_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config a consistency student's checkpoints record: the multistep consistency sampler
+    on the trailing grid, 1 step unless config.sample.num_steps asks for more
+    (`sampling.student_config`), guidance distilled in."""
+    record = ml_collections.ConfigDict(config.to_dict())
+    record.sample.method = consistency.SAMPLER
+    record.sample.eta = 0.0
+    record.sample.num_steps = 1
+    record.sample.schedule = "trailing"
+    record.sample.guidance_scale = 1.0
+    record.distill.student_steps = 1
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What a distillation method gives the shared loop: its stage count, optimizer, compiled
+    step of a stage (jit(state, teacher, batches)), the config a stage's checkpoints record, a
+    log line for a stage, and the distill keys a resumed run must keep."""
+    num_stages: Callable[[ml_collections.ConfigDict], int]
+    optimizer: Callable[[ml_collections.ConfigDict], optax.GradientTransformation]
+    make_step: Callable[..., Callable]        # (config, model, tx, mesh, stage)
+    record: Callable[[ml_collections.ConfigDict, int], ml_collections.ConfigDict]
+    describe: Callable[[ml_collections.ConfigDict, int], str]
+    run_keys: tuple[str, ...]
+
+
+def _progressive_step(config, model, tx, mesh, stage: int) -> Callable:
+    teacher_mean_type = config.diffusion.mean_type if stage == 0 else config.distill.mean_type
+    return make_distill_step(config, model, tx, mesh, student_steps_of_stage(config, stage),
+                             teacher_mean_type)
+
+
+# Keys: the values of config.distill.method.
+METHODS: dict[str, Method] = {
+    "progressive": Method(
+        num_stages=lambda config: config.distill.num_halvings,
+        optimizer=_optimizer,
+        make_step=_progressive_step,
+        record=lambda config, stage: stage_config(config, student_steps_of_stage(config, stage)),
+        describe=lambda config, stage: (
+            f"a {student_steps_of_stage(config, stage)}-step student from a "
+            f"{2 * student_steps_of_stage(config, stage)}-step teacher"),
+        run_keys=("teacher_steps", "steps_per_stage", "mean_type")),
+    "consistency": Method(
+        num_stages=lambda config: 1,
+        optimizer=_consistency_optimizer,
+        make_step=lambda config, model, tx, mesh, stage: make_consistency_step(config, model,
+                                                                               tx, mesh),
+        record=lambda config, stage: consistency_config(config),
+        describe=lambda config, stage: (
+            f"a consistency model on {config.distill.num_scales} levels, teacher "
+            f"{config.distill.solver} steps"),
+        run_keys=("steps_per_stage", "num_scales", "sigma_max", "sigma_data", "solver",
+                  "target_decay")),
+}
 
 
 def load_teacher(config: ml_collections.ConfigDict, model: nn.Module, mesh):
@@ -174,12 +334,9 @@ def load_teacher(config: ml_collections.ConfigDict, model: nn.Module, mesh):
     return params
 
 
-# distill keys a resumed run must keep: they fix the stages and what the checkpoints hold.
-_RUN_KEYS = ("teacher_steps", "steps_per_stage", "mean_type")
-
-
 def _check_same_run(config: ml_collections.ConfigDict, recorded: dict) -> None:
-    for key in _RUN_KEYS:
+    """distill keys a resumed run must keep: they fix the stages and what the checkpoints hold."""
+    for key in ("method",) + METHODS[config.distill.method].run_keys:
         have = recorded.get("distill", {}).get(key)
         if have != config.distill[key]:
             raise ConfigError(
@@ -204,10 +361,12 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     mesh = parallel.create_mesh()
     parallel.check_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     distill_config = config.distill
+    method = METHODS[distill_config.method]
     per_stage = distill_config.steps_per_stage
-    num_steps = distill_config.num_halvings * per_stage
+    num_stages = method.num_stages(config)
+    num_steps = num_stages * per_stage
     model = create_model(config.model)
-    tx = _optimizer(config)
+    tx = method.optimizer(config)
     original_teacher = load_teacher(config, model, mesh)
     iterator = data.create_train_iterator(config, seed=config.train.seed,
                                           process_index=jax.process_index(),
@@ -215,6 +374,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     manager = checkpoints.create_manager(workdir, config.train.max_to_keep,
                                          keep_period=per_stage)
     template = abstract_train_state(config, model)
+    template = template.replace(opt_state=jax.eval_shape(tx.init, template.params))
     if manager.latest_step() is None:
         rng = jax.random.key_data(jax.random.PRNGKey(config.train.seed))
         state = TrainState(step=jnp.zeros((), jnp.int32), params=original_teacher,
@@ -257,16 +417,11 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 teacher = original_teacher if stage == 0 else checkpoints.restore_params(
                     manager, stage * per_stage, template, parallel.replicated(mesh))
             if step_fn is None or step_fn_stage != stage:
-                student_steps = student_steps_of_stage(config, stage)
-                teacher_mean_type = (config.diffusion.mean_type if stage == 0
-                                     else distill_config.mean_type)
-                step_fn = make_distill_step(config, model, tx, mesh, student_steps,
-                                            teacher_mean_type)
+                step_fn = method.make_step(config, model, tx, mesh, stage)
                 step_fn_stage = stage
-                record = stage_config(config, student_steps)
-                logging.info("Stage %d of %d: a %d-step student from a %d-step teacher",
-                             stage + 1, distill_config.num_halvings, student_steps,
-                             2 * student_steps)
+                record = method.record(config, stage)
+                logging.info("Stage %d of %d: %s", stage + 1, num_stages,
+                             method.describe(config, stage))
             local = next(iterator)
             batches = parallel.global_batch({k: v[None] for k, v in local.items()}, mesh,
                                             leading_axes=1)
@@ -298,7 +453,4 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 def run_distill(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=distill."""
-    if config.distill.method != "progressive":
-        raise ConfigError(f"config.distill.method={config.distill.method!r} is not implemented "
-                          f"yet; use 'progressive'")
     distill(config, workdir)

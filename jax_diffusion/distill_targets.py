@@ -1,6 +1,7 @@
 """The pure math of distillation: step grids, the DDIM step, the progressive-distillation target
-and its loss weight (Salimans & Ho 2022, Algorithm 2), and the consistency-distillation target
-(Song et al. 2023, Algorithm 2), on a discrete-time diffusion.
+and its loss weight (Salimans & Ho 2022, Algorithm 2), and the teacher's ODE step, grid and
+distance of consistency distillation (Song et al. 2023, Algorithm 2), on a discrete-time
+diffusion.
 
 Conventions: x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(abar_t), sigma_t =
 sqrt(1 - abar_t); abar arrays here are per example [B], and abar = 1 stands for the clean end
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion.schedules import trailing_timesteps
+from jax_diffusion.schedules import step_timesteps, trailing_timesteps
 
 # x0_fn(x_t, original timesteps [B]) -> the (clipped) data prediction of the teacher.
 X0Fn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -71,3 +72,73 @@ def stage_timesteps(num_timesteps: int, student_steps: int, index: jax.Array
     padded = jnp.concatenate([jnp.full((1,), -1, jnp.int32), grid])  # padded[k + 1] = grid[k]
     return padded[2 * index + 2], padded[2 * index + 1], padded[2 * index]
 
+
+
+# ---------------------------------------------------------------- consistency distillation
+def _eps(x: jax.Array, x0: jax.Array, abar: jax.Array) -> jax.Array:
+    a = _broadcast(abar, x)
+    return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
+
+
+def euler_step(teacher_x0: X0Fn, x: jax.Array, t_from: jax.Array, t_to: jax.Array,
+               alphas_cumprod: np.ndarray) -> jax.Array:
+    """One Euler step of the probability-flow ODE in sigma = sqrt((1 - abar) / abar) from
+    t_from to t_to (original timesteps [B]), which is one DDIM (eta 0) step."""
+    table = jnp.asarray(alphas_cumprod, x.dtype)
+    return ddim_step(x, teacher_x0(x, t_from), table[t_from], table[t_to])
+
+
+def heun_step(teacher_x0: X0Fn, x: jax.Array, t_from: jax.Array, t_to: jax.Array,
+              alphas_cumprod: np.ndarray) -> jax.Array:
+    """One Heun step of the probability-flow ODE in sigma from t_from to t_to (Karras et al.
+    2022, Alg. 1 lines 5-7; the teacher step of consistency distillation). In EDM variables
+    the slope d = (x_sigma - D) / sigma is the eps of the VP state, so with DDIM steps:
+
+        x'  = DDIM(x, D(x, t_from), t_from -> t_to)                          (Euler)
+        e   = (eps(x, t_from) + eps(x', t_to)) / 2                           (mean slope)
+        x_to = DDIM(x, x0 = (x - sqrt(1 - abar_from) e) / sqrt(abar_from), t_from -> t_to)
+    """
+    table = jnp.asarray(alphas_cumprod, x.dtype)
+    abar_from, abar_to = table[t_from], table[t_to]
+    x0 = teacher_x0(x, t_from)
+    x_euler = ddim_step(x, x0, abar_from, abar_to)
+    slope = 0.5 * (_eps(x, x0, abar_from)
+                   + _eps(x_euler, teacher_x0(x_euler, t_to), abar_to))
+    a_from = _broadcast(abar_from, x)
+    return ddim_step(x, (x - jnp.sqrt(1.0 - a_from) * slope) / jnp.sqrt(a_from), abar_from,
+                     abar_to)
+
+
+# The teacher's ODE step of consistency distillation: the values of config.distill.solver.
+ODE_STEPS = {"heun": heun_step, "euler": euler_step}
+
+
+def consistency_timesteps(betas: np.ndarray, num_scales: int, sigma_max: float) -> np.ndarray:
+    """The num_scales levels (ascending original timesteps) consistency distillation trains on:
+    t = T - 1, where sampling starts, and below it Karras-spaced levels (rho 7) from sigma_min
+    = sigma_0 to the last timestep with sigma <= sigma_max, each the timestep nearest in log
+    sigma (`step_timesteps` 'karras' on that head of the chain); all num_scales Karras-spaced
+    when sigma_{T-1} <= sigma_max. A cosine schedule reaches sigma 2e4 at T - 1: without the cap
+    most levels would be pure noise."""
+    betas = np.asarray(betas, dtype=np.float64)
+    abar = np.cumprod(1.0 - betas)
+    sigma = np.sqrt((1.0 - abar) / abar)
+    total = len(betas)
+    head = int(np.searchsorted(sigma, sigma_max, side="right"))  # timesteps with sigma <= max
+    if num_scales < 3 or head < num_scales - 1:
+        raise ValueError(f"num_scales={num_scales} levels need num_scales >= 3 and at least "
+                         f"num_scales - 1 timesteps with sigma <= sigma_max={sigma_max} "
+                         f"(there are {head})")
+    if head >= total:
+        return step_timesteps("karras", total, num_scales, betas)
+    return np.append(step_timesteps("karras", head, num_scales - 1, betas[:head]), total - 1)
+
+
+def pseudo_huber(difference: jax.Array) -> jax.Array:
+    """sqrt(||d||^2 + c^2) - c per example [B], c = 0.00054 sqrt(dim) (Song & Dhariwal 2023,
+    "Improved techniques for training consistency models"): the L2 norm for large errors, so
+    a few far-off examples do not dominate as under the squared error, and smooth at 0."""
+    dim = int(np.prod(difference.shape[1:]))
+    c = 0.00054 * np.sqrt(dim)
+    squared = jnp.sum(difference.reshape(difference.shape[0], -1) ** 2, axis=1)
+    return jnp.sqrt(squared + c ** 2) - c

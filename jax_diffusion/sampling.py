@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion import checkpoints, images, parallel, samplers
+from jax_diffusion import checkpoints, consistency, images, parallel, samplers
 from jax_diffusion.diffusion import check_trained_with
 from jax_diffusion.train_state import abstract_train_state
 
@@ -44,7 +44,10 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, mesh,
         else:
             y = labels if num_classes > 0 else None
             model_fn = lambda x, t: conditional(x, t, y)  # noqa: E731
-        x0 = samplers.sample_from_config(model_fn, config, shape, key)
+        if sample_config.method == consistency.SAMPLER:   # a consistency student's record
+            x0 = consistency.sample_from_config(model_fn, config, shape, key)
+        else:
+            x0 = samplers.sample_from_config(model_fn, config, shape, key)
         return images.to_uint8(x0)
 
     batch = parallel.batch_sharded(mesh)
@@ -107,15 +110,20 @@ def student_config(config: ml_collections.ConfigDict, workdir: str
     it as its checkpoint records: its parametrisation, sampler, eta, step count and guidance,
     whatever config.sample says for teachers. With several stages kept, the stage whose step
     count is config.sample.num_steps is chosen, else the last one (config.sample.checkpoint_step
-    >= 0 picks one directly)."""
+    >= 0 picks one directly). A consistency student (one stage) samples with
+    config.sample.num_steps steps when that is below its distill.num_scales (the levels it was
+    trained on), else with the steps it records (1)."""
     manager = checkpoints.create_manager(workdir, read_only=True)
     if not manager.all_steps():
         return config  # restore_for_sampling names the problem
     latest = checkpoints.restore_config(manager, manager.latest_step())
     if not latest.get("distill", {}).get("student_steps", 0):
         return config
+    num_steps = config.sample.num_steps
     if config.sample.checkpoint_step >= 0:
         step = checkpoints.select_step(manager, config.sample.checkpoint_step)
+    elif latest["sample"]["method"] == consistency.SAMPLER:
+        step = manager.latest_step()
     else:
         per_stage = latest["distill"]["steps_per_stage"]
         stages = {checkpoints.restore_config(manager, s)["distill"]["student_steps"]: s
@@ -131,7 +139,17 @@ def student_config(config: ml_collections.ConfigDict, workdir: str
     for key in ("method", "eta", "num_steps", "schedule", "guidance_scale"):
         effective.sample[key] = record["sample"][key]
     effective.sample.checkpoint_step = step
-    effective.distill.student_steps = record["distill"]["student_steps"]
+    for key, value in record["distill"].items():   # the method and its parametrisation
+        if key in effective.distill:
+            effective.distill[key] = value
+    if effective.sample.method == consistency.SAMPLER:
+        if 1 <= num_steps < effective.distill.num_scales:
+            effective.sample.num_steps = num_steps
+        else:
+            logging.info("%s holds a consistency model trained on %d levels; "
+                         "config.sample.num_steps=%d is not below that: sampling with %d",
+                         workdir, effective.distill.num_scales, num_steps,
+                         effective.sample.num_steps)
     logging.info("Distilled student: checkpoint %d, %s with %d steps, eta %g", step,
                  effective.sample.method, effective.sample.num_steps, effective.sample.eta)
     return effective

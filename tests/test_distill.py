@@ -48,15 +48,23 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+# Consistency distillation: one stage of 6 steps on a 5-level grid, the target network's EMA
+# (distill.target_decay 0.95) in the optimizer state.
+CONSISTENCY = dict(distill__method="consistency", distill__steps_per_stage=6,
+                   distill__num_scales=5)
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
 def test_distillation_resumes_bitwise_and_records_the_student(teacher_workdir, tmp_path,
-                                                              monkeypatch):
-    config = _config(teacher_workdir)
+                                                              monkeypatch, method):
+    config = _config(teacher_workdir, **(CONSISTENCY if method == "consistency" else {}))
     straight = distill.distill(config, str(tmp_path / "straight"))
     assert int(straight.step) == 6
 
     resumed_dir = str(tmp_path / "resumed")
-    # Stop inside stage 2 (step 4), then resume: stage 2's teacher comes from the kept
-    # stage-1 checkpoint (step 3), the rest from the step-4 checkpoint.
+    # Stop at step 4, then resume. Progressive: inside stage 2, whose teacher comes from the
+    # kept stage-1 checkpoint (step 3), the rest from the step-4 checkpoint. Consistency: the
+    # target network comes back from the optimizer state.
     monkeypatch.setattr(distill, "Preemption", lambda: _StopAt(4))
     stopped = distill.distill(config, resumed_dir)
     assert int(stopped.step) == 4
@@ -67,7 +75,14 @@ def test_distillation_resumes_bitwise_and_records_the_student(teacher_workdir, t
     # Negative control: the stop changed something that a broken resume would not restore.
     assert any(not np.array_equal(a, b) for a, b in zip(_leaves(stopped.params),
                                                         _leaves(resumed.params), strict=True))
+    assert os.path.exists(os.path.join(resumed_dir, "grids", "step_00000006.png"))
+    if method == "progressive":
+        _check_progressive_student(resumed_dir, teacher_workdir)
+    else:
+        _check_consistency_student(config, resumed, resumed_dir)
 
+
+def _check_progressive_student(resumed_dir, teacher_workdir):
     manager = checkpoints.create_manager(resumed_dir, read_only=True)
     assert {3, 6} <= set(manager.all_steps())  # stage ends kept despite max_to_keep=1
     for step, steps in ((3, 2), (6, 1)):
@@ -75,7 +90,6 @@ def test_distillation_resumes_bitwise_and_records_the_student(teacher_workdir, t
         assert record["sample"]["method"] == "ddim" and record["sample"]["eta"] == 0.0
         assert record["sample"]["num_steps"] == steps == record["distill"]["student_steps"]
         assert record["diffusion"]["mean_type"] == "v"
-    assert os.path.exists(os.path.join(resumed_dir, "grids", "step_00000006.png"))
 
     # The student's sampler comes from its checkpoint, whatever config.sample says.
     teacher_style = tiny_config(sample__method="ddpm", sample__eta=0.0, sample__num_steps=50)
@@ -96,6 +110,34 @@ def test_distillation_resumes_bitwise_and_records_the_student(teacher_workdir, t
     sample_fn = sampling.make_sample_fn(two, model, mesh, 8)
     images = sampling.generate_samples(sample_fn, params, np.arange(8) % 10, 8, 0, mesh)
     assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+
+
+def _check_consistency_student(config, state, resumed_dir):
+    record = checkpoints.restore_config(checkpoints.create_manager(resumed_dir, read_only=True),
+                                        6)
+    assert record["sample"]["method"] == "consistency" and record["sample"]["num_steps"] == 1
+    assert record["distill"]["student_steps"] == 1 and record["diffusion"]["mean_type"] == "v"
+    # The target network lags the student (decay 0.95), and is not the sampled EMA either.
+    target = _leaves(distill.target_params(config, state))
+    assert any(not np.array_equal(a, b) for a, b in zip(target, _leaves(state.params),
+                                                        strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(target, _leaves(state.ema_params),
+                                                        strict=True))
+    # Any step count below the grid's 5 levels is the user's; a teacher's 50 falls back to 1.
+    teacher_style = tiny_config(sample__method="ddpm", sample__num_steps=50)
+    final = sampling.student_config(teacher_style, resumed_dir)
+    assert (final.sample.method, final.sample.num_steps) == ("consistency", 1)
+    assert final.distill.method == "consistency" and final.sample.checkpoint_step == 6
+    assert sampling.student_config(tiny_config(sample__num_steps=2),
+                                   resumed_dir).sample.num_steps == 2
+    # --mode=sample on the student's workdir at 1 and 2 steps, with no other flag.
+    for steps in (1, 2):
+        result = run_main(resumed_dir, "--mode=sample", sample__num_steps=str(steps),
+                          sample__num_samples="8", sample__batch_size="8")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"with consistency, {steps} steps" in result.stderr, result.stderr[-3000:]
+        with np.load(os.path.join(resumed_dir, "samples", "samples_0.npz")) as samples:
+            assert samples["images"].shape == (8, 8, 8, 1)
 
 
 def test_the_first_stage_starts_from_the_teacher(teacher_workdir, tmp_path, monkeypatch):
@@ -124,6 +166,10 @@ def test_bad_inputs_are_one_line(tmp_path):
                                distill__teacher_workdir=str(empty), distill__teacher_steps="12",
                                distill__num_halvings="3"))
     assert "config.distill.num_halvings=3 halves config.distill.teacher_steps=12" in line, line
+    line = error_line(run_main(str(tmp_path / "student"), "--mode=distill",
+                               distill__teacher_workdir=str(empty),
+                               distill__method="consistency", distill__num_scales="3000"))
+    assert "config.distill.num_scales=3000 with config.distill.sigma_max=80.0" in line, line
 
 
 def test_a_teacher_of_another_architecture_is_one_line(teacher_workdir, tmp_path):
