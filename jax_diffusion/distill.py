@@ -45,13 +45,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jax_diffusion import (checkpoints, consistency, data, distill_targets, parallel, samplers,
-                           sampling)
+from jax_diffusion import (checkpoints, consistency, data, distill_targets, loop_events, parallel,
+                           samplers, sampling)
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion, mean_flat
 from jax_diffusion.errors import CheckpointError, ConfigError
 from jax_diffusion.metric_window import MetricWindow
 from jax_diffusion.models import create_model
-from jax_diffusion.train import Preemption
 from jax_diffusion.train_step import apply_if_finite, jit_steps
 from jax_diffusion.train_state import TrainState, abstract_train_state, create_optimizer
 
@@ -115,6 +114,25 @@ def _with_mean_type(diffusion_config: ml_collections.ConfigDict, mean_type: str
     return copy
 
 
+class _StepDraws(NamedTuple):
+    """What one distillation step draws: the batch's images and labels, each example's level
+    index in [0, num_levels), its noise and the dropout key."""
+    x_start: jax.Array
+    labels: jax.Array | None
+    index: jax.Array
+    noise: jax.Array
+    dropout_key: jax.Array
+
+
+def _draw(state: TrainState, batch: dict, num_classes: int, num_levels: int) -> _StepDraws:
+    x_start = batch["image"]
+    key = jax.random.fold_in(state.rng, state.step)
+    index_key, noise_key, dropout_key = jax.random.split(key, 3)
+    return _StepDraws(x_start, batch["label"] if num_classes > 0 else None,
+                      jax.random.randint(index_key, (x_start.shape[0],), 0, num_levels),
+                      jax.random.normal(noise_key, x_start.shape), dropout_key)
+
+
 def make_distill_step(config: ml_collections.ConfigDict, model: nn.Module,
                       tx: optax.GradientTransformation, mesh, student_steps: int,
                       teacher_mean_type: str) -> Callable:
@@ -128,14 +146,10 @@ def make_distill_step(config: ml_collections.ConfigDict, model: nn.Module,
     num_classes = config.model.num_classes
 
     def one_step(state: TrainState, teacher_params, batch: dict):
-        x_start = batch["image"]
-        labels = batch["label"] if num_classes > 0 else None
-        key = jax.random.fold_in(state.rng, state.step)
-        index_key, noise_key, dropout_key = jax.random.split(key, 3)
-        index = jax.random.randint(index_key, (x_start.shape[0],), 0, student_steps)
+        x_start, labels, index, noise, dropout_key = _draw(state, batch, num_classes,
+                                                           student_steps)
         t, t_mid, t_end = distill_targets.stage_timesteps(num_timesteps, student_steps, index)
-        x_t = teacher_diffusion.q_sample(x_start, t,
-                                         jax.random.normal(noise_key, x_start.shape))
+        x_t = teacher_diffusion.q_sample(x_start, t, noise)
         teacher_x0 = teacher_x0_fn(model, teacher_diffusion, teacher_params, labels, config)
         target = jax.lax.stop_gradient(distill_targets.progressive_target(
             teacher_x0, x_t, t, t_mid, t_end, alphas_cumprod))
@@ -211,13 +225,9 @@ def make_consistency_step(config: ml_collections.ConfigDict, model: nn.Module,
     num_classes = config.model.num_classes
 
     def one_step(state: TrainState, teacher_params, batch: dict):
-        x_start = batch["image"]
-        labels = batch["label"] if num_classes > 0 else None
-        key = jax.random.fold_in(state.rng, state.step)
-        index_key, noise_key, dropout_key = jax.random.split(key, 3)
-        n = jax.random.randint(index_key, (x_start.shape[0],), 0, len(grid) - 1)
+        x_start, labels, n, noise, dropout_key = _draw(state, batch, num_classes, len(grid) - 1)
         t_high, t_low = grid[n + 1], grid[n]
-        x_high = diffusion.q_sample(x_start, t_high, jax.random.normal(noise_key, x_start.shape))
+        x_high = diffusion.q_sample(x_start, t_high, noise)
         teacher_x0 = teacher_x0_fn(model, diffusion, teacher_params, labels, config)
         x_low = ode_step(teacher_x0, x_high, t_high, t_low, alphas_cumprod)
 
@@ -389,7 +399,6 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     step = int(state.step)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    preemption = Preemption()
     window = MetricWindow(step)
     teacher, step_fn, step_fn_stage, record = None, None, -1, None
 
@@ -406,7 +415,10 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         scalars.update(stage=step_fn_stage, student_steps=record.distill.student_steps)
         writer.write_scalars(step, scalars)
 
-    try:
+    def save() -> None:   # the current step's state, with its stage's record
+        checkpoints.save(manager, step, state, record, iterator.get_state())
+
+    with loop_events.guarded_loop(manager, writer) as preemption:
         while step < num_steps:
             stage = step // per_stage
             if step % per_stage == 0:  # a stage starts: its teacher is the previous student
@@ -431,12 +443,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             preempted = preemption.requested(step)
             stage_end = step % per_stage == 0
             at_end = step >= num_steps or preempted or stage_end
-            if (config.train.log_every and step % config.train.log_every == 0) or at_end:
-                flush_metrics()
-            if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) \
-                    or at_end:
-                flush_metrics()  # never save after a non-finite step
-                checkpoints.save(manager, step, state, record, iterator.get_state())
+            loop_events.log_and_save(config.train, step, at_end, flush_metrics, save)
             if stage_end:
                 grid = sampling.GridSampler(record, model, mesh)
                 grid.write(state.ema_params, step, workdir, writer)
@@ -444,10 +451,6 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             if preempted:
                 logging.info("Preempted: checkpoint saved at step %d", step)
                 break
-    finally:
-        preemption.restore()
-        manager.wait_until_finished()
-        writer.flush()
     return state
 
 

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import logging
-import signal
 
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
-from jax_diffusion import checkpoints, data, parallel, sampling
+from jax_diffusion import checkpoints, data, loop_events, parallel, sampling
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.metric_window import MetricWindow
@@ -36,36 +34,6 @@ def run_length(config: ml_collections.ConfigDict) -> int:
                           f"({per_epoch} per epoch), which must be a multiple of "
                           f"config.train.steps_per_jit={train.steps_per_jit}")
     return length
-
-
-class Preemption:
-    """SIGTERM (the preemption notice of TPU VMs, SLURM and Kubernetes) as a stop request that
-    the loop checks between steps, at the same step on every process.
-
-    One process: a Python handler sets a flag. Several: JAX's preemption service (started by
-    jax.distributed) catches SIGTERM, and `reached_preemption_sync_point` turns true at one
-    common step on all processes, so they save the same checkpoint together; a process that
-    stopped alone would leave the others waiting in a collective."""
-
-    def __init__(self):
-        self._flag = False
-        self._multi_process = jax.process_count() > 1
-        if not self._multi_process:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self._flag = True
-
-    def requested(self, step: int) -> bool:
-        """Whether to save and stop after `step`; called once per step on every process."""
-        if self._multi_process:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._flag
-
-    def restore(self):
-        if not self._multi_process:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -101,7 +69,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     train_step = make_train_step(config, model, diffusion, tx, mesh)
     grid_sampler = (sampling.GridSampler(config, model, mesh) if config.train.sample_every
                     else None)
-    preemption = Preemption()
     window = MetricWindow(step)
     last_saved = f"step {step}" if step else "none yet"
 
@@ -121,7 +88,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                        eta_min=(num_steps - step) / max(steps_per_s, 1e-9) / 60.0)
         writer.write_scalars(step, scalars)
 
-    try:
+    def save() -> None:
+        nonlocal last_saved
+        checkpoints.save(manager, step, state, config, iterator.get_state())
+        last_saved = f"step {step}"
+
+    with loop_events.guarded_loop(manager, writer) as preemption:
         while step < num_steps:
             state, metrics = train_step(state, next_batches(iterator, k, mesh))
             step += k
@@ -129,23 +101,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             # Read the flag once: SIGTERM may arrive while this step is being logged or saved,
             # and "stop" must then wait for the next step's save, not skip this one's.
             preempted = preemption.requested(step)
-            at_end = step >= num_steps or preempted
-            if (config.train.log_every and step % config.train.log_every == 0) or at_end:
-                flush_metrics()
-            if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) \
-                    or at_end:
-                flush_metrics()  # never save after a non-finite step
-                checkpoints.save(manager, step, state, config, iterator.get_state())
-                last_saved = f"step {step}"
+            loop_events.log_and_save(config.train, step, step >= num_steps or preempted,
+                                     flush_metrics, save)
             if grid_sampler and step % config.train.sample_every == 0:
                 grid_sampler.write(state.ema_params, step, workdir, writer)
             if preempted:
                 logging.info("Preempted: checkpoint saved at step %d", step)
                 break
-    finally:
-        preemption.restore()
-        manager.wait_until_finished()
-        writer.flush()
     return state
 
 

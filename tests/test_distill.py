@@ -8,7 +8,7 @@ import pytest
 from cli_helpers import error_line, run_main
 from tiny_config import tiny_config
 
-from jax_diffusion import checkpoints, distill, parallel, sampling, train
+from jax_diffusion import checkpoints, distill, loop_events, parallel, sampling, train
 from jax_diffusion.models import create_model
 from jax_diffusion.train_state import abstract_train_state
 
@@ -65,7 +65,7 @@ def test_distillation_resumes_bitwise_and_records_the_student(teacher_workdir, t
     # Stop at step 4, then resume. Progressive: inside stage 2, whose teacher comes from the
     # kept stage-1 checkpoint (step 3), the rest from the step-4 checkpoint. Consistency: the
     # target network comes back from the optimizer state.
-    monkeypatch.setattr(distill, "Preemption", lambda: _StopAt(4))
+    monkeypatch.setattr(loop_events, "Preemption", lambda: _StopAt(4))
     stopped = distill.distill(config, resumed_dir)
     assert int(stopped.step) == 4
     monkeypatch.undo()
@@ -147,7 +147,7 @@ def test_the_first_stage_starts_from_the_teacher(teacher_workdir, tmp_path, monk
     mesh = parallel.create_mesh()
     teacher = distill.load_teacher(config, create_model(config.model), mesh)
     for lr, same in ((1e-30, True), (1e-3, False)):
-        monkeypatch.setattr(distill, "Preemption", lambda: _StopAt(1))
+        monkeypatch.setattr(loop_events, "Preemption", lambda: _StopAt(1))
         state = distill.distill(_config(teacher_workdir, distill__lr=lr),
                                 str(tmp_path / f"lr{lr}"))
         equal = all(np.array_equal(a, b) for a, b in zip(_leaves(state.params),
