@@ -151,6 +151,7 @@ def get_config() -> ml_collections.ConfigDict:
     distill.lr = 1e-4                    # constant AdamW learning rate, fresh optimizer each stage
     distill.ema_decay = 0.999            # EMA of the student; the EMA is the next stage's teacher
     distill.mean_type = "v"              # progressive student: "v" | "x0" (eps fails at 1 step)
+    distill.guidance_scale = 1.0         # the teacher's classifier-free guidance w, distilled in
     # Consistency distillation (consistency.py): f = c_skip x + c_out F, F the teacher's network.
     distill.num_scales = 18              # N levels of the training grid (the paper's CIFAR-10 18)
     distill.sigma_max = 80.0             # Karras levels up to this sigma (EDM's), plus t = T - 1

@@ -285,6 +285,11 @@ def _check_distill(config: ml_collections.ConfigDict, mode: str, workdir: str) -
     _positive_int(distill, "student_steps", "distill", minimum=0)
     _require(distill.lr > 0, "distill.lr", distill.lr, "must be > 0")
     _fraction(distill.ema_decay, "distill.ema_decay", 0.0, 1.0, high_open=True)
+    _require(distill.guidance_scale >= 0, "distill.guidance_scale", distill.guidance_scale,
+             "must be >= 0 (1 = no guidance)")
+    if distill.guidance_scale != 1.0:
+        _require(config.model.num_classes > 0, "distill.guidance_scale", distill.guidance_scale,
+                 "needs a class-conditional teacher (config.model.num_classes > 0); use 1")
     if distill.method == "consistency":
         _check_consistency(config)
     else:

@@ -3,8 +3,8 @@ Ho 2022) or consistency distillation (Song et al. 2023). One loop (`distill`) ru
 differs is a row of the method table `METHODS`.
 
 The teacher is the EMA weights of the latest checkpoint in config.distill.teacher_workdir. A
-class-conditional teacher is distilled with the guidance scale config.sample.guidance_scale
-baked in: the student takes the label and no w.
+class-conditional teacher is distilled with the guidance scale config.distill.guidance_scale
+baked in: the student takes the label and no w (its sampler runs unguided).
 
 progressive: the teacher is sampled by DDIM (eta 0) with config.distill.teacher_steps steps on
 the trailing grid (schedules.trailing_timesteps). Each of config.distill.num_halvings stages
@@ -87,10 +87,10 @@ def _optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformatio
 def teacher_x0_fn(model: nn.Module, diffusion: GaussianDiffusion, params, labels,
                   config: ml_collections.ConfigDict) -> distill_targets.X0Fn:
     """x0_fn(x, original timesteps) of the teacher as its sampler sees it: guided with
-    config.sample.guidance_scale for a class-conditional model, clipped per
+    config.distill.guidance_scale for a class-conditional model, clipped per
     config.sample.clip_denoised. `diffusion` is the full T-step one in the teacher's
     parametrisation, so its indices are the original timesteps."""
-    num_classes, scale = config.model.num_classes, config.sample.guidance_scale
+    num_classes, scale = config.model.num_classes, config.distill.guidance_scale
 
     def conditional(x, t, y):
         return model.apply({"params": params}, x, t, y, train=False)

@@ -159,3 +159,16 @@ def test_reference_stats_of_another_fid_convention_are_refused(tmp_path):
     config.eval.inception_preprocess = "tf1"
     with pytest.raises(ConfigError, match="inception_preprocess='pytorch_fid'.*not comparable"):
         validate_config(config, "eval", str(tmp_path / "w"))
+
+
+def test_distilled_guidance_needs_a_class_conditional_teacher(tmp_path):
+    from jax_diffusion.config_validation import validate_config
+    config = load_config_file(os.path.join(ROOT, "configs", "digits.py"))
+    config.distill.guidance_scale = 1.5
+    validate_config(config, "train", str(tmp_path / "w"))   # digits is class-conditional
+    config.model.num_classes, config.train.label_dropout = 0, 0.0
+    with pytest.raises(ConfigError, match=r"config.distill.guidance_scale=1.5 .*class-conditional"):
+        validate_config(config, "train", str(tmp_path / "w"))
+    config.distill.guidance_scale = -1.0
+    with pytest.raises(ConfigError, match=r"config.distill.guidance_scale=-1.0 must be >= 0"):
+        validate_config(config, "train", str(tmp_path / "w"))

@@ -131,3 +131,39 @@ def test_target_of_the_exact_denoiser_on_one_gaussian_is_its_posterior_mean():
 def test_truncated_snr_weight():
     abar = jnp.array([0.0, 0.25, 0.5, 0.8])
     np.testing.assert_allclose(distill_targets.truncated_snr_weight(abar), [1, 1, 1, 4], rtol=1e-6)
+
+
+def test_the_teacher_is_guided_with_distill_guidance_scale():
+    """The teacher's x0 is uncond + w (cond - uncond) with w = distill.guidance_scale (x0 is
+    linear in the network's output when not clipped), whatever sample.guidance_scale says."""
+    from tiny_config import tiny_config
+
+    from jax_diffusion import distill
+    from jax_diffusion.diffusion import create_diffusion
+    from jax_diffusion.models import create_model
+
+    # AdaGN: with DDPM's bias-before-GroupNorm the tiny model's 32 channels (one per group)
+    # erase the label's embedding entirely.
+    config = tiny_config(model__use_scale_shift_norm=True, sample__guidance_scale=1.0,
+                         sample__clip_denoised=False)
+    model = create_model(config.model)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    t = jnp.array([10, 300, 700, 999])
+    labels = jnp.array([0, 3, 7, 9])
+    params = model.init(jax.random.key(1), x, t, labels, train=False)["params"]
+    # The output convolution starts at zero: perturb every weight so the output depends on y.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree.unflatten(treedef, [leaf + 0.1 * jax.random.normal(key, leaf.shape)
+                                          for leaf, key in zip(leaves, keys, strict=True)])
+    diffusion = create_diffusion(config.diffusion)
+
+    def x0_with(scale, y):
+        config.distill.guidance_scale = scale
+        return np.asarray(distill.teacher_x0_fn(model, diffusion, params, y, config)(x, t))
+
+    guided = x0_with(2.5, labels)
+    cond = x0_with(1.0, labels)
+    uncond = x0_with(1.0, jnp.full_like(labels, config.model.num_classes))   # the null label
+    np.testing.assert_allclose(guided, uncond + 2.5 * (cond - uncond), rtol=1e-4, atol=1e-4)
+    assert np.abs(guided - cond).max() > 1e-2   # negative control: guidance changes the target
