@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 import pytest
 from matplotlib.image import imread
 
@@ -58,8 +59,13 @@ def test_write_sweep_table_and_plot(tmp_path):
 
 
 def test_plot_has_one_line_per_sampler_against_log_nfe():
-    axes = sweep_figure(ROWS, "digits_accuracy").axes[0]
+    figure = sweep_figure(ROWS, "digits_accuracy")
+    FigureCanvasAgg(figure)
+    axes = figure.axes[0]
     assert axes.get_xscale() == "log"
+    figure.canvas.draw()
+    shown = [label.get_text() for label in axes.get_xticklabels() if label.get_visible()]
+    assert {"10", "20", "50"} <= set(shown), shown
     lines = {line.get_label(): line for line in axes.get_lines()}
     assert sorted(lines) == ["ddim", "edm_heun"]
     np.testing.assert_array_equal(lines["ddim"].get_xdata(), [10, 50])

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
 
 from jax_diffusion import samplers
 from jax_diffusion.errors import ConfigError
@@ -85,6 +86,10 @@ def sweep_figure(rows: Sequence[Mapping], metric_name: str) -> Figure:
         axes.plot([nfe for nfe, _ in points], [value for _, value in points], marker="o",
                   label=method)
     axes.set_xscale("log")
+    # Ticks at 1, 2, 5, 10, 20, 50, ... labelled as plain numbers (not 2x10^1).
+    axes.xaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(ScalarFormatter())
+    axes.xaxis.set_minor_locator(NullLocator())
     values = np.array([row[metric_name] for row in rows], dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size and values.min() > 0 and values.max() > LOG_QUALITY_AXIS_ABOVE * values.min():
