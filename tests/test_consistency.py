@@ -148,6 +148,7 @@ def test_consistency_target_is_the_teachers_ode_step(schedule, solver):
         assert np.max(np.abs(np.asarray(wrong) - reference)) > 1e-3 * scale
 
 
+@pytest.mark.slow   # a cross-check of the float64 test above, through the samplers' own steps
 @pytest.mark.parametrize("solver", ["heun", "euler"])
 def test_the_ode_step_is_the_samplers_step(solver):
     """The same steps by the project's samplers (another code path): edm_heun's first Heun step

@@ -133,6 +133,7 @@ def test_truncated_snr_weight():
     np.testing.assert_allclose(distill_targets.truncated_snr_weight(abar), [1, 1, 1, 4], rtol=1e-6)
 
 
+@pytest.mark.slow   # compiles the U-Net three times
 def test_the_teacher_is_guided_with_distill_guidance_scale():
     """The teacher's x0 is uncond + w (cond - uncond) with w = distill.guidance_scale (x0 is
     linear in the network's output when not clipped), whatever sample.guidance_scale says."""
@@ -150,7 +151,7 @@ def test_the_teacher_is_guided_with_distill_guidance_scale():
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
     t = jnp.array([10, 300, 700, 999])
     labels = jnp.array([0, 3, 7, 9])
-    params = model.init(jax.random.key(1), x, t, labels, train=False)["params"]
+    params = jax.jit(lambda: model.init(jax.random.key(1), x, t, labels, train=False))()["params"]
     # The output convolution starts at zero: perturb every weight so the output depends on y.
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(2), len(leaves))
@@ -159,8 +160,9 @@ def test_the_teacher_is_guided_with_distill_guidance_scale():
     diffusion = create_diffusion(config.diffusion)
 
     def x0_with(scale, y):
-        config.distill.guidance_scale = scale
-        return np.asarray(distill.teacher_x0_fn(model, diffusion, params, y, config)(x, t))
+        config.distill.guidance_scale = scale   # read when traced
+        x0 = jax.jit(lambda p, y: distill.teacher_x0_fn(model, diffusion, p, y, config)(x, t))
+        return np.asarray(x0(params, y))
 
     guided = x0_with(2.5, labels)
     cond = x0_with(1.0, labels)
