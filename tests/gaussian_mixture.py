@@ -30,6 +30,15 @@ class GaussianMixture:
         return x.reshape((n,) + self.event_shape)
 
 
+
+# The mixture the sampler, solver and distillation tests share: three overlapping modes of
+# different weights and widths in 4 dimensions, shaped as 2x2 one-channel images.
+THREE_MODES = GaussianMixture(
+    weights=np.array([0.2, 0.3, 0.5]),
+    means=1.75 * np.array([[-0.4, -0.4, 0.4, 0.4], [0.4, -0.4, -0.4, 0.0], [0.2, 0.4, 0.0, -0.4]]),
+    stds=np.array([0.25, 0.3, 0.3]),
+    event_shape=(2, 2, 1))
+
 def log_responsibilities(gmm: GaussianMixture, x: jax.Array, a: jax.Array,
                          s: jax.Array) -> jax.Array:
     """log r_k(x_t), [B, K], for x flattened to [B, D] and a, s of shape [B, 1]."""

@@ -15,11 +15,7 @@ from jax_diffusion.diffusion import GaussianDiffusion
 
 T = 1000
 SIGMA_DATA = 0.5
-GMM = gm.GaussianMixture(
-    weights=np.array([0.2, 0.3, 0.5]),
-    means=1.75 * np.array([[-0.4, -0.4, 0.4, 0.4], [0.4, -0.4, -0.4, 0.0], [0.2, 0.4, 0.0, -0.4]]),
-    stds=np.array([0.25, 0.3, 0.3]),
-    event_shape=(2, 2, 1))
+GMM = gm.THREE_MODES
 
 
 def _abar(schedule):

@@ -15,11 +15,7 @@ from jax_diffusion.diffusion import GaussianDiffusion
 from jax_diffusion.samplers import ddim_step
 
 T = 1000
-GMM = gm.GaussianMixture(
-    weights=np.array([0.2, 0.3, 0.5]),
-    means=1.75 * np.array([[-0.4, -0.4, 0.4, 0.4], [0.4, -0.4, -0.4, 0.0], [0.2, 0.4, 0.0, -0.4]]),
-    stds=np.array([0.25, 0.3, 0.3]),
-    event_shape=(2, 2, 1))
+GMM = gm.THREE_MODES
 
 
 def test_trailing_grid_nests_under_halving():

@@ -192,11 +192,7 @@ def test_deterministic_chains_match_float64_reference(method):
 # shrinks a component's variance to ~0.78 of the truth, below the [0.8, 1.2] band; here it gives
 # ~0.85-0.88, the shrink the DDIM paper's few-step results imply. The mixture is not image data,
 # so the samplers run with clip_denoised=False.
-GMM = gm.GaussianMixture(
-    weights=np.array([0.2, 0.3, 0.5]),
-    means=1.75 * np.array([[-0.4, -0.4, 0.4, 0.4], [0.4, -0.4, -0.4, 0.0], [0.2, 0.4, 0.0, -0.4]]),
-    stds=np.array([0.25, 0.3, 0.3]),
-    event_shape=(2, 2, 1))
+GMM = gm.THREE_MODES
 NUM_SAMPLES = 8192
 # name -> (schedule, method, var_type, kept timesteps or None)
 GMM_SAMPLERS = {

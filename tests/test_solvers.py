@@ -28,11 +28,7 @@ T = 1000
 LINEAR = schedules.get_beta_schedule("linear", T)
 ABAR = np.cumprod(1.0 - LINEAR)
 KEPT = (0, 3, 10, 50, 120, 200, 350, 500, 700, 999)   # an arbitrary respacing, K = 10
-GMM = gm.GaussianMixture(
-    weights=np.array([0.2, 0.3, 0.5]),
-    means=1.75 * np.array([[-0.4, -0.4, 0.4, 0.4], [0.4, -0.4, -0.4, 0.0], [0.2, 0.4, 0.0, -0.4]]),
-    stds=np.array([0.25, 0.3, 0.3]),
-    event_shape=(2, 2, 1))
+GMM = gm.THREE_MODES
 SHAPE = (6,) + GMM.event_shape
 
 
