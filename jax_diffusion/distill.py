@@ -63,18 +63,26 @@ def student_steps_of_stage(config: ml_collections.ConfigDict, stage: int) -> int
     return config.distill.teacher_steps // 2 ** (stage + 1)
 
 
-def stage_config(config: ml_collections.ConfigDict, student_steps: int
-                 ) -> ml_collections.ConfigDict:
-    """The config a stage's checkpoints record: the student's parametrisation and sampler."""
+def _student_record(config: ml_collections.ConfigDict, mean_type: str, sampler: str,
+                    student_steps: int) -> ml_collections.ConfigDict:
+    """The config a student's checkpoints record: its parametrisation, and its sampler on the
+    trailing grid with eta 0 and no guidance (the teacher's guidance is distilled in)."""
     record = ml_collections.ConfigDict(config.to_dict())
-    record.diffusion.mean_type = config.distill.mean_type
-    record.sample.method = "ddim"
+    record.diffusion.mean_type = mean_type
+    record.sample.method = sampler
     record.sample.eta = 0.0
     record.sample.num_steps = student_steps
     record.sample.schedule = "trailing"
-    record.sample.guidance_scale = 1.0  # the teacher's guidance is distilled in
+    record.sample.guidance_scale = 1.0
     record.distill.student_steps = student_steps
     return record
+
+
+def stage_config(config: ml_collections.ConfigDict, student_steps: int
+                 ) -> ml_collections.ConfigDict:
+    """The config a progressive stage's checkpoints record: the student in
+    config.distill.mean_type, sampled by DDIM in `student_steps` steps."""
+    return _student_record(config, config.distill.mean_type, "ddim", student_steps)
 
 
 def _optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -254,17 +262,10 @@ def make_consistency_step(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def consistency_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config a consistency student's checkpoints record: the multistep consistency sampler
-    on the trailing grid, 1 step unless config.sample.num_steps asks for more
-    (`sampling.student_config`), guidance distilled in."""
-    record = ml_collections.ConfigDict(config.to_dict())
-    record.sample.method = consistency.SAMPLER
-    record.sample.eta = 0.0
-    record.sample.num_steps = 1
-    record.sample.schedule = "trailing"
-    record.sample.guidance_scale = 1.0
-    record.distill.student_steps = 1
-    return record
+    """The config a consistency student's checkpoints record: the teacher's head, the multistep
+    consistency sampler, 1 step unless config.sample.num_steps asks for more
+    (`sampling.student_config`)."""
+    return _student_record(config, config.diffusion.mean_type, consistency.SAMPLER, 1)
 
 
 @dataclasses.dataclass(frozen=True)
