@@ -79,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
     # steps: "uniform" | "quadratic" (in t) | "logsnr" | "karras" (rho 7) | "trailing" (distilled
     # students); multistep solvers (dpm_solver++, dpm_solver++3m, unipc) do better with logsnr
     sample.schedule = "uniform"
+    # logsnr and karras span sigma = sqrt((1 - abar) / abar) from max(sigma(t=0), sigma_min) to
+    # min(sigma(t=T-1), sigma_max); 80 is EDM's sigma_max, 0 keeps the model's own sigma_min
+    sample.sigma_min = 0.0
+    sample.sigma_max = 80.0
     sample.churn = 0.0                   # edm_heun only: Karras et al. S_churn; 0 = Alg. 1
     sample.guidance_scale = 1.0          # 1 = plain conditional; > 1 classifier-free guidance
     sample.clip_denoised = True

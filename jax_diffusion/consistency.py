@@ -130,7 +130,8 @@ def sampling_timesteps(config: ml_collections.ConfigDict) -> np.ndarray:
     for the trailing grid the students record)."""
     total = config.diffusion.num_timesteps
     betas = schedules.get_beta_schedule(config.diffusion.schedule, total)
-    kept = schedules.step_timesteps(config.sample.schedule, total, config.sample.num_steps, betas)
+    kept = schedules.step_timesteps(config.sample.schedule, total, config.sample.num_steps, betas,
+                                    config.sample.sigma_min, config.sample.sigma_max)
     return kept[::-1]
 
 

@@ -130,8 +130,9 @@ def consistency_timesteps(betas: np.ndarray, num_scales: int, sigma_max: float) 
                          f"num_scales - 1 timesteps with sigma <= sigma_max={sigma_max} "
                          f"(there are {head})")
     if head >= total:
-        return step_timesteps("karras", total, num_scales, betas)
-    return np.append(step_timesteps("karras", head, num_scales - 1, betas[:head]), total - 1)
+        return step_timesteps("karras", total, num_scales, betas, sigma_max=sigma_max)
+    return np.append(step_timesteps("karras", head, num_scales - 1, betas[:head],
+                                    sigma_max=sigma_max), total - 1)
 
 
 def pseudo_huber(difference: jax.Array) -> jax.Array:

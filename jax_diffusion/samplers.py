@@ -337,9 +337,31 @@ def check_sample_config(config: ml_collections.ConfigDict) -> None:
                    f"config.diffusion.num_timesteps={total}")
     if problem is not None:
         raise ConfigError(f"config.sample.num_steps={nfe!r} (network evaluations) {problem}")
+    _check_sigma_bounds(config)
     if sample_config.guidance_scale < 0:
         raise ConfigError(f"config.sample.guidance_scale={sample_config.guidance_scale} must be "
                           ">= 0 (1: the conditional model, 0: the unconditional one)")
+
+
+def _check_sigma_bounds(config: ml_collections.ConfigDict) -> None:
+    sample_config = config.sample
+    sigma_min, sigma_max = sample_config.sigma_min, sample_config.sigma_max
+    if not 0.0 <= sigma_min < sigma_max:
+        raise ConfigError(f"config.sample.sigma_min={sigma_min} and config.sample.sigma_max="
+                          f"{sigma_max} must satisfy 0 <= sigma_min < sigma_max")
+    if sample_config.schedule not in schedules.SIGMA_SCHEDULES:
+        if (sigma_min, sigma_max) != (0.0, schedules.SIGMA_MAX):
+            raise ConfigError(f"config.sample.sigma_min/sigma_max bound only the "
+                              f"{' and '.join(schedules.SIGMA_SCHEDULES)} step schedules (got "
+                              f"config.sample.schedule={sample_config.schedule!r}); keep them at "
+                              f"0 and {schedules.SIGMA_MAX:g}")
+        return
+    betas = schedules.get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    abar = np.cumprod(1.0 - betas)
+    sigma = np.sqrt((1.0 - abar[[0, -1]]) / abar[[0, -1]])
+    if sigma_min >= sigma[1] or sigma_max <= sigma[0]:
+        raise ConfigError(f"config.sample.sigma_min={sigma_min} / sigma_max={sigma_max} leave "
+                          f"nothing of this diffusion's sigmas [{sigma[0]:.3g}, {sigma[1]:.3g}]")
 
 
 def chain_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
@@ -350,7 +372,7 @@ def chain_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
     betas = schedules.get_beta_schedule(config.diffusion.schedule, total)
     kept = schedules.step_timesteps(config.sample.schedule, total,
                                     chain_steps(config.sample.method, config.sample.num_steps),
-                                    betas)
+                                    betas, config.sample.sigma_min, config.sample.sigma_max)
     return create_diffusion(config.diffusion, respacing=None if len(kept) == total else kept)
 
 

@@ -14,9 +14,11 @@ SCHEDULES = ("linear", "cosine")
 STEP_SCHEDULES = ("uniform", "quadratic", "logsnr", "karras", "trailing")
 KARRAS_RHO = 7.0   # Karras et al. 2022, eq. 5: rho = 7 spends the steps near sigma_min
 # Karras et al. 2022, Table 1 ("ours", every model, the VP and cosine ones included): the largest
-# sigma sampled. A cosine schedule's last step has sigma ~ 2e4; a rho = 7 ramp from there puts
-# half of a 5-step grid above sigma = 300, where x_t is pure noise.
-KARRAS_SIGMA_MAX = 80.0
+# sigma sampled, the default top of the sigma-based step schedules (logsnr, karras). A cosine
+# schedule's last step has sigma ~ 2e4: a grid from there puts several of 10 steps above
+# sigma = 300, where x_t is pure noise.
+SIGMA_MAX = 80.0
+SIGMA_SCHEDULES = ("logsnr", "karras")   # the step schedules spaced in sigma, bounded by it
 
 
 def get_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
@@ -84,12 +86,15 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     return kept
 
 
-def logsnr_timesteps(num_timesteps: int, n: int, schedule: str | np.ndarray) -> set[int]:
+def logsnr_timesteps(num_timesteps: int, n: int, schedule: str | np.ndarray,
+                     sigma_min: float = 0.0, sigma_max: float = math.inf) -> set[int]:
     """n timesteps of a T-step process spaced evenly in log-SNR, log(abar_t / (1 - abar_t)).
 
     DPM-Solver++ takes steps of equal size in lambda, so at few steps this spacing puts them
-    where the solution changes. `schedule` is a schedule name or the betas themselves. Always
-    keeps t = 0 and t = T-1; nearby duplicates are pushed apart so exactly n distinct steps remain.
+    where the solution changes. `schedule` is a schedule name or the betas themselves. The grid
+    spans sigma = sqrt((1 - abar) / abar) from max(sigma_0, sigma_min) to min(sigma_{T-1},
+    sigma_max) (by default t = 0 to t = T-1), each level at the timestep nearest by linear
+    interpolation in log-SNR; nearby duplicates are pushed apart so exactly n distinct steps remain.
     """
     if isinstance(schedule, str):
         betas = get_beta_schedule(schedule, num_timesteps)
@@ -101,10 +106,22 @@ def logsnr_timesteps(num_timesteps: int, n: int, schedule: str | np.ndarray) -> 
         raise ValueError(f"n={n} steps must be between 2 and num_timesteps={num_timesteps}")
     alphas_cumprod = np.cumprod(1.0 - betas)
     logsnr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
-    targets = np.linspace(logsnr[0], logsnr[-1], n)
+    lowest, highest = _sigma_bounds(logsnr, sigma_min, sigma_max)
+    targets = np.linspace(-2.0 * np.log(lowest), -2.0 * np.log(highest), n)
     # np.interp needs increasing x: interpolate t as a function of -lambda.
     ts = np.rint(np.interp(-targets, -logsnr, np.arange(num_timesteps)))
     return set(int(t) for t in _distinct(ts, num_timesteps))
+
+
+def _sigma_bounds(logsnr: np.ndarray, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """(lowest, highest) sigma of a sigma-spaced grid: the process's own range [sigma_0,
+    sigma_{T-1}] narrowed to [sigma_min, sigma_max]; ValueError when nothing is left."""
+    sigma_0, sigma_last = np.exp(-0.5 * logsnr[0]), np.exp(-0.5 * logsnr[-1])
+    lowest, highest = max(sigma_0, sigma_min), min(sigma_last, sigma_max)
+    if not lowest < highest:
+        raise ValueError(f"sigma_min={sigma_min:g} and sigma_max={sigma_max:g} leave no range "
+                         f"inside this process's sigmas [{sigma_0:.3g}, {sigma_last:.3g}]")
+    return float(lowest), float(highest)
 
 
 def trailing_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -119,7 +136,8 @@ def trailing_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return i * num_timesteps // num_steps - 1
 
 
-def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray) -> np.ndarray:
+def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray,
+                   sigma_min: float = 0.0, sigma_max: float = SIGMA_MAX) -> np.ndarray:
     """The `count` timesteps a sampler visits, ascending int64, for the step schedule `name`.
 
     uniform:   even in t, as Improved DDPM respaces: the DDIM stride range(0, T, k) when one
@@ -127,17 +145,20 @@ def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray)
     quadratic: t_j = (T-1) (j / (count-1))^2, dense near t = 0 (DDIM's CIFAR-10 spacing; DDIM
                stops at 0.8 T for its linear betas, here the grid spans all T steps so that
                every beta schedule starts from noise).
-    logsnr:    even in log-SNR (logsnr_timesteps).
-    karras:    sigma_j^(1/rho) even from sigma_max^(1/rho) to sigma_min^(1/rho), rho = 7,
-               sigma = sqrt((1 - abar) / abar) (Karras et al. 2022, eq. 5), sigma_min that of
-               t = 0 and sigma_max that of t = T-1 clamped to KARRAS_SIGMA_MAX = 80 (their
-               Table 1), each mapped to the timestep nearest in log sigma; so the grid starts
-               at the timestep nearest sigma = 80 when t = T-1 lies above it (linear betas:
-               sigma 157; cosine: 2e4), from pure noise as DDIM's stride starts below T-1.
+    logsnr:    even in log-SNR (logsnr_timesteps) between the sigma bounds below.
+    karras:    sigma_j^(1/rho) even from sigma_max^(1/rho) to sigma_min^(1/rho), rho = 7
+               (Karras et al. 2022, eq. 5), each mapped to the timestep nearest in log sigma.
     trailing:  t_i = floor((i + 1) T / count) - 1 (`trailing_timesteps`): starts at T - 1 and
                nests under halving; the grid progressive distillation trains students on.
-    Every non-uniform schedule keeps t = 0 and (but karras, see above) t = T-1 (count >= 2), and
-    pushes coinciding steps apart so that exactly `count` distinct steps remain.
+
+    The sigma-spaced schedules (SIGMA_SCHEDULES) span sigma = sqrt((1 - abar) / abar) from
+    max(sigma(t = 0), sigma_min) to min(sigma(t = T-1), sigma_max). The default sigma_max = 80
+    is EDM's (their Table 1): a grid on linear betas (sigma_{T-1} = 157) or the cosine schedule
+    (2e4) starts at the timestep nearest sigma = 80, from pure noise as DDIM's stride starts
+    below T-1. A sigma_min above sigma(t = 0) ends the grid early (the last step then denoises
+    from there), as DPM-Solver advises for few steps. The t-spaced schedules ignore both bounds.
+    quadratic keeps t = 0 and t = T-1 (count >= 2); count = 1 is t = T-1 for every schedule
+    but uniform. Coinciding steps are pushed apart so that exactly `count` distinct steps remain.
     """
     if not 1 <= count <= num_timesteps:
         raise ValueError(f"count={count} steps must be between 1 and num_timesteps={num_timesteps}")
@@ -154,18 +175,20 @@ def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray)
     if count == 1:
         return np.array([num_timesteps - 1], dtype=np.int64)
     if name == "logsnr":
-        return np.array(sorted(logsnr_timesteps(num_timesteps, count, betas)), dtype=np.int64)
+        return np.array(sorted(logsnr_timesteps(num_timesteps, count, betas, sigma_min,
+                                                sigma_max)), dtype=np.int64)
     fraction = np.linspace(0.0, 1.0, count)
     if name == "quadratic":
         return _distinct(np.rint((num_timesteps - 1) * fraction ** 2), num_timesteps)
-    log_sigma = 0.5 * (np.log1p(-_alphas_cumprod(betas, num_timesteps))
-                       - np.log(_alphas_cumprod(betas, num_timesteps)))   # increasing in t
+    abar = _alphas_cumprod(betas, num_timesteps)
+    log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))   # increasing in t
+    lowest, highest = _sigma_bounds(-2.0 * log_sigma, sigma_min, sigma_max)
     inv_rho = 1.0 / KARRAS_RHO
-    sigma_max, sigma_min = min(np.exp(log_sigma[-1]), KARRAS_SIGMA_MAX), np.exp(log_sigma[0])
-    targets = (sigma_max ** inv_rho + fraction * (sigma_min ** inv_rho - sigma_max ** inv_rho)
+    targets = (highest ** inv_rho + fraction * (lowest ** inv_rho - highest ** inv_rho)
                ) ** KARRAS_RHO
     nearest = np.argmin(np.abs(np.log(targets)[:, None] - log_sigma[None, :]), axis=1)
     return _distinct(np.sort(nearest), num_timesteps)
+
 
 
 def _alphas_cumprod(betas: np.ndarray, num_timesteps: int) -> np.ndarray:
@@ -176,11 +199,11 @@ def _alphas_cumprod(betas: np.ndarray, num_timesteps: int) -> np.ndarray:
 
 
 def _distinct(ts: np.ndarray, num_timesteps: int) -> np.ndarray:
-    """Ascending ts made strictly increasing inside [0, T-1], starting at 0: each step moved as
-    little as needed (up from the start, then down from the last one, which stays unless the
-    steps below it pushed it up)."""
+    """Ascending ts made strictly increasing inside [0, T-1]: each step moved as little as
+    needed (up from the first, then down from the last one, which stays unless the steps below
+    it pushed it up; below the first only when the steps above it are too many)."""
     ts = np.asarray(ts, dtype=np.int64).copy()
-    ts[0] = 0
+    ts[0] = max(ts[0], 0)
     for i in range(1, len(ts)):
         ts[i] = max(ts[i], ts[i - 1] + 1)
     ts[-1] = min(ts[-1], num_timesteps - 1)

@@ -276,24 +276,30 @@ def test_edm_heun_chain_and_step_match_float64_reference(churn):
 
 # ---------------------------------------------------------------- 2. the mixture at few NFE
 NUM_SAMPLES = 8192
-# (method, NFE, schedule, churn): the fewest NFE at which each solver recovers the mixture
-# within the bands below (measured: at 10 NFE the variance ratios are ~1.15, see next test).
-RECOMMENDED = [("dpm_solver++3m", 12, "logsnr", 0.0), ("dpm_solver++3m", 20, "logsnr", 0.0),
-               ("unipc", 14, "logsnr", 0.0), ("unipc", 20, "logsnr", 0.0),
-               ("edm_heun", 35, "logsnr", 0.0), ("edm_heun", 79, "karras", 10.0)]
+# (method, NFE, schedule, churn, sigma_min): the fewest NFE at which each solver recovers the
+# mixture within the bands below on the default grid (sigma from t = 0 up to 80), and 10 NFE for
+# the multistep solvers on a grid that ends at sigma = 0.05 (at the default bounds 10 NFE gives
+# variance ratios of 1.10-1.16, see the next tests). About half of that gain is the final
+# denoising from sigma = 0.05, which by itself narrows the modes by 1-5% (the posterior
+# variance); the rest is finer steps where the modes form.
+RECOMMENDED = [("dpm_solver++3m", 10, "logsnr", 0.0, 0.05), ("dpm_solver++3m", 11, "logsnr", 0.0, 0.0),
+               ("dpm_solver++3m", 20, "logsnr", 0.0, 0.0), ("unipc", 10, "logsnr", 0.0, 0.05),
+               ("unipc", 13, "logsnr", 0.0, 0.0), ("unipc", 20, "logsnr", 0.0, 0.0),
+               ("edm_heun", 35, "logsnr", 0.0, 0.0), ("edm_heun", 79, "karras", 10.0, 0.0)]
 
 
-def _config(method, nfe, schedule, churn=0.0):
+def _config(method, nfe, schedule, churn=0.0, sigma_min=0.0):
     config = default.get_config()
     config.sample.method, config.sample.num_steps = method, nfe
     config.sample.schedule, config.sample.churn = schedule, churn
+    config.sample.sigma_min = sigma_min
     config.sample.clip_denoised = False   # the mixture is not image data
     return config
 
 
 @functools.cache
-def _mixture_samples(method, nfe, schedule, churn, sign=1.0):
-    config = _config(method, nfe, schedule, churn)
+def _mixture_samples(method, nfe, schedule, churn, sigma_min=0.0, sign=1.0):
+    config = _config(method, nfe, schedule, churn, sigma_min)
     model = _mixture_model()
     run = jax.jit(lambda key: sample_from_config(lambda x, t: sign * model(x, t), config,
                                                  (NUM_SAMPLES,) + GMM.event_shape, key))
@@ -307,21 +313,21 @@ def _recovery(setting, var_range=(0.9, 1.1), sign=1.0):
     return recovery
 
 
-@pytest.mark.parametrize("setting", RECOMMENDED, ids=lambda s: f"{s[0]}-{s[1]}-{s[2]}-{s[3]}")
+@pytest.mark.parametrize("setting", RECOMMENDED, ids=lambda s: "-".join(map(str, s)))
 def test_solver_recovers_mixture_at_recommended_nfe(setting):
     recovery = _recovery(setting)
     assert recovery.ok, (recovery.weights, recovery.var_ratios)
 
 
 @pytest.mark.parametrize("method", ["dpm_solver++3m", "unipc"])
-def test_ten_nfe_keeps_weights_with_variance_within_twenty_percent(method):
-    # The issue asks for variance ratios in [0.9, 1.1] at 10 NFE; on this mixture every
-    # schedule tried gives ~1.10-1.18 at 10 NFE (logsnr: 1.13-1.18), so the band checked here
-    # is [0.9, 1.2] and the shortfall is reported, not hidden.
+def test_ten_nfe_on_the_default_grid_keeps_weights_with_variance_within_twenty_percent(method):
+    # The default grid (sigma from t = 0 to 80) at 10 NFE over-disperses the modes by 10-16%:
+    # checked in [0.9, 1.2] so that the shortfall is reported, not hidden; the grid ending at
+    # sigma = 0.05 (RECOMMENDED) is in [0.9, 1.1].
     assert _recovery((method, 10, "logsnr", 0.0), var_range=(0.9, 1.2)).ok
 
 
-@pytest.mark.parametrize("setting", [RECOMMENDED[0], RECOMMENDED[2], RECOMMENDED[4]],
+@pytest.mark.parametrize("setting", [RECOMMENDED[0], RECOMMENDED[3], RECOMMENDED[6]],
                          ids=lambda s: s[0])
 def test_sign_error_in_model_fails_recovery(setting):
     assert not _recovery(setting, sign=-1.0).ok
@@ -467,6 +473,14 @@ def test_bad_sample_config_is_one_config_error_naming_the_key(key, value, patter
                             r"config\.sample\.method='ddim' \(got 'unipc'\)"),
     ("ddim", {"churn": 5.0}, r"config\.sample\.churn=5\.0 applies only to "
                              r"config\.sample\.method='edm_heun'"),
+    ("ddim", {"sigma_min": 0.05}, r"config\.sample\.sigma_min/sigma_max bound only the logsnr "
+                                  r"and karras step schedules \(got config\.sample\.schedule="
+                                  r"'uniform'\)"),
+    ("ddim", {"schedule": "logsnr", "sigma_min": 100.0},
+     r"config\.sample\.sigma_min=100\.0 and config\.sample\.sigma_max=80\.0 must satisfy"),
+    ("ddim", {"schedule": "karras", "sigma_min": 200.0, "sigma_max": 1e3},
+     r"sigma_min=200\.0 / sigma_max=1000\.0 leave nothing of this diffusion's sigmas "
+     r"\[0\.01, 157\]"),
 ])
 def test_settings_a_method_cannot_use_are_config_errors(method, settings, pattern):
     config = _config(method, 9, "uniform")
@@ -474,8 +488,10 @@ def test_settings_a_method_cannot_use_are_config_errors(method, settings, patter
         setattr(config.sample, key, value)
     with pytest.raises(ConfigError, match=pattern):
         check_sample_config(config)
+    usable = {"num_steps": 9, "eta": 0.0, "churn": 0.0, "sigma_min": 0.0, "sigma_max": 80.0,
+              "schedule": "logsnr"}
     for key in settings:   # back to values the method can use: no error
-        setattr(config.sample, key, {"num_steps": 9, "eta": 0.0, "churn": 0.0}[key])
+        setattr(config.sample, key, usable[key])
     check_sample_config(config)
 
 

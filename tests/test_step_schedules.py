@@ -40,9 +40,47 @@ def test_karras_is_nearest_to_rho_7_sigmas_from_sigma_80(name):
     assert 70.0 < sigma[got[-1]] < 90.0 and got[-1] < T - 1
 
 
-def test_logsnr_is_logsnr_timesteps():
-    assert set(schedules.step_timesteps("logsnr", T, 20, BETAS["cosine"])) == (
-        schedules.logsnr_timesteps(T, 20, "cosine"))
+def _nearest_in_log_sigma(name, sigma_targets):
+    sigma = _sigmas(name)
+    return [int(np.argmin(np.abs(np.log(sigma) - np.log(s)))) for s in sigma_targets]
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_logsnr_is_even_in_log_sigma_from_sigma_80(name):
+    # Written out: lambda = -log sigma, so even in log-SNR is even in log sigma, here from
+    # sigma(t = 0) to EDM's sigma_max = 80 (linear: 157 at t = T-1, cosine: 2e4).
+    sigma = _sigmas(name)
+    got = schedules.step_timesteps("logsnr", T, 12, BETAS[name])
+    targets = np.exp(np.linspace(np.log(sigma[0]), np.log(80.0), 12))
+    expected = _nearest_in_log_sigma(name, targets)
+    assert len(set(expected)) == 12
+    assert np.max(np.abs(got - np.array(expected))) <= 1   # interpolated, then rounded in t
+    assert got[0] == 0 and 70.0 < sigma[got[-1]] < 90.0
+    assert set(got) == schedules.logsnr_timesteps(T, 12, name, sigma_max=80.0)
+    # sigma_max = inf: the whole process, t = 0 to T-1 (the unbounded helper's default).
+    unbounded = schedules.step_timesteps("logsnr", T, 12, BETAS[name], sigma_max=np.inf)
+    assert set(unbounded) == schedules.logsnr_timesteps(T, 12, name) and unbounded[-1] == T - 1
+
+
+@pytest.mark.parametrize("name", ["logsnr", "karras"])
+def test_sigma_min_ends_the_grid_early(name):
+    # sigma_min = 0.05 (t = 11 on linear betas): the lowest step is the one nearest it, the rest
+    # spaced above it; the default grid starts at t = 0.
+    sigma = _sigmas("linear")
+    got = schedules.step_timesteps(name, T, 10, BETAS["linear"], sigma_min=0.05)
+    assert got[0] == _nearest_in_log_sigma("linear", [0.05])[0] > 5
+    assert 70.0 < sigma[got[-1]] < 90.0 and len(got) == 10
+    if name == "logsnr":   # even in log sigma between the two bounds
+        steps = np.diff(np.log(sigma[got]))
+        np.testing.assert_allclose(steps, np.log(80.0 / 0.05) / 9, rtol=0.05)
+    assert schedules.step_timesteps(name, T, 10, BETAS["linear"])[0] == 0
+
+
+def test_sigma_bounds_outside_the_process():
+    with pytest.raises(ValueError, match=r"sigma_min=200 and sigma_max=80 leave no range"):
+        schedules.step_timesteps("logsnr", T, 10, BETAS["linear"], sigma_min=200.0)
+    with pytest.raises(ValueError, match=r"sigma_min=0 and sigma_max=0.001 leave no range"):
+        schedules.step_timesteps("karras", T, 10, BETAS["linear"], sigma_max=1e-3)
 
 
 @pytest.mark.parametrize("name", schedules.STEP_SCHEDULES)
@@ -50,9 +88,9 @@ def test_logsnr_is_logsnr_timesteps():
 def test_exactly_count_distinct_ascending_steps(name, count):
     got = schedules.step_timesteps(name, T, count, BETAS["linear"])
     assert len(got) == count and np.all(np.diff(got) > 0) and got[0] >= 0 and got[-1] < T
-    if name in ("quadratic", "logsnr") and count > 1:
+    if name == "quadratic" and count > 1:
         assert got[0] == 0 and got[-1] == T - 1
-    if name == "karras" and count > 1:   # up to the step nearest sigma = 80, or pushed above it
+    if name in ("logsnr", "karras") and count > 1:   # up to sigma = 80, or pushed above it
         assert got[0] == 0 and got[-1] >= np.argmin(np.abs(np.log(_sigmas("linear") / 80.0)))
     if name == "trailing":  # starts from pure noise, steps of T / count
         assert got[-1] == T - 1 and got[0] == T // count - 1
