@@ -7,6 +7,8 @@ path (`make_sample_fn`, `generate_samples`: what --mode=sample runs), same seed 
 
 A setting is method:num_steps[:eta]. Prints one JSON line per setting: accuracy, Frechet
 distance, share of speckled images (scripts/probe_deterministic.py's test), seconds.
+--eps_scale=L divides the network's noise prediction by L at every step (Ning et al. 2024,
+"epsilon scaling" against exposure bias), for eps- and v-prediction models.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion import parallel
+from jax_diffusion import parallel, schedules
 from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.models import create_model
 from jax_diffusion.sampling import (
@@ -38,6 +41,33 @@ def parse_setting(text: str) -> tuple[str, int, float]:
     return parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0
 
 
+class EpsScaled:
+    """The model with its noise prediction divided by `scale`, the x0 it implies kept consistent
+    with x_t = a x0 + s eps; for v-prediction v = a eps - s x0 is rebuilt from the two."""
+
+    def __init__(self, model, config, scale: float):
+        self.model, self.scale, self.mean_type = model, scale, config.diffusion.mean_type
+        if self.mean_type not in ("eps", "v"):
+            raise SystemExit(f"--eps_scale needs an eps- or v-prediction model, not "
+                             f"diffusion.mean_type={self.mean_type!r}")
+        if config.diffusion.rescale_timesteps:
+            raise SystemExit("--eps_scale reads abar at the timestep the network sees; it needs "
+                             "diffusion.rescale_timesteps=False")
+        betas = schedules.get_beta_schedule(config.diffusion.schedule,
+                                            config.diffusion.num_timesteps)
+        self.abar = jnp.asarray(np.cumprod(1.0 - betas), jnp.float32)
+
+    def apply(self, variables, x, t, y, train=False):
+        out = self.model.apply(variables, x, t, y, train=train)
+        if self.mean_type == "eps":
+            return out / self.scale
+        a = jnp.sqrt(self.abar[t])[:, None, None, None]
+        s = jnp.sqrt(1.0 - self.abar[t])[:, None, None, None]
+        eps, x0 = s * x + a * out, a * x - s * out
+        scaled = eps / self.scale
+        return a * scaled - s * (x0 + (s / a) * (eps - scaled))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
@@ -47,6 +77,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--out", default="")
     parser.add_argument("--save_dir", default="", help="also write <method>_<nfe>_<eta>.npz here")
+    parser.add_argument("--eps_scale", type=float, default=1.0)
     parser.add_argument("--set", action="append", default=[],
                         help="section.key=value (Python literal) applied to the config")
     args = parser.parse_args()
@@ -56,6 +87,8 @@ def main() -> None:
     mesh = parallel.create_mesh()
     model = create_model(config.model)
     params, step = restore_for_sampling(config, args.workdir, mesh, model)
+    if args.eps_scale != 1.0:
+        model = EpsScaled(model, config, args.eps_scale)
     labels = default_labels(args.num, config.model.num_classes)
     batch = parallel.round_up_to_devices(min(args.batch, args.num), mesh)
     rows = []
@@ -67,7 +100,7 @@ def main() -> None:
         samples = generate_samples(sample_fn, params, labels, batch, config.sample.seed, mesh,
                                    progress=False)
         scores = digits_metrics.evaluate(samples, labels)
-        scores.update(method=method, nfe=steps, eta=eta, step=step,
+        scores.update(method=method, nfe=steps, eta=eta, step=step, eps_scale=args.eps_scale,
                       speckled=float(np.mean(speckled(samples.astype(np.float32) / 127.5 - 1))),
                       seconds=round(time.time() - start, 1))
         rows.append(scores)
