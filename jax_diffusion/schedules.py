@@ -156,7 +156,8 @@ def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray,
     is EDM's (their Table 1): a grid on linear betas (sigma_{T-1} = 157) or the cosine schedule
     (2e4) starts at the timestep nearest sigma = 80, from pure noise as DDIM's stride starts
     below T-1. A sigma_min above sigma(t = 0) ends the grid early (the last step then denoises
-    from there), as DPM-Solver advises for few steps. The t-spaced schedules ignore both bounds.
+    from there), as the dpm-solver reference ends few-step chains earlier (t_end 1e-3 up to 15
+    steps, 1e-4 above, for continuous-time models). The t-spaced schedules ignore both bounds.
     quadratic keeps t = 0 and t = T-1 (count >= 2); count = 1 is t = T-1 for every schedule
     but uniform. Coinciding steps are pushed apart so that exactly `count` distinct steps remain.
     """
