@@ -282,10 +282,14 @@ NUM_SAMPLES = 8192
 # variance ratios of 1.10-1.16, see the next tests). About half of that gain is the final
 # denoising from sigma = 0.05, which by itself narrows the modes by 1-5% (the posterior
 # variance); the rest is finer steps where the modes form.
-RECOMMENDED = [("dpm_solver++3m", 10, "logsnr", 0.0, 0.05), ("dpm_solver++3m", 11, "logsnr", 0.0, 0.0),
-               ("dpm_solver++3m", 20, "logsnr", 0.0, 0.0), ("unipc", 10, "logsnr", 0.0, 0.05),
-               ("unipc", 13, "logsnr", 0.0, 0.0), ("unipc", 20, "logsnr", 0.0, 0.0),
-               ("edm_heun", 35, "logsnr", 0.0, 0.0), ("edm_heun", 79, "karras", 10.0, 0.0)]
+RECOMMENDED = [("dpm_solver++3m", 10, "logsnr", 0.0, 0.05),
+               ("dpm_solver++3m", 11, "logsnr", 0.0, 0.0),
+               ("dpm_solver++3m", 20, "logsnr", 0.0, 0.0),
+               ("unipc", 10, "logsnr", 0.0, 0.05),
+               ("unipc", 13, "logsnr", 0.0, 0.0),
+               ("unipc", 20, "logsnr", 0.0, 0.0),
+               ("edm_heun", 35, "logsnr", 0.0, 0.0),
+               ("edm_heun", 79, "karras", 10.0, 0.0)]
 
 
 def _config(method, nfe, schedule, churn=0.0, sigma_min=0.0):
