@@ -36,12 +36,6 @@ from jax_diffusion.diffusion import GaussianDiffusion, ModelFn, create_diffusion
 SAMPLER = "consistency"
 
 
-def edm_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
-    """sigma_t = sqrt((1 - abar_t) / abar_t), float64."""
-    abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    return np.sqrt((1.0 - abar) / abar)
-
-
 def boundary_scalings(sigma: np.ndarray, sigma_min: float, sigma_data: float
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(c_skip, c_out) of the boundary-condition parametrisation (Song et al. 2023, App. C):
@@ -56,7 +50,7 @@ def consistency_table(alphas_cumprod: np.ndarray, sigma_data: float
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(skip [T], out [T]) with f(x_t, t) = skip_t x_t + out_t D(x_t, t), float64; out_0 = 0."""
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    sigma = edm_sigmas(abar)
+    sigma = schedules.edm_sigmas(abar)
     c_skip, c_out = boundary_scalings(sigma, sigma[0], sigma_data)
     out = (sigma - sigma[0]) / sigma
     c_skip_edm = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
@@ -96,7 +90,7 @@ def sample(model_fn: ModelFn, diffusion: GaussianDiffusion, sigma_data: float,
     if levels.ndim != 1 or len(levels) < 1 or np.any(np.diff(levels) >= 0):
         raise ValueError(f"timesteps must be strictly decreasing, got {list(levels)}")
     abar = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
-    sigma_min = edm_sigmas(abar)[0]
+    sigma_min = schedules.edm_sigmas(abar)[0]
     level_abar = abar[levels]
     # Row k: how level k's input is made from the previous level's x0; the last row (1, 0)
     # carries the final x0 out of the scan unchanged.

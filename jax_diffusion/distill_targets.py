@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion.schedules import step_timesteps, trailing_timesteps
+from jax_diffusion.schedules import edm_sigmas, step_timesteps, trailing_timesteps
 
 # x0_fn(x_t, original timesteps [B]) -> the (clipped) data prediction of the teacher.
 X0Fn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -122,7 +122,7 @@ def consistency_timesteps(betas: np.ndarray, num_scales: int, sigma_max: float) 
     most levels would be pure noise."""
     betas = np.asarray(betas, dtype=np.float64)
     abar = np.cumprod(1.0 - betas)
-    sigma = np.sqrt((1.0 - abar) / abar)
+    sigma = edm_sigmas(abar)
     total = len(betas)
     head = int(np.searchsorted(sigma, sigma_max, side="right"))  # timesteps with sigma <= max
     if num_scales < 3 or head < num_scales - 1:

@@ -358,10 +358,13 @@ def _check_sigma_bounds(config: ml_collections.ConfigDict) -> None:
         return
     betas = schedules.get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     abar = np.cumprod(1.0 - betas)
-    sigma = np.sqrt((1.0 - abar[[0, -1]]) / abar[[0, -1]])
-    if sigma_min >= sigma[1] or sigma_max <= sigma[0]:
+    try:
+        schedules.sigma_bounds(abar, sigma_min, sigma_max)
+    except ValueError:
+        sigma = schedules.edm_sigmas(abar[[0, -1]])
         raise ConfigError(f"config.sample.sigma_min={sigma_min} / sigma_max={sigma_max} leave "
-                          f"nothing of this diffusion's sigmas [{sigma[0]:.3g}, {sigma[1]:.3g}]")
+                          f"nothing of this diffusion's sigmas [{sigma[0]:.3g}, {sigma[1]:.3g}]"
+                          ) from None
 
 
 def chain_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:

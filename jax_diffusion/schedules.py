@@ -106,17 +106,25 @@ def logsnr_timesteps(num_timesteps: int, n: int, schedule: str | np.ndarray,
         raise ValueError(f"n={n} steps must be between 2 and num_timesteps={num_timesteps}")
     alphas_cumprod = np.cumprod(1.0 - betas)
     logsnr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
-    lowest, highest = _sigma_bounds(logsnr, sigma_min, sigma_max)
+    lowest, highest = sigma_bounds(alphas_cumprod, sigma_min, sigma_max)
     targets = np.linspace(-2.0 * np.log(lowest), -2.0 * np.log(highest), n)
     # np.interp needs increasing x: interpolate t as a function of -lambda.
     ts = np.rint(np.interp(-targets, -logsnr, np.arange(num_timesteps)))
     return set(int(t) for t in _distinct(ts, num_timesteps))
 
 
-def _sigma_bounds(logsnr: np.ndarray, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+def edm_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - abar_t) / abar_t), float64: the noise level of x_t / sqrt(abar_t) in
+    the EDM view (Karras et al. 2022) of a VP process."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    return np.sqrt((1.0 - abar) / abar)
+
+
+def sigma_bounds(alphas_cumprod: np.ndarray, sigma_min: float,
+                 sigma_max: float) -> tuple[float, float]:
     """(lowest, highest) sigma of a sigma-spaced grid: the process's own range [sigma_0,
     sigma_{T-1}] narrowed to [sigma_min, sigma_max]; ValueError when nothing is left."""
-    sigma_0, sigma_last = np.exp(-0.5 * logsnr[0]), np.exp(-0.5 * logsnr[-1])
+    sigma_0, sigma_last = edm_sigmas(np.asarray(alphas_cumprod)[[0, -1]])
     lowest, highest = max(sigma_0, sigma_min), min(sigma_last, sigma_max)
     if not lowest < highest:
         raise ValueError(f"sigma_min={sigma_min:g} and sigma_max={sigma_max:g} leave no range "
@@ -183,13 +191,12 @@ def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray,
         return _distinct(np.rint((num_timesteps - 1) * fraction ** 2), num_timesteps)
     abar = _alphas_cumprod(betas, num_timesteps)
     log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))   # increasing in t
-    lowest, highest = _sigma_bounds(-2.0 * log_sigma, sigma_min, sigma_max)
+    lowest, highest = sigma_bounds(abar, sigma_min, sigma_max)
     inv_rho = 1.0 / KARRAS_RHO
     targets = (highest ** inv_rho + fraction * (lowest ** inv_rho - highest ** inv_rho)
                ) ** KARRAS_RHO
     nearest = np.argmin(np.abs(np.log(targets)[:, None] - log_sigma[None, :]), axis=1)
     return _distinct(np.sort(nearest), num_timesteps)
-
 
 
 def _alphas_cumprod(betas: np.ndarray, num_timesteps: int) -> np.ndarray:

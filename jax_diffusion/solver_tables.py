@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from jax_diffusion.diffusion import GaussianDiffusion
+from jax_diffusion.schedules import edm_sigmas
 
 # Multistep data-prediction solvers (Lu et al. 2022; Zhao et al. 2023) and their highest order.
 MULTISTEP_ORDERS = {"dpm_solver++": 2, "dpm_solver++3m": 3, "unipc": 3}
@@ -170,11 +171,6 @@ def multistep_table(method: str, alphas_cumprod: np.ndarray) -> dict[str, np.nda
 
 
 # ---------------------------------------------------------------- EDM Heun table
-def _edm_sigma(alphas_cumprod: np.ndarray) -> np.ndarray:
-    abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    return np.sqrt((1.0 - abar) / abar)
-
-
 def edm_heun_table(diffusion: GaussianDiffusion, churn: float,
                    model_alphas_cumprod: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Karras et al. 2022, Alg. 1 (churn = 0) and Alg. 2 on the kept steps' sigmas, sigma =
@@ -190,12 +186,12 @@ def edm_heun_table(diffusion: GaussianDiffusion, churn: float,
     at sigma = 0); odd j: Heun, x' = x_hat + (sigma_{m+1} - sigma_hat) (d + d') / 2.
     """
     kept = np.asarray(diffusion.timestep_map, dtype=np.int64)   # ascending original timesteps
-    sigma = _edm_sigma(diffusion.alphas_cumprod)
+    sigma = edm_sigmas(diffusion.alphas_cumprod)
     num = len(sigma)
     gamma = min(churn / num, math.sqrt(2.0) - 1.0)
     hat_t, sigma_hat = kept.copy(), sigma.copy()
     if gamma > 0:
-        log_sigma_all = np.log(_edm_sigma(model_alphas_cumprod))
+        log_sigma_all = np.log(edm_sigmas(model_alphas_cumprod))
         targets = np.log(sigma * (1.0 + gamma))
         hat_t = np.argmin(np.abs(targets[:, None] - log_sigma_all[None, :]), axis=1)
         hat_t = np.maximum(hat_t, kept)   # never below the current level (rounding ties)

@@ -40,7 +40,7 @@ def _paper_f(x_sigma, denoised, sigma, sigma_min):
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_boundary_condition_is_exact(schedule):
     betas, abar = _abar(schedule)
-    sigma = consistency.edm_sigmas(abar)
+    sigma = schedules.edm_sigmas(abar)
     c_skip, c_out = consistency.boundary_scalings(sigma, sigma[0], SIGMA_DATA)
     assert c_skip[0] == 1.0 and c_out[0] == 0.0
     assert np.all(c_skip[1:] < 1.0) and np.all(c_out[1:] > 0.0)
