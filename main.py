@@ -9,14 +9,14 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from jax_diffusion import cpu_flags  # noqa: E402
+from jax_diffusion.runtime import cpu_flags  # noqa: E402
 
 cpu_flags.use_fast_cpu_convolutions()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jax_diffusion import cli  # noqa: E402  (after the XLA flags)
+from jax_diffusion import cli  # noqa: E402  (after the XLA flags
 
 cli.exit_on_unknown_keys(sys.argv)
 _CONFIG = config_flags.DEFINE_config_file(

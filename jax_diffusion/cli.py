@@ -22,13 +22,13 @@ from jax_diffusion.errors import ConfigError, UserError
 
 # --mode -> "module:function"; each function is (config, workdir) -> None.
 MODES: dict[str, str] = {
-    "train": "jax_diffusion.train:run_train",
-    "sample": "jax_diffusion.sample_command:run_sample",
+    "train": "jax_diffusion.training.train:run_train",
+    "sample": "jax_diffusion.generation.sample_command:run_sample",
     "eval": "jax_diffusion.evaluation.run:run_eval",
-    "bench": "jax_diffusion.bench:run_bench",
+    "bench": "jax_diffusion.bench.run:run_bench",
     "import": "jax_diffusion.convert.run:run_import",
     "export": "jax_diffusion.convert.run:run_export",
-    "distill": "jax_diffusion.distill:run_distill",
+    "distill": "jax_diffusion.distill.loop:run_distill",
 }
 
 
@@ -122,7 +122,7 @@ def setup_jax(config: ml_collections.ConfigDict) -> None:
     import jax
     from absl import logging as absl_logging
 
-    from jax_diffusion import distributed
+    from jax_diffusion.runtime import distributed
     jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if distributed.initialize(config.distributed):
@@ -136,7 +136,8 @@ def setup_jax(config: ml_collections.ConfigDict) -> None:
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
     """Validate, set up JAX, run the mode; returns the exit status. A UserError is one line (its
     traceback at -v=1); anything else propagates with its traceback."""
-    from jax_diffusion import config_validation, parallel
+    from jax_diffusion import config_validation
+    from jax_diffusion.runtime import parallel
     try:
         config_validation.validate_config(config, mode, workdir)
         setup_jax(config)

@@ -122,7 +122,7 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
                  "checkpoint_every", "sample_every"):
         _positive_int(train, name, "train", minimum=0)
     _require(train.lr > 0, "train.lr", train.lr, "must be > 0")
-    from jax_diffusion.train_state import learning_rate_schedule
+    from jax_diffusion.training.train_state import learning_rate_schedule
     learning_rate_schedule(train)  # raises ConfigError for an unknown or impossible lr_schedule
     _require(train.grad_clip > 0, "train.grad_clip", train.grad_clip, "must be > 0")
     _require(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
@@ -131,7 +131,7 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     if train.label_dropout > 0:
         _require(config.model.num_classes > 0, "train.label_dropout", train.label_dropout,
                  "needs a class-conditional model (config.model.num_classes > 0)")
-    from jax_diffusion.train_step import STEP_LOOPS
+    from jax_diffusion.training.train_step import STEP_LOOPS
     _choice(train.step_loop, "train.step_loop", STEP_LOOPS)
     k = train.steps_per_jit
     for name in ("log_every", "checkpoint_every", "sample_every"):
@@ -236,10 +236,10 @@ def _check_eval(config: ml_collections.ConfigDict, mode: str) -> None:
 
 def _check_bench(bench: ml_collections.ConfigDict) -> None:
     from jax_diffusion import samplers
-    from jax_diffusion.bench import PARTS
+    from jax_diffusion.bench.run import PARTS
     comma_list(bench.parts, "config.bench.parts", PARTS)
     comma_list(bench.sample_steps, "config.bench.sample_steps", integers=True)
-    from jax_diffusion.bench_host import parse_worker_counts
+    from jax_diffusion.bench.host import parse_worker_counts
     parse_worker_counts(bench.data_workers)
     for name in ("steps_per_jit", "memory_batches"):
         comma_list(bench[name], f"config.bench.{name}", integers=True)
@@ -261,7 +261,7 @@ STUDENT_MEAN_TYPES = ("v", "x0")  # eps cannot give x0 at the pure-noise step of
 
 
 def _check_consistency(config: ml_collections.ConfigDict) -> None:
-    from jax_diffusion.distill_targets import ODE_STEPS, consistency_timesteps
+    from jax_diffusion.distill.targets import ODE_STEPS, consistency_timesteps
     from jax_diffusion.schedules import get_beta_schedule
     distill = config.distill
     _choice(distill.solver, "distill.solver", tuple(ODE_STEPS))
@@ -325,7 +325,7 @@ def validate_config(config: ml_collections.ConfigDict, mode: str, workdir: str) 
 
     Touches no device, dataset or checkpoint: only files the config names (reference
     statistics, a samples folder) are looked at, and only for the mode that reads them."""
-    from jax_diffusion.distributed import validate_distributed_config
+    from jax_diffusion.runtime.distributed import validate_distributed_config
     _check_workdir(workdir)
     _check_diffusion(config.diffusion)
     _check_data(config.data)
@@ -344,7 +344,7 @@ def validate_config(config: ml_collections.ConfigDict, mode: str, workdir: str) 
 def check_device_divisibility(config: ml_collections.ConfigDict, mode: str, mesh) -> None:
     """The global batches the mode uses must split evenly over all devices of `mesh` (of all
     processes); sampling and evaluation batches are rounded up to the device count instead."""
-    from jax_diffusion import parallel
+    from jax_diffusion.runtime import parallel
     keys = {"train": ("train.batch_size",),
             "eval": ("eval.nll_batch_size",) if "nll" in comma_list(
                 config.eval.metrics, "config.eval.metrics") else (),

@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion import data, images, parallel, samplers, schedules
+from jax_diffusion import data, images, samplers, schedules
+from jax_diffusion.runtime import parallel
 from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.config_files import load_config_file
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
-from jax_diffusion.sampling import default_labels, restore_for_sampling
+from jax_diffusion.generation.sampling import default_labels, restore_for_sampling
 
 # A pixel that differs from the median of its 8 neighbours by more than this (in [-1, 1] units)
 # is a speckle. No real digit at 16x16 has one (checked in `speckle_rate` on the data).

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion import parallel, schedules
+from jax_diffusion import schedules
+from jax_diffusion.runtime import parallel
 from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.models import create_model
-from jax_diffusion.sampling import (
+from jax_diffusion.generation.sampling import (
     default_labels,
     generate_samples,
     make_sample_fn,

@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from jax_diffusion import cpu_flags  # noqa: E402
+from jax_diffusion.runtime import cpu_flags  # noqa: E402
 
 cpu_flags.use_fast_cpu_convolutions()
 

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 from tiny_config import tiny_config
 
-from jax_diffusion import sample_command
+from jax_diffusion.generation import sample_command
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "pre_layout_run")
 

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from tiny_config import tiny_config
 
-from jax_diffusion import checkpoints, data, parallel, train
+from jax_diffusion import data
+from jax_diffusion.training import checkpoints
+from jax_diffusion.runtime import parallel
+from jax_diffusion.training import train
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 

@@ -9,7 +9,10 @@ import optax
 import pytest
 
 import gaussian_mixture as gm
-from jax_diffusion import consistency, distill, distill_targets, samplers, schedules
+from jax_diffusion import samplers, schedules
+from jax_diffusion.distill import loop as distill
+from jax_diffusion.samplers import consistency
+from jax_diffusion.distill import targets as distill_targets
 from jax_diffusion.config_validation import DISTILL_METHODS
 from jax_diffusion.diffusion import GaussianDiffusion
 

@@ -12,7 +12,8 @@ from cli_helpers import ENV, TIMEOUT, plain_command
 from convert_helpers import diffusers_unet, load_config, random_inputs, small, torch_forward
 from tiny_config import ROOT
 
-from jax_diffusion import errors, parallel
+from jax_diffusion import errors
+from jax_diffusion.runtime import parallel
 from jax_diffusion.convert.readers import SAFETENSORS_NAME
 from jax_diffusion.convert.run import run_export, run_import
 from jax_diffusion.convert.weights import params_from_state_dict, state_dict_from_params
@@ -53,7 +54,7 @@ def test_import_then_sample_restores_the_imported_weights(tmp_path):
     """--mode=import then --mode=sample through main.py; the restored weights are the imported
     ones and compute diffusers' function."""
     from jax_diffusion.models import create_model
-    from jax_diffusion.sampling import restore_for_sampling
+    from jax_diffusion.generation.sampling import restore_for_sampling
 
     config = ddpm_config(str(tmp_path / "hf"))
     unet, state = saved_diffusers_model(config, config.convert.source)
@@ -132,7 +133,7 @@ def test_improved_diffusion_state_dict_round_trip_through_a_pt_file(tmp_path):
     config.convert.source = str(path)
     run_import(config, str(tmp_path / "wd"))
     from jax_diffusion.models import create_model
-    from jax_diffusion.sampling import restore_for_sampling
+    from jax_diffusion.generation.sampling import restore_for_sampling
     restored, _ = restore_for_sampling(config, str(tmp_path / "wd"), parallel.create_mesh(),
                                        create_model(config.model))
     expected, got = flat(params), flat(restored)
@@ -215,7 +216,7 @@ def test_pt_without_pytorch_or_the_restricted_reader(tmp_path, monkeypatch):
     real_import = builtins.__import__
 
     def no_torch(name, *args, **kwargs):
-        if name == "torch" or name.startswith(("torch.", "jax_diffusion.torch_pickle")):
+        if name == "torch" or name.startswith(("torch.", "jax_diffusion.convert.torch_pickle")):
             raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 

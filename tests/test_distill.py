@@ -8,9 +8,14 @@ import pytest
 from cli_helpers import error_line, run_main
 from tiny_config import tiny_config
 
-from jax_diffusion import checkpoints, distill, loop_events, parallel, sampling, train
+from jax_diffusion.distill import loop as distill
+from jax_diffusion.training import checkpoints
+from jax_diffusion.training import loop_events
+from jax_diffusion.runtime import parallel
+from jax_diffusion.generation import sampling
+from jax_diffusion.training import train
 from jax_diffusion.models import create_model
-from jax_diffusion.train_state import abstract_train_state
+from jax_diffusion.training.train_state import abstract_train_state
 
 # Integration: distillation stages and main.py runs. In `make test`, not in `make test-fast`.
 pytestmark = pytest.mark.slow

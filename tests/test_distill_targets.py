@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import gaussian_mixture as gm
-from jax_diffusion import distill_targets, schedules
+from jax_diffusion import schedules
+from jax_diffusion.distill import targets as distill_targets
 from jax_diffusion.diffusion import GaussianDiffusion
 from jax_diffusion.samplers import ddim_step
 
@@ -137,7 +138,7 @@ def test_the_teacher_is_guided_with_distill_guidance_scale():
     linear in the network's output when not clipped), whatever sample.guidance_scale says."""
     from tiny_config import tiny_config
 
-    from jax_diffusion import distill
+    from jax_diffusion.distill import loop as distill
     from jax_diffusion.diffusion import create_diffusion
     from jax_diffusion.models import create_model
 

@@ -13,7 +13,7 @@ from jax_diffusion.evaluation import (InceptionWeightsNotFoundError, expected_we
                                       kernel_inception_distance, load_inception, preprocess,
                                       read_samples)
 from jax_diffusion.evaluation import digits as digits_metrics
-from jax_diffusion.parallel import create_mesh
+from jax_diffusion.runtime.parallel import create_mesh
 from random_inception import random_inception_weights
 
 # ---------------------------------------------------------------------------------------------

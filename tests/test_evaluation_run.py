@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from tiny_config import tiny_config
 
-from jax_diffusion import data, parallel
+from jax_diffusion import data
+from jax_diffusion.runtime import parallel
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.evaluation import nll, run
 from jax_diffusion.models import create_model, example_inputs

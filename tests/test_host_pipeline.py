@@ -14,7 +14,13 @@ from cli_helpers import run_main
 from test_data import _config, _take
 from tiny_config import tiny_config
 
-from jax_diffusion import bench, bench_dataset, bench_host, data, parallel, train, train_step
+from jax_diffusion import data
+from jax_diffusion.bench import run as bench
+from jax_diffusion.bench import dataset as bench_dataset
+from jax_diffusion.bench import host as bench_host
+from jax_diffusion.runtime import parallel
+from jax_diffusion.training import train
+from jax_diffusion.training import train_step
 from jax_diffusion.config_validation import validate_config
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError

@@ -8,7 +8,7 @@ import pytest
 
 from jax_diffusion.config_files import default_config
 from jax_diffusion.errors import ConfigError
-from jax_diffusion.train_state import learning_rate_schedule
+from jax_diffusion.training.train_state import learning_rate_schedule
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jax_diffusion.flops import train_flops_per_image, unet_forward_flops
+from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.models import create_model
 from jax_diffusion.models.embeddings import timestep_embedding
 from jax_diffusion.models.layers import ResBlock

@@ -19,7 +19,6 @@ from jax_diffusion.samplers import (
     ddim_step,
     ddpm_step,
     guided_model_fn,
-    num_evaluations,
     sample,
 )
 
@@ -310,7 +309,7 @@ def test_one_scan_with_one_model_call_and_program_size_independent_of_steps(meth
         model, diffusion10, (4, 2, 2, 1), key, method, churn=churn,
         model_alphas_cumprod=ABAR)))(jax.random.key(0)).jaxpr
     scans = [eqn for eqn in _equations(jaxpr) if eqn.primitive.name == "scan"]
-    assert len(scans) == 1 and scans[0].params["length"] == num_evaluations(method, 10)
+    assert len(scans) == 1 and scans[0].params["length"] == METHODS[method].num_evaluations(10)
     body = scans[0].params["jaxpr"].jaxpr
     assert sum(eqn.primitive.name == "tanh" for eqn in _equations(body)) == 1
     assert sum(eqn.primitive.name == "tanh" for eqn in _equations(jaxpr)) == 1
@@ -362,7 +361,8 @@ def test_trajectory_runs_from_noise_to_sample(method):
     noise = jax.random.normal(jax.random.key(7), SMALL_SHAPE)
     args = (jax.random.key(1), noise) + ((0.0,) if method == "ddim" else ())
     x0, trajectory = _small_sampler(method)(*args)
-    assert trajectory.shape == (num_evaluations(method, SMALL.num_timesteps) + 1,) + SMALL_SHAPE
+    nfe = METHODS[method].num_evaluations(SMALL.num_timesteps)
+    assert trajectory.shape == (nfe + 1,) + SMALL_SHAPE
     np.testing.assert_array_equal(trajectory[0], noise)
     np.testing.assert_array_equal(trajectory[-1], x0)
     assert np.all(np.isfinite(trajectory)) and np.all(np.abs(x0) <= 1.0)

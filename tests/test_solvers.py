@@ -15,14 +15,13 @@ from jax_diffusion import schedules
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.samplers import (
-    PLANS,
+    METHODS,
     Chain,
     check_sample_config,
-    num_evaluations,
     sample,
     sample_from_config,
 )
-from jax_diffusion.solver_tables import MULTISTEP_ORDERS
+from jax_diffusion.samplers.tables import MULTISTEP_ORDERS
 
 T = 1000
 LINEAR = schedules.get_beta_schedule("linear", T)
@@ -195,7 +194,7 @@ def test_one_multistep_step_matches_float64_reference(method):
         diffusion = _respaced()
         chain = Chain(method, diffusion, _mixture_model(), SHAPE, jnp.float64, jax.random.key(0),
                       0.0, False, 0.0, ABAR)
-        plan = PLANS[method](chain)
+        plan = METHODS[method].plan(chain)
         for i in (5, 3, 1):   # interior steps of order 3, and 2 (lower_order_final) at i = 1
             state = (jnp.asarray(x), jnp.asarray(base), tuple(map(jnp.asarray, history)))
             (x_next, corrected, _), m = plan.step(state, i)
@@ -252,7 +251,7 @@ def test_edm_heun_chain_and_step_match_float64_reference(churn):
         expected = ref_edm_chain(kept_abar, x_T, np_denoiser_at_sigma, churn, ABAR, noises)
         np.testing.assert_allclose(np.asarray(x0), expected, rtol=1e-10, atol=1e-10)
         # One step (its Euler and Heun iterations) from an arbitrary point through the plan.
-        plan = PLANS["edm_heun"](Chain("edm_heun", _respaced(), _mixture_model(), SHAPE,
+        plan = METHODS["edm_heun"].plan(Chain("edm_heun", _respaced(), _mixture_model(), SHAPE,
                                        jnp.float64, chain_key, 0.0, False, churn, ABAR))
         x = np.random.default_rng(2).standard_normal(SHAPE) * 3.0
         state = (jnp.asarray(x), jnp.zeros(SHAPE), jnp.zeros(SHAPE))
@@ -400,7 +399,7 @@ def test_error_falls_at_the_theoretical_order(method, order, tolerance):
             abar = _lambda_grid_abar(num)
             x0 = sample(gm.eps_model(GMM, abar), _grid_diffusion(abar), x_T.shape,
                         jax.random.key(0), method, clip_denoised=False, noise=jnp.asarray(x_T))
-            nfes.append(num_evaluations(method, num))
+            nfes.append(METHODS[method].num_evaluations(num))
             errors.append(_rms(x0, exact))
     slope = _fitted_order(nfes, errors)
     print(f"\n{method}: RMS error vs the exact ODE solution at NFE "

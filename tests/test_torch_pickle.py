@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_diffusion import torch_pickle
+from jax_diffusion.convert import torch_pickle
 from jax_diffusion.errors import InputFileError, UnsafePickleError
 
 

@@ -7,7 +7,11 @@ import pytest
 import threadpoolctl
 from tiny_config import tiny_config
 
-from jax_diffusion import checkpoints, data, parallel, sampling, train
+from jax_diffusion import data
+from jax_diffusion.training import checkpoints
+from jax_diffusion.runtime import parallel
+from jax_diffusion.generation import sampling
+from jax_diffusion.training import train
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.models import create_model

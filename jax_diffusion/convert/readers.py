@@ -2,7 +2,8 @@
 
 .safetensors: the `safetensors` package (no PyTorch needed). .bin / .pt / .pth (PyTorch pickles):
 `torch.load(..., weights_only=True)` when PyTorch is installed, else the project's restricted
-reader `jax_diffusion.torch_pickle`; with neither, a MissingDependencyError saying what to install.
+reader `jax_diffusion.convert.torch_pickle`;
+with neither, a MissingDependencyError saying what to install.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
         return {name: _torch_to_numpy(value) for name, value in state.items()
                 if isinstance(value, torch.Tensor)}
     try:
-        from jax_diffusion.torch_pickle import load_state_dict
+        from jax_diffusion.convert.torch_pickle import load_state_dict
     except ImportError:
         raise errors.MissingDependencyError(
             f"reading {os.path.basename(path)} (a PyTorch pickle) needs PyTorch: pip install "

@@ -3,7 +3,8 @@
   python -m jax_diffusion.evaluation.convert_weights pt_inception-2015-12-05-6726825d.pth \\
       inception_fid.npz
 
-The .pth is read with the safe reader (jax_diffusion.torch_pickle) and the evaluation reads it
+The .pth is read with the safe reader (jax_diffusion.convert.torch_pickle) and the evaluation reads
+it
 directly too; the .npz is for tools that want plain arrays. The output is checked by loading it
 back (names and shapes of the FID Inception-v3).
 """

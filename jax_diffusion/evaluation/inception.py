@@ -5,7 +5,8 @@ to PyTorch by pytorch-fid: torchvision's Inception-v3 with its FIDInceptionA/C/E
 3x3 average pools exclude the padding (TF's behaviour) and whose last block (Mixed_7c) pools
 with a max pool. Parameter names follow pytorch-fid's state dict ("Mixed_5b.branch1x1.conv.weight",
 "fc.bias", ...), so its pt_inception-2015-12-05-6726825d.pth maps 1:1 onto the module. That file is
-read without PyTorch (jax_diffusion.torch_pickle) and, with config.eval.inception_weights="auto",
+read without PyTorch (jax_diffusion.convert.torch_pickle) and, with
+config.eval.inception_weights="auto",
 fetched on first use into the user cache (jax_diffusion.downloads), verified by its SHA-256.
 
 The input convention is a choice (PREPROCESS_MODES) because it moves FID: "tf1" is the
@@ -27,7 +28,9 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from jax_diffusion import downloads, parallel, torch_pickle
+from jax_diffusion import downloads
+from jax_diffusion.runtime import parallel
+from jax_diffusion.convert import torch_pickle
 from jax_diffusion.errors import (
     ConfigError,
     DownloadError,

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion import parallel
+from jax_diffusion.runtime import parallel
 from jax_diffusion.diffusion import create_diffusion
 
 

@@ -26,7 +26,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jax_diffusion import data, parallel, sampling
+from jax_diffusion import data
+from jax_diffusion.runtime import parallel
+from jax_diffusion.generation import sampling
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.evaluation import digits, inception, metrics, nll, reference_stats, sweep
 from jax_diffusion.evaluation.samples import read_samples_dir

@@ -48,7 +48,7 @@ def parse_sweep(text: str) -> list[tuple[str, int]]:
             except ValueError:
                 raise ConfigError(f"config.eval.sweep: {count.strip()!r} in {part!r} is not an "
                                   "integer number of network evaluations") from None
-            problem = samplers.nfe_problem(method, nfe)
+            problem = samplers.METHODS[method].nfe_problem(nfe)
             if problem is not None:
                 raise ConfigError(f"config.eval.sweep: {method}:{nfe}: the NFE {problem}")
             if (method, nfe) in settings:
@@ -59,16 +59,9 @@ def parse_sweep(text: str) -> list[tuple[str, int]]:
 
 def sweep_config(config: ml_collections.ConfigDict, method: str,
                  nfe: int) -> ml_collections.ConfigDict:
-    """A copy of `config` sampling with `method` at `nfe` network evaluations: eta is kept for
-    ddim and churn for edm_heun (0 for the others, which have none); checked like any config."""
-    setting = config.copy_and_resolve_references()
-    setting.sample.method, setting.sample.num_steps = method, nfe
-    if method != "ddim":
-        setting.sample.eta = 0.0
-    if method != "edm_heun":
-        setting.sample.churn = 0.0
-    samplers.check_sample_config(setting)
-    return setting
+    """A copy of `config` sampling with `method` at `nfe` network evaluations (its knobs as
+    `samplers.with_method` sets them); checked like any config."""
+    return samplers.with_method(config, method, nfe)
 
 
 # Positive values spanning more than this ratio get a log-scaled quality axis: a distance (FID,

@@ -45,14 +45,19 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jax_diffusion import (checkpoints, consistency, data, distill_targets, loop_events, parallel,
-                           samplers, sampling)
+from jax_diffusion import data, samplers
+from jax_diffusion.training import checkpoints
+from jax_diffusion.samplers import consistency
+from jax_diffusion.distill import targets as distill_targets
+from jax_diffusion.training import loop_events
+from jax_diffusion.runtime import parallel
+from jax_diffusion.generation import sampling
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion, mean_flat
 from jax_diffusion.errors import CheckpointError, ConfigError
-from jax_diffusion.metric_window import MetricWindow
+from jax_diffusion.training.metric_window import MetricWindow
 from jax_diffusion.models import create_model
-from jax_diffusion.train_step import apply_if_finite, jit_steps
-from jax_diffusion.train_state import TrainState, abstract_train_state, create_optimizer
+from jax_diffusion.training.train_step import apply_if_finite, jit_steps
+from jax_diffusion.training.train_state import TrainState, abstract_train_state, create_optimizer
 
 # diffusion keys a teacher checkpoint must share with the config: they define its timesteps.
 _DIFFUSION_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type")

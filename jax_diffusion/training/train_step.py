@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from jax_diffusion import parallel
+from jax_diffusion.runtime import parallel
 from jax_diffusion.diffusion import GaussianDiffusion
-from jax_diffusion.train_state import TrainState, learning_rate_schedule
+from jax_diffusion.training.train_state import TrainState, learning_rate_schedule
 
 
 def ema_decay(decay: float, step: jax.Array) -> jax.Array:

@@ -8,14 +8,18 @@ import logging
 import jax
 import ml_collections
 
-from jax_diffusion import checkpoints, data, loop_events, parallel, sampling
+from jax_diffusion import data
+from jax_diffusion.training import checkpoints
+from jax_diffusion.training import loop_events
+from jax_diffusion.runtime import parallel
+from jax_diffusion.generation import sampling
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
-from jax_diffusion.metric_window import MetricWindow
+from jax_diffusion.training.metric_window import MetricWindow
 from jax_diffusion.models import create_model
-from jax_diffusion.train_state import (TrainState, abstract_train_state, create_optimizer,
+from jax_diffusion.training.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state)
-from jax_diffusion.train_step import make_train_step, next_batches
+from jax_diffusion.training.train_step import make_train_step, next_batches
 
 
 def run_length(config: ml_collections.ConfigDict) -> int:

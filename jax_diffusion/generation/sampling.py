@@ -13,9 +13,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion import checkpoints, consistency, images, parallel, samplers
+from jax_diffusion import images, samplers
+from jax_diffusion.training import checkpoints
+from jax_diffusion.samplers import consistency
+from jax_diffusion.runtime import parallel
 from jax_diffusion.diffusion import check_trained_with
-from jax_diffusion.train_state import abstract_train_state
+from jax_diffusion.training.train_state import abstract_train_state
 
 SampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jax_diffusion import parallel
+from jax_diffusion.runtime import parallel
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import example_inputs
 

@@ -1,7 +1,7 @@
-"""The pure math of distillation: step grids, the DDIM step, the progressive-distillation target
-and its loss weight (Salimans & Ho 2022, Algorithm 2), and the teacher's ODE step, grid and
-distance of consistency distillation (Song et al. 2023, Algorithm 2), on a discrete-time
-diffusion.
+"""The pure math of distillation: step grids, the progressive-distillation target and its loss
+weight (Salimans & Ho 2022, Algorithm 2), and the teacher's ODE step, grid and distance of
+consistency distillation (Song et al. 2023, Algorithm 2), on a discrete-time diffusion. The DDIM,
+Euler and Heun steps themselves are the samplers' (`samplers.steps`).
 
 Conventions: x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(abar_t), sigma_t =
 sqrt(1 - abar_t); abar arrays here are per example [B], and abar = 1 stands for the clean end
@@ -10,30 +10,13 @@ runs in float64 when its inputs are float64.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_diffusion.samplers.steps import X0Fn, ddim_update, euler_step, heun_step, per_example
 from jax_diffusion.schedules import edm_sigmas, step_timesteps, trailing_timesteps
-
-# x0_fn(x_t, original timesteps [B]) -> the (clipped) data prediction of the teacher.
-X0Fn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def _broadcast(a: jax.Array, x: jax.Array) -> jax.Array:
-    return jnp.asarray(a, x.dtype).reshape(a.shape + (1,) * (x.ndim - 1))
-
-
-def ddim_step(x: jax.Array, x0: jax.Array, abar_from: jax.Array, abar_to: jax.Array
-              ) -> jax.Array:
-    """Deterministic DDIM (eta = 0) from abar_from to abar_to given the data prediction x0:
-    x_to = alpha_to x0 + sigma_to (x - alpha_from x0) / sigma_from."""
-    a_from, a_to = _broadcast(abar_from, x), _broadcast(abar_to, x)
-    eps = (x - jnp.sqrt(a_from) * x0) / jnp.sqrt(1.0 - a_from)
-    return jnp.sqrt(a_to) * x0 + jnp.sqrt(1.0 - a_to) * eps
-
 
 def progressive_target(teacher_x0: X0Fn, x: jax.Array, t: jax.Array, t_mid: jax.Array,
                        t_end: jax.Array, alphas_cumprod: np.ndarray) -> jax.Array:
@@ -50,11 +33,11 @@ def progressive_target(teacher_x0: X0Fn, x: jax.Array, t: jax.Array, t_mid: jax.
     table = jnp.asarray(alphas_cumprod, x.dtype)
     abar_t, abar_mid = table[t], table[t_mid]
     abar_end = jnp.where(t_end < 0, jnp.ones((), x.dtype), table[jnp.maximum(t_end, 0)])
-    z_mid = ddim_step(x, teacher_x0(x, t), abar_t, abar_mid)
-    z_end = ddim_step(z_mid, teacher_x0(z_mid, t_mid), abar_mid, abar_end)
-    ratio = _broadcast(jnp.sqrt((1.0 - abar_end) / (1.0 - abar_t)), x)
+    z_mid = ddim_update(x, teacher_x0(x, t), abar_t, abar_mid)
+    z_end = ddim_update(z_mid, teacher_x0(z_mid, t_mid), abar_mid, abar_end)
+    ratio = per_example(jnp.sqrt((1.0 - abar_end) / (1.0 - abar_t)), x)
     return ((z_end - ratio * x)
-            / (_broadcast(jnp.sqrt(abar_end), x) - ratio * _broadcast(jnp.sqrt(abar_t), x)))
+            / (per_example(jnp.sqrt(abar_end), x) - ratio * per_example(jnp.sqrt(abar_t), x)))
 
 
 def truncated_snr_weight(abar: jax.Array) -> jax.Array:
@@ -75,40 +58,6 @@ def stage_timesteps(num_timesteps: int, student_steps: int, index: jax.Array
 
 
 # ---------------------------------------------------------------- consistency distillation
-def _eps(x: jax.Array, x0: jax.Array, abar: jax.Array) -> jax.Array:
-    a = _broadcast(abar, x)
-    return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
-
-
-def euler_step(teacher_x0: X0Fn, x: jax.Array, t_from: jax.Array, t_to: jax.Array,
-               alphas_cumprod: np.ndarray) -> jax.Array:
-    """One Euler step of the probability-flow ODE in sigma = sqrt((1 - abar) / abar) from
-    t_from to t_to (original timesteps [B]), which is one DDIM (eta 0) step."""
-    table = jnp.asarray(alphas_cumprod, x.dtype)
-    return ddim_step(x, teacher_x0(x, t_from), table[t_from], table[t_to])
-
-
-def heun_step(teacher_x0: X0Fn, x: jax.Array, t_from: jax.Array, t_to: jax.Array,
-              alphas_cumprod: np.ndarray) -> jax.Array:
-    """One Heun step of the probability-flow ODE in sigma from t_from to t_to (Karras et al.
-    2022, Alg. 1 lines 5-7; the teacher step of consistency distillation). In EDM variables
-    the slope d = (x_sigma - D) / sigma is the eps of the VP state, so with DDIM steps:
-
-        x'  = DDIM(x, D(x, t_from), t_from -> t_to)                          (Euler)
-        e   = (eps(x, t_from) + eps(x', t_to)) / 2                           (mean slope)
-        x_to = DDIM(x, x0 = (x - sqrt(1 - abar_from) e) / sqrt(abar_from), t_from -> t_to)
-    """
-    table = jnp.asarray(alphas_cumprod, x.dtype)
-    abar_from, abar_to = table[t_from], table[t_to]
-    x0 = teacher_x0(x, t_from)
-    x_euler = ddim_step(x, x0, abar_from, abar_to)
-    slope = 0.5 * (_eps(x, x0, abar_from)
-                   + _eps(x_euler, teacher_x0(x_euler, t_to), abar_to))
-    a_from = _broadcast(abar_from, x)
-    return ddim_step(x, (x - jnp.sqrt(1.0 - a_from) * slope) / jnp.sqrt(a_from), abar_from,
-                     abar_to)
-
-
 # The teacher's ODE step of consistency distillation: the values of config.distill.solver.
 ODE_STEPS = {"heun": heun_step, "euler": euler_step}
 

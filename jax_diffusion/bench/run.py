@@ -23,13 +23,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion import bench_eval, bench_host, parallel, sampling
+from jax_diffusion import samplers
+from jax_diffusion.bench import evaluation as bench_eval
+from jax_diffusion.bench import host as bench_host
+from jax_diffusion.runtime import parallel
+from jax_diffusion.generation import sampling
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.diffusion import create_diffusion
-from jax_diffusion.flops import train_flops_per_image, unet_forward_flops
+from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.models import create_model
-from jax_diffusion.train_step import make_train_step
-from jax_diffusion.train_state import (TrainState, abstract_train_state, create_optimizer,
+from jax_diffusion.training.train_step import make_train_step
+from jax_diffusion.training.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state)
 
 PARTS = ("train", "fwd", "sample", "data", "host", "checkpoint", "memory", "eval")
@@ -189,11 +193,7 @@ def _bench_sample(config: ml_collections.ConfigDict, model: nn.Module, mesh, par
     key = jax.random.PRNGKey(bench.seed)
     img_per_s, compile_s = {}, {}
     for steps in sample_steps:
-        sample_config = config.copy_and_resolve_references()
-        sample_config.sample.method = bench.method
-        sample_config.sample.num_steps = steps
-        if bench.method != "ddim":
-            sample_config.sample.eta = 0.0  # a DDIM setting (digits uses 1); the others need 0
+        sample_config = samplers.with_method(config, bench.method, steps)
         sample_fn = sampling.make_sample_fn(sample_config, model, mesh, bench.sample_batch_size)
         name = f"{bench.method}_{steps}"
         compiled, compile_s[name] = compile_timed(sample_fn, params, key, labels)

@@ -14,7 +14,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion import images, parallel, sampling
+from jax_diffusion import images
+from jax_diffusion.runtime import parallel
+from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
 
 

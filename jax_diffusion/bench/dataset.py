@@ -66,7 +66,7 @@ def ensure_prepared(data_dir: str, num_examples: int = NUM_EXAMPLES, timeout: fl
     leaves nothing that `is_prepared` accepts."""
     if not is_prepared(data_dir):
         subprocess.run(
-            [sys.executable, "-c", "from jax_diffusion.bench_dataset import _build; "
+            [sys.executable, "-c", "from jax_diffusion.bench.dataset import _build; "
              f"_build({data_dir!r}, {num_examples})"],
             check=True, timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
             capture_output=True)

@@ -1,0 +1,116 @@
+"""The sampler a config describes: its one-line checks, the respaced diffusion its method and
+step schedule visit, and `sample_from_config`, the library entry point of --mode=sample/eval."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from jax_diffusion import schedules
+from jax_diffusion.diffusion import GaussianDiffusion, ModelFn, create_diffusion
+from jax_diffusion.errors import ConfigError
+from jax_diffusion.samplers.chain import sample
+from jax_diffusion.samplers.methods import KNOB_DEFAULTS, METHODS, methods_reading
+
+
+def check_sample_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError (one line: key, value, what is allowed) for a config.sample that
+    cannot run on config.diffusion."""
+    sample_config, total = config.sample, config.diffusion.num_timesteps
+    method = sample_config.method
+    if method not in METHODS:
+        raise ConfigError(f"config.sample.method={method!r} is unknown; allowed: "
+                          f"{', '.join(METHODS)}")
+    if sample_config.schedule not in schedules.STEP_SCHEDULES:
+        raise ConfigError(f"config.sample.schedule={sample_config.schedule!r} is unknown; "
+                          f"allowed: {', '.join(schedules.STEP_SCHEDULES)}")
+    spec = METHODS[method]
+    eta, churn = sample_config.eta, sample_config.churn
+    if not 0.0 <= eta <= 1.0:
+        raise ConfigError(f"config.sample.eta={eta} must lie in [0, 1] (0: deterministic DDIM, "
+                          "1: DDPM-like)")
+    if churn < 0:
+        raise ConfigError(f"config.sample.churn={churn} must be >= 0 (0: Karras et al. Alg. 1)")
+    for knob, default in KNOB_DEFAULTS.items():
+        if sample_config[knob] != default and knob not in spec.knobs:
+            readers = " or ".join(f"config.sample.method={m!r}" for m in methods_reading(knob))
+            raise ConfigError(f"config.sample.{knob}={sample_config[knob]} applies only to "
+                              f"{readers} (got {method!r}); set config.sample.{knob}={default:g}")
+    nfe = sample_config.num_steps
+    problem = spec.nfe_problem(nfe)
+    if problem is None and not 1 <= spec.chain_steps(nfe) <= total:
+        problem = (f"must be at most {spec.num_evaluations(total)} for {method!r} with "
+                   f"config.diffusion.num_timesteps={total}")
+    if problem is not None:
+        raise ConfigError(f"config.sample.num_steps={nfe!r} (network evaluations) {problem}")
+    _check_sigma_bounds(config)
+    if sample_config.guidance_scale < 0:
+        raise ConfigError(f"config.sample.guidance_scale={sample_config.guidance_scale} must be "
+                          ">= 0 (1: the conditional model, 0: the unconditional one)")
+
+
+def _check_sigma_bounds(config: ml_collections.ConfigDict) -> None:
+    sample_config = config.sample
+    sigma_min, sigma_max = sample_config.sigma_min, sample_config.sigma_max
+    if not 0.0 <= sigma_min < sigma_max:
+        raise ConfigError(f"config.sample.sigma_min={sigma_min} and config.sample.sigma_max="
+                          f"{sigma_max} must satisfy 0 <= sigma_min < sigma_max")
+    if sample_config.schedule not in schedules.SIGMA_SCHEDULES:
+        if (sigma_min, sigma_max) != (0.0, schedules.SIGMA_MAX):
+            raise ConfigError(f"config.sample.sigma_min/sigma_max bound only the "
+                              f"{' and '.join(schedules.SIGMA_SCHEDULES)} step schedules (got "
+                              f"config.sample.schedule={sample_config.schedule!r}); keep them at "
+                              f"0 and {schedules.SIGMA_MAX:g}")
+        return
+    betas = schedules.get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    abar = np.cumprod(1.0 - betas)
+    try:
+        schedules.sigma_bounds(abar, sigma_min, sigma_max)
+    except ValueError:
+        sigma = schedules.edm_sigmas(abar[[0, -1]])
+        raise ConfigError(f"config.sample.sigma_min={sigma_min} / sigma_max={sigma_max} leave "
+                          f"nothing of this diffusion's sigmas [{sigma[0]:.3g}, {sigma[1]:.3g}]"
+                          ) from None
+
+
+def chain_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
+    """The diffusion respaced to the timesteps config.sample's method and schedule visit for
+    config.sample.num_steps network evaluations (all T steps unrespaced)."""
+    check_sample_config(config)
+    total = config.diffusion.num_timesteps
+    betas = schedules.get_beta_schedule(config.diffusion.schedule, total)
+    kept = schedules.step_timesteps(config.sample.schedule, total,
+                                    METHODS[config.sample.method].chain_steps(config.sample.num_steps),
+                                    betas, config.sample.sigma_min, config.sample.sigma_max)
+    return create_diffusion(config.diffusion, respacing=None if len(kept) == total else kept)
+
+
+def sample_from_config(model_fn: ModelFn, config: ml_collections.ConfigDict,
+                       shape: Sequence[int], key: jax.Array,
+                       noise: jax.Array | None = None) -> jax.Array:
+    """x0 of `shape` with the sampler config.sample describes (method, num_steps = NFE,
+    schedule, eta, churn, clip_denoised) on config.diffusion; `model_fn(x, t)` is the network
+    (already guided, see `guided_model_fn`). The library entry point of --mode=sample/eval."""
+    diffusion = chain_diffusion(config)
+    betas = schedules.get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    sample_config = config.sample
+    return sample(model_fn, diffusion, shape, key, method=sample_config.method,
+                  eta=sample_config.eta, clip_denoised=sample_config.clip_denoised, noise=noise,
+                  churn=sample_config.churn, model_alphas_cumprod=np.cumprod(1.0 - betas))
+
+
+def with_method(config: ml_collections.ConfigDict, method: str,
+                nfe: int) -> ml_collections.ConfigDict:
+    """A copy of `config` sampling with `method` at `nfe` network evaluations, its knobs (eta,
+    churn) kept where the method reads them and reset to their defaults where it does not;
+    checked like any config."""
+    setting = config.copy_and_resolve_references()
+    setting.sample.method, setting.sample.num_steps = method, nfe
+    spec = METHODS.get(method)
+    for knob, default in KNOB_DEFAULTS.items():
+        if spec is not None and knob not in spec.knobs:
+            setting.sample[knob] = default
+    check_sample_config(setting)
+    return setting
