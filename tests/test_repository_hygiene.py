@@ -16,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Absolute paths of a development machine: the home directories and the work tree of the machine
 # the project was developed on.
 MACHINE_PATH = re.compile("/(?:" + "|".join(["wo" + "rk", "ro" + "ot", "ho" + "me"]) + ")/")
-# "issue 14", "issues 17 and 18", "Issue #3", "issue-15", "ticket 9", "pull request 12", "PR 4";
-# and a bare "#14" after a space, a bracket or punctuation (not owner/repo#14, not &#123;).
+# The word issue, ticket, pull request or PR followed by a number (with or without a hash, a
+# space or a hyphen between them), and a bare hash-number after a space, a bracket or
+# punctuation (not owner/repo#N, which cites another project, nor an HTML entity).
 TRACKER_REFERENCE = re.compile(
     r"\b(?:issues?|tickets?|pull[ -]requests?|PRs?)[\s_-]*(?:no\.?\s*)?#?\d+"
     r"|(?:^|(?<=[\s(\[{,;:]))#\d+\b",
@@ -68,6 +69,24 @@ def test_no_machine_paths_or_tracker_references_in_tracked_files():
                            f"(cite other projects by URL):\n{report}")
 
 
+DOCS_PATH = re.compile(r"(?<![\w/.-])docs/[\w/.-]*\w\.(?:md|png)\b")
+
+
+def test_paths_into_docs_exist():
+    """Every docs/ file named in a tracked text file exists: pages move, mentions must follow."""
+    missing = sorted({f"{path}: {match}" for path, text in tracked_text_files().items()
+                      for match in DOCS_PATH.findall(text)
+                      if not os.path.exists(os.path.join(ROOT, match))})
+    assert not missing, "mentions of docs/ files that do not exist:\n" + "\n".join(missing)
+
+
+def test_docs_path_pattern_finds_a_mention():
+    """Negative control: a planted mention of a missing page is found, and reported missing."""
+    page = _planted("docs/", "no_such_page.md")
+    assert DOCS_PATH.findall(f"see {page}, section 2") == [page]
+    assert not os.path.exists(os.path.join(ROOT, page))
+
+
 def _planted(*parts: str) -> str:
     return "".join(parts)
 
@@ -75,7 +94,7 @@ def _planted(*parts: str) -> str:
 @pytest.mark.parametrize("text", [
     _planted("see iss", "ue 14 for the figures"),
     _planted("as measured in iss", "ues 17 and 18"),
-    _planted("Iss", "ue #3, what must be shown"),
+    _planted("Iss", "ue #", "3, what must be shown"),
     _planted("the iss", "ue-15 report"),
     _planted("fixed in (", "#14)"),
     _planted("see ", "#7"),
