@@ -1,10 +1,10 @@
-# The README's commands. Each builds .venv when it is missing or its requirements changed.
+# The README's commands. Each builds its venv when it is missing or its requirements changed.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo demo-distill test test-fast lint bench clean
+.PHONY: demo demo-distill test test-fast lint bench docs clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -42,5 +42,19 @@ test-fast: $(VENV)/.test-installed
 bench: $(VENV)/.test-installed
 	$(PY) scripts/bench_vs_torch.py
 
+# The documentation site (mkdocs.yml, docs/) into site/. Its own small venv: mkdocstrings reads
+# the package by static analysis, so neither JAX nor the package is installed there. --strict
+# turns every warning (a broken link or anchor, a page missing from the nav, a docstring
+# reference to a missing name) into a failure.
+DOCS_VENV := .venv-docs
+$(DOCS_VENV)/.installed: requirements-docs.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install --quiet -r requirements-docs.txt
+	touch $@
+
+docs: $(DOCS_VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(DOCS_VENV) site

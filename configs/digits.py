@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.num_timesteps = 1000
     # v-prediction and Min-SNR-5: with eps-prediction this model's x0 at high noise was worse
     # than the class mean, and its deterministic samples lost ~0.09 accuracy
-    # (docs/deterministic_sampling.md).
+    # (docs/notes/deterministic_sampling.md).
     config.diffusion.mean_type = "v"
     config.diffusion.loss_weighting = "min_snr"
 
@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.method = "ddim"
     config.sample.num_steps = 50
     # eta = 1 (stochastic DDIM): on this 1,500-step model it scores 0.974 classifier accuracy
-    # against 0.924 for eta = 0 (docs/deterministic_sampling.md, section 3).
+    # against 0.924 for eta = 0 (docs/notes/deterministic_sampling.md, section 3).
     config.sample.eta = 1.0
     config.sample.num_samples = 1000
     config.sample.batch_size = 500
@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Distillation of this model (make demo-distill, README "Few-step students"): progressive
     # distillation of its 16-step DDIM sampler, 16 -> 8 -> 4 steps, every stage kept, with
     # guidance w = 1.1 distilled in (unguided, the 4-step student keeps the deterministic
-    # sampler's accuracy gap, docs/deterministic_sampling.md).
+    # sampler's accuracy gap, docs/notes/deterministic_sampling.md).
     config.distill.teacher_steps = 16
     config.distill.num_halvings = 2
     config.distill.steps_per_stage = 150
