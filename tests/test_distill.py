@@ -9,10 +9,11 @@ from cli_helpers import error_line, run_main
 from tiny_config import tiny_config
 
 from jax_diffusion.distill import loop as distill
+from jax_diffusion.errors import ConfigError
 from jax_diffusion.training import checkpoints
 from jax_diffusion.training import loop_events
 from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import sampling
+from jax_diffusion.generation import restore, sampling
 from jax_diffusion.training import train
 from jax_diffusion.models import create_model
 from jax_diffusion.training.train_state import abstract_train_state
@@ -96,18 +97,24 @@ def _check_progressive_student(resumed_dir, teacher_workdir):
         assert record["sample"]["num_steps"] == steps == record["distill"]["student_steps"]
         assert record["diffusion"]["mean_type"] == "v"
 
-    # The student's sampler comes from its checkpoint, whatever config.sample says.
-    teacher_style = tiny_config(sample__method="ddpm", sample__eta=0.0, sample__num_steps=50)
-    final = sampling.student_config(teacher_style, resumed_dir)
+    # The student's sampler comes from its checkpoint, whatever config.sample says; the step
+    # count picks the stage.
+    final = restore.student_config(
+        tiny_config(sample__method="ddpm", sample__eta=0.0, sample__num_steps=1), resumed_dir)
     assert (final.sample.method, final.sample.eta, final.sample.num_steps) == ("ddim", 0.0, 1)
     assert final.sample.checkpoint_step == 6 and final.diffusion.mean_type == "v"
-    two = sampling.student_config(tiny_config(sample__num_steps=2), resumed_dir)
+    two = restore.student_config(tiny_config(sample__num_steps=2), resumed_dir)
     assert (two.sample.num_steps, two.sample.checkpoint_step) == (2, 3)
-    assert sampling.student_config(teacher_style, teacher_workdir) is teacher_style
+    # A count no stage holds is refused, naming the ones held (was: the last stage, silently).
+    teacher_style = tiny_config(sample__method="ddpm", sample__eta=0.0, sample__num_steps=50)
+    with pytest.raises(ConfigError, match=r"holds distilled students that sample in 1 or 2 "
+                                          r"steps; config\.sample\.num_steps=50 is not one"):
+        restore.student_config(teacher_style, resumed_dir)
+    assert restore.student_config(teacher_style, teacher_workdir) is teacher_style
 
     mesh = parallel.create_mesh()
     model = create_model(two.model)
-    params, step = sampling.restore_for_sampling(two, resumed_dir, mesh, model)
+    params, step = restore.restore_for_sampling(two, resumed_dir, mesh, model)
     stage_params = checkpoints.restore_params(manager, 3, abstract_train_state(two, model),
                                               parallel.replicated(mesh))
     for a, b in zip(_leaves(params), _leaves(stage_params), strict=True):
@@ -128,13 +135,16 @@ def _check_consistency_student(config, state, resumed_dir):
                                                         strict=True))
     assert any(not np.array_equal(a, b) for a, b in zip(target, _leaves(state.ema_params),
                                                         strict=True))
-    # Any step count below the grid's 5 levels is the user's; a teacher's 50 falls back to 1.
-    teacher_style = tiny_config(sample__method="ddpm", sample__num_steps=50)
-    final = sampling.student_config(teacher_style, resumed_dir)
+    # Any step count below the grid's 5 levels is the user's; another is refused.
+    final = restore.student_config(tiny_config(sample__method="ddpm", sample__num_steps=1),
+                                   resumed_dir)
     assert (final.sample.method, final.sample.num_steps) == ("consistency", 1)
     assert final.distill.method == "consistency" and final.sample.checkpoint_step == 6
-    assert sampling.student_config(tiny_config(sample__num_steps=2),
-                                   resumed_dir).sample.num_steps == 2
+    assert restore.student_config(tiny_config(sample__num_steps=2),
+                                  resumed_dir).sample.num_steps == 2
+    with pytest.raises(ConfigError, match=r"trained on 5 noise levels; config\.sample\."
+                                          r"num_steps=50 must lie in 1\.\.4"):
+        restore.student_config(tiny_config(sample__num_steps=50), resumed_dir)
     # --mode=sample on the student's workdir at 1 and 2 steps, with no other flag.
     for steps in (1, 2):
         result = run_main(resumed_dir, "--mode=sample", sample__num_steps=str(steps),

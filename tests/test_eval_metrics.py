@@ -12,7 +12,7 @@ from tiny_config import tiny_config
 
 from jax_diffusion.training import checkpoints
 from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import sampling
+from jax_diffusion.generation import restore, sampling
 from jax_diffusion.evaluation import run
 from jax_diffusion.models import create_model
 from jax_diffusion.training.train_state import create_optimizer, create_train_state
@@ -122,7 +122,7 @@ def samples_dir(checkpoint):
     config = _config("nll")
     mesh = parallel.create_mesh()
     model = create_model(config.model)
-    params, _ = sampling.restore_for_sampling(config, checkpoint, mesh, model)
+    params, _ = restore.restore_for_sampling(config, checkpoint, mesh, model)
     labels = sampling.default_labels(20, 10)
     sample_fn = sampling.make_sample_fn(config, model, mesh, 16)
     images = sampling.generate_samples(sample_fn, params, labels, 16, 0, mesh, progress=False)

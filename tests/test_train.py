@@ -10,7 +10,7 @@ from tiny_config import tiny_config
 from jax_diffusion import data
 from jax_diffusion.training import checkpoints
 from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import sampling
+from jax_diffusion.generation import restore, sampling
 from jax_diffusion.training import train
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.evaluation import digits as digits_metrics
@@ -207,7 +207,7 @@ def test_samples_from_eight_device_training_match_on_one_device(resume_runs):
     samples8 = sampling.generate_samples(fn8, trained.ema_params, labels, 16, 0, mesh8,
                                          progress=False)
 
-    params1, step = sampling.restore_for_sampling(config, resume_runs["straight"], mesh1, model)
+    params1, step = restore.restore_for_sampling(config, resume_runs["straight"], mesh1, model)
     assert step == 6
     assert {d for leaf in jax.tree.leaves(params1) for d in leaf.sharding.device_set} == \
         {jax.devices()[0]}

@@ -172,3 +172,34 @@ def check_unet2d_config(found: dict[str, Any], config: ml_collections.ConfigDict
     if differences:
         raise errors.ConversionError(f"{source} is not the network of this config: "
                                      + "; ".join(differences))
+
+
+def config_from_unet2d(found: dict[str, Any], base: ml_collections.ConfigDict
+                       ) -> ml_collections.ConfigDict:
+    """A copy of `base` whose data and model sections describe the UNet2DModel of `found` (a
+    config.json), checked with `check_unet2d_config`; the diffusion and sampler stay `base`'s."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    channels = [int(c) for c in _effective(found, "block_out_channels")]
+    size = int(found.get("sample_size") or config.data.image_size)
+    config.data.image_size, config.data.channels = size, int(_effective(found, "in_channels"))
+    m = config.model
+    m.ch = channels[0]
+    m.ch_mult = tuple(c // channels[0] for c in channels)
+    m.num_res_blocks = int(_effective(found, "layers_per_block"))
+    m.attention_resolutions = tuple(
+        size // 2 ** level for level, block in enumerate(_effective(found, "down_block_types"))
+        if block.startswith("Attn"))
+    head_dim = _effective(found, "attention_head_dim")
+    m.num_heads, m.num_head_channels = 1, -1 if head_dim is None else int(head_dim)
+    m.resblock_updown, m.conv_resample = False, True
+    m.use_scale_shift_norm = _effective(found, "resnet_time_scale_shift") == "scale_shift"
+    m.learn_sigma = int(_effective(found, "out_channels")) == 2 * config.data.channels
+    m.num_classes = max(int(_effective(found, "num_class_embeds") or 0) - 1, 0)
+    m.time_embedding_freq_shift = int(_effective(found, "freq_shift"))
+    m.time_embedding_flip_sin_to_cos = bool(_effective(found, "flip_sin_to_cos"))
+    m.norm_eps = float(_effective(found, "norm_eps"))
+    padding = {value: name for name, value in _DOWNSAMPLE_PADDING.items()}
+    m.downsample_padding = padding.get(int(_effective(found, "downsample_padding")), "symmetric")
+    if m.learn_sigma:
+        config.diffusion.var_type = "learned_range"
+    return config

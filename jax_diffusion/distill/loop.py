@@ -27,7 +27,7 @@ any config.sample.num_steps (consistency.sample).
 Checkpoints are ordinary training checkpoints in `workdir` at a global step (stage s ends at
 (s + 1) * steps_per_stage; those are never deleted, so every stage's student stays). Each
 records as its config the sampler the student needs (sample.method, eta 0, num_steps, schedule,
-guidance 1, diffusion.mean_type and distill.student_steps), which `sampling.student_config`
+guidance 1, diffusion.mean_type and distill.student_steps), which `restore.student_config`
 reads for --mode=sample and --mode=eval. Batches, seed, gradient clipping, logging and
 checkpoint intervals come from config.train; SIGTERM and NaN are handled as in training, and a
 resumed run repeats the uninterrupted one bitwise.
@@ -269,7 +269,7 @@ def make_consistency_step(config: ml_collections.ConfigDict, model: nn.Module,
 def consistency_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config a consistency student's checkpoints record: the teacher's head, the multistep
     consistency sampler, 1 step unless config.sample.num_steps asks for more
-    (`sampling.student_config`)."""
+    (`restore.student_config`)."""
     return _student_record(config, config.diffusion.mean_type, consistency.SAMPLER, 1)
 
 

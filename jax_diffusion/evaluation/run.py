@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from jax_diffusion import data
 from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import sampling
+from jax_diffusion.generation import restore, sampling
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.evaluation import digits, inception, metrics, nll, reference_stats, sweep
 from jax_diffusion.evaluation.samples import read_samples_dir
@@ -210,10 +210,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     from clu import metric_writers  # imports TensorFlow: only when evaluating
 
     wanted = wanted_metrics(config)
-    config = sampling.student_config(config, workdir)
+    config = restore.student_config(config, workdir)
     mesh = parallel.create_mesh()
     model = create_model(config.model)
-    params, step = sampling.restore_for_sampling(config, workdir, mesh, model)
+    params, step = restore.restore_for_sampling(config, workdir, mesh, model)
     ctx = EvalContext(config, workdir, mesh, model, params, step)
     if INCEPTION_METRICS & set(wanted):
         ctx.inception  # noqa: B018  (load the weights before minutes of sampling)

@@ -15,9 +15,7 @@ import ml_collections
 import numpy as np
 
 from jax_diffusion import images
-from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import sampling
-from jax_diffusion.models import create_model
+from jax_diffusion.pipeline import Pipeline
 
 
 def write_samples(workdir: str, samples: np.ndarray, labels: np.ndarray,
@@ -39,20 +37,11 @@ def write_samples(workdir: str, samples: np.ndarray, labels: np.ndarray,
 
 
 def run_sample(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """--mode=sample."""
-    config = sampling.student_config(config, workdir)
-    mesh = parallel.create_mesh()
-    model = create_model(config.model)
-    params, step = sampling.restore_for_sampling(config, workdir, mesh, model)
+    """--mode=sample: `Pipeline.sample` with every setting from config.sample."""
     sample_config = config.sample
-    logging.info("Sampling %d images from step %d (%s params) with %s, %d steps",
-                 sample_config.num_samples, step, "EMA" if sample_config.use_ema else "raw",
-                 sample_config.method, sample_config.num_steps)
-    batch_size = parallel.round_up_to_devices(
-        min(sample_config.batch_size, sample_config.num_samples), mesh)
-    labels = sampling.default_labels(sample_config.num_samples, config.model.num_classes)
-    sample_fn = sampling.make_sample_fn(config, model, mesh, batch_size)
-    samples = sampling.generate_samples(sample_fn, params, labels, batch_size,
-                                        sample_config.seed, mesh)
+    pipeline = Pipeline(config, workdir=workdir)
+    logging.info("Sampling %d images (%s params)", sample_config.num_samples,
+                 "EMA" if sample_config.use_ema else "raw")
+    samples = pipeline.sample(sample_config.num_samples, seed=sample_config.seed, progress=True)
     if jax.process_index() == 0:
-        write_samples(workdir, samples, labels, config.model.num_classes)
+        write_samples(workdir, samples.images, samples.labels, config.model.num_classes)

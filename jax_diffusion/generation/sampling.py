@@ -1,10 +1,9 @@
-"""Sampling from a trained model (library): restore the (EMA) parameters onto the current
-devices, generate batch-sharded samples with the sampler in `config.sample`, and the grids that
-training writes. `--mode=sample` (sample_command.py) and `--mode=eval` build on it.
+"""Drawing images with a restored model: the jitted, batch-sharded sample function of the sampler
+in `config.sample`, the batch loop, and the grids that training writes. `--mode=sample`,
+`--mode=eval` and `Pipeline` build on it.
 """
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 
@@ -14,11 +13,8 @@ import ml_collections
 import numpy as np
 
 from jax_diffusion import images, samplers
-from jax_diffusion.training import checkpoints
 from jax_diffusion.samplers import consistency
 from jax_diffusion.runtime import parallel
-from jax_diffusion.diffusion import check_trained_with
-from jax_diffusion.training.train_state import abstract_train_state
 
 SampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
@@ -90,69 +86,3 @@ class GridSampler:
         grid = images.make_grid(samples, self.ncols)
         images.save_png(grid, os.path.join(workdir, "grids", f"step_{step:08d}.png"), scale=2)
         writer.write_images(step, {"samples": grid[None]})
-
-
-def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str, mesh,
-                         model: nn.Module) -> tuple[object, int]:
-    """(params, step): EMA (or raw) parameters of the chosen checkpoint, replicated on `mesh`.
-    A checkpoint trained with another diffusion (schedule, T, parametrisation, variance,
-    timestep scaling) is refused: its network's output would be read wrongly."""
-    manager = checkpoints.create_manager(workdir, read_only=True)
-    step = checkpoints.select_step(manager, config.sample.checkpoint_step)
-    saved = checkpoints.restore_config(manager, step)
-    check_trained_with(saved.get("diffusion", {}), config.diffusion,
-                       f"{checkpoints.checkpoint_dir(workdir)}/{step}")
-    params = checkpoints.restore_params(manager, step, abstract_train_state(config, model),
-                                        parallel.replicated(mesh), use_ema=config.sample.use_ema)
-    return params, step
-
-
-def student_config(config: ml_collections.ConfigDict, workdir: str
-                   ) -> ml_collections.ConfigDict:
-    """`config`, or for the workdir of a distilled student (--mode=distill) a copy that samples
-    it as its checkpoint records: its parametrisation, sampler, eta, step count and guidance,
-    whatever config.sample says for teachers. With several stages kept, the stage whose step
-    count is config.sample.num_steps is chosen, else the last one (config.sample.checkpoint_step
-    >= 0 picks one directly). A consistency student (one stage) samples with
-    config.sample.num_steps steps when that is below its distill.num_scales (the levels it was
-    trained on), else with the steps it records (1)."""
-    manager = checkpoints.create_manager(workdir, read_only=True)
-    if not manager.all_steps():
-        return config  # restore_for_sampling names the problem
-    latest = checkpoints.restore_config(manager, manager.latest_step())
-    if not latest.get("distill", {}).get("student_steps", 0):
-        return config
-    num_steps = config.sample.num_steps
-    if config.sample.checkpoint_step >= 0:
-        step = checkpoints.select_step(manager, config.sample.checkpoint_step)
-    elif latest["sample"]["method"] == consistency.SAMPLER:
-        step = manager.latest_step()
-    else:
-        per_stage = latest["distill"]["steps_per_stage"]
-        stages = {checkpoints.restore_config(manager, s)["distill"]["student_steps"]: s
-                  for s in manager.all_steps() if s % per_stage == 0}
-        step = stages.get(config.sample.num_steps, manager.latest_step())
-        if config.sample.num_steps not in stages:
-            logging.info("%s holds distilled students at %s steps; config.sample.num_steps=%d "
-                         "is not one of them: sampling the latest", workdir,
-                         ", ".join(map(str, sorted(stages))), config.sample.num_steps)
-    record = checkpoints.restore_config(manager, step)
-    effective = ml_collections.ConfigDict(config.to_dict())
-    effective.diffusion.mean_type = record["diffusion"]["mean_type"]
-    for key in ("method", "eta", "num_steps", "schedule", "guidance_scale"):
-        effective.sample[key] = record["sample"][key]
-    effective.sample.checkpoint_step = step
-    for key, value in record["distill"].items():   # the method and its parametrisation
-        if key in effective.distill:
-            effective.distill[key] = value
-    if effective.sample.method == consistency.SAMPLER:
-        if 1 <= num_steps < effective.distill.num_scales:
-            effective.sample.num_steps = num_steps
-        else:
-            logging.info("%s holds a consistency model trained on %d levels; "
-                         "config.sample.num_steps=%d is not below that: sampling with %d",
-                         workdir, effective.distill.num_scales, num_steps,
-                         effective.sample.num_steps)
-    logging.info("Distilled student: checkpoint %d, %s with %d steps, eta %g", step,
-                 effective.sample.method, effective.sample.num_steps, effective.sample.eta)
-    return effective
