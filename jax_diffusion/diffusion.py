@@ -18,6 +18,7 @@ import numpy as np
 from jax.scipy.special import log_ndtr, ndtr
 
 from jax_diffusion import schedules
+from jax_diffusion.config_checks import choice, positive_int, require
 from jax_diffusion.errors import CheckpointError, ConfigError
 
 MEAN_TYPES = ("eps", "x0", "v")
@@ -402,3 +403,21 @@ def create_diffusion(diffusion_config, respacing: str | Collection[int] | None =
                                                        False),
                              loss_weighting=getattr(diffusion_config, "loss_weighting", "none"),
                              min_snr_gamma=getattr(diffusion_config, "min_snr_gamma", 5.0))
+
+
+def validate_diffusion_config(diffusion) -> None:
+    """config.diffusion's rules."""
+    choice(diffusion.schedule, "diffusion.schedule", schedules.SCHEDULES)
+    positive_int(diffusion, "num_timesteps", "diffusion")
+    choice(diffusion.mean_type, "diffusion.mean_type", MEAN_TYPES)
+    choice(diffusion.var_type, "diffusion.var_type", VAR_TYPES)
+    choice(diffusion.loss_type, "diffusion.loss_type", LOSS_TYPES)
+    choice(diffusion.loss_weighting, "diffusion.loss_weighting", LOSS_WEIGHTINGS)
+    require(diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma", diffusion.min_snr_gamma,
+             "must be > 0 (5 in Hang et al. 2023)")
+    require(isinstance(diffusion.rescale_timesteps, bool), "diffusion.rescale_timesteps",
+             diffusion.rescale_timesteps, "must be True or False")
+    require(not (diffusion.loss_type == "mse" and diffusion.var_type == "learned_range"),
+             "diffusion.loss_type", diffusion.loss_type,
+             "does not train a learned variance: use 'hybrid' or 'kl' with "
+             "config.diffusion.var_type='learned_range'")

@@ -1,4 +1,5 @@
-"""The host-side figures of issue 18, each printed with the command that produced it:
+"""The host-side benchmark figures (steps per call, checkpoint stall, eval batch gaps), each
+printed with the command that produced it:
 
   python scripts/bench_host.py [--workdir DIR]      (make bench runs it after bench_vs_torch.py)
 

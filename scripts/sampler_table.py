@@ -1,18 +1,19 @@
 """The digits metric of one checkpoint under several samplers, through the library's own sampling
 path (`make_sample_fn`, `generate_samples`: what --mode=sample runs), same seed and labels each.
 
-    PYTHONPATH=$PWD python scripts/sampler_table.py --workdir=/work/runs14b/base \
+    python scripts/sampler_table.py --workdir=runs/digits \
         [--config=configs/digits.py] [--settings="ddim:50:1,ddim:50:0,dpm_solver++:20"] \
         [--num=1000] [--out=table.json] [--set diffusion.mean_type=v ...]
 
 A setting is method:num_steps[:eta]. Prints one JSON line per setting: accuracy, Frechet
-distance, share of speckled images (scripts/probe_deterministic.py's test), seconds.
+distance, share of speckled images (a pixel far from the median of its neighbours), seconds.
 --eps_scale=L divides the network's noise prediction by L at every step (Ning et al. 2024,
 "epsilon scaling" against exposure bias), for eps- and v-prediction models.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import time
@@ -22,19 +23,44 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_diffusion import schedules
-from jax_diffusion.runtime import parallel
+from jax_diffusion.config_files import load_config_file
 from jax_diffusion.evaluation import digits as digits_metrics
+from jax_diffusion.generation.restore import restore_for_sampling
+from jax_diffusion.generation.sampling import default_labels, generate_samples, make_sample_fn
 from jax_diffusion.models import create_model
-from jax_diffusion.generation.sampling import (
-    default_labels,
-    generate_samples,
-    make_sample_fn,
-    restore_for_sampling,
-)
-from scripts.probe_deterministic import load_config, speckled
+from jax_diffusion.runtime import parallel
 
 DEFAULT_SETTINGS = ("ddim:50:1,ddim:50:0,ddim:10:0,ddim:10:1,dpm_solver++:20,dpm_solver++:10,"
                     "ddim:20:0")
+
+# A pixel that differs from the median of its 8 neighbours by more than this (in [-1, 1] units)
+# is a speckle. No real digit at 16x16 has one.
+SPECKLE_JUMP = 1.2
+
+
+def load_config(path: str, overrides: list[str] = ()):
+    """The config file with `section.key=value` overrides (values as Python literals, or plain
+    strings), e.g. diffusion.mean_type=eps to read a checkpoint trained before a recipe change."""
+    config = load_config_file(path)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        try:
+            config[section][name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            config[section][name] = value
+    return config
+
+
+def speckled(x: np.ndarray) -> np.ndarray:
+    """[N] bool: the image has a pixel far from the median of its 8 neighbours."""
+    img = np.asarray(x, np.float32)[..., 0]
+    padded = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = img.shape[1:]
+    neighbours = np.stack([padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                           for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)])
+    jump = np.abs(img - np.median(neighbours, axis=0))
+    return jump.reshape(len(img), -1).max(axis=1) > SPECKLE_JUMP
 
 
 def parse_setting(text: str) -> tuple[str, int, float]:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from tiny_config import tiny_config
 
-from jax_diffusion.runtime import parallel
 from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
+from jax_diffusion.runtime import parallel
 from jax_diffusion.training.train_state import create_optimizer, create_train_state
 
 

@@ -11,13 +11,13 @@ import pytest
 from tiny_config import ROOT, tiny_config
 
 from jax_diffusion.bench import run as bench
+from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
+from jax_diffusion.diffusion import create_diffusion
+from jax_diffusion.models import create_model
 from jax_diffusion.runtime import cpu_flags
 from jax_diffusion.runtime import parallel
-from jax_diffusion.diffusion import create_diffusion
-from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
-from jax_diffusion.models import create_model
-from jax_diffusion.training.train_step import make_train_step
 from jax_diffusion.training.train_state import abstract_train_state, create_optimizer
+from jax_diffusion.training.train_step import make_train_step
 
 
 def _load_script():
@@ -133,7 +133,7 @@ def test_summary_medians_and_ratios():
     assert len(bench_vs_torch.format_summary(bench_vs_torch.summarize(jax_runs, torch_runs))) == 4
 
 
-def test_side_by_side_commands_match_the_issue():
+def test_side_by_side_commands_are_the_documented_ones():
     """Same batches on both sides; bf16 switches the JAX compute dtype and torch autocast."""
     jax_command = bench_vs_torch.jax_command("bfloat16", "/tmp/w")
     assert "--mode=bench" in jax_command and "--config.model.dtype=bfloat16" in jax_command

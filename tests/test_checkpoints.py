@@ -13,11 +13,11 @@ import pytest
 from tiny_config import tiny_config
 
 from jax_diffusion import data
-from jax_diffusion.training import checkpoints
-from jax_diffusion.runtime import parallel
-from jax_diffusion.training import train
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
+from jax_diffusion.runtime import parallel
+from jax_diffusion.training import checkpoints
+from jax_diffusion.training import train
 
 
 def _orphaned_task_reports(caplog) -> list[logging.LogRecord]:

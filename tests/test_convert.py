@@ -13,10 +13,10 @@ from convert_helpers import diffusers_unet, load_config, random_inputs, small, t
 from tiny_config import ROOT
 
 from jax_diffusion import errors
-from jax_diffusion.runtime import parallel
 from jax_diffusion.convert.readers import SAFETENSORS_NAME
 from jax_diffusion.convert.run import run_export, run_import
 from jax_diffusion.convert.weights import params_from_state_dict, state_dict_from_params
+from jax_diffusion.runtime import parallel
 
 # Integration: diffusers models built, saved and converted. In `make test`, not in `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def test_class_table_gets_a_zero_null_row_and_exports_it():
 def test_improved_diffusion_state_dict_round_trip_through_a_pt_file(tmp_path):
     """A .pt in improved-diffusion's names (read with torch.load(weights_only=True)) imports to
     the same parameters; the name layout itself was checked against improved-diffusion's
-    UNetModel (max diff 3e-7, see the issue-15 report)."""
+    UNetModel (max diff 3e-7 when it was written)."""
     import torch
     config = small(load_config("cifar10_improved"), ch=64, ch_mult=(1, 1), num_heads=4,
                    attention_resolutions=(16, 8))

@@ -10,12 +10,12 @@ from tiny_config import tiny_config
 
 from jax_diffusion.distill import loop as distill
 from jax_diffusion.errors import ConfigError
+from jax_diffusion.generation import restore, sampling
+from jax_diffusion.models import create_model
+from jax_diffusion.runtime import parallel
 from jax_diffusion.training import checkpoints
 from jax_diffusion.training import loop_events
-from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import restore, sampling
 from jax_diffusion.training import train
-from jax_diffusion.models import create_model
 from jax_diffusion.training.train_state import abstract_train_state
 
 # Integration: distillation stages and main.py runs. In `make test`, not in `make test-fast`.

@@ -11,8 +11,8 @@ import pytest
 
 import gaussian_mixture as gm
 from jax_diffusion import schedules
-from jax_diffusion.distill import targets as distill_targets
 from jax_diffusion.diffusion import GaussianDiffusion
+from jax_diffusion.distill import targets as distill_targets
 from jax_diffusion.samplers import ddim_step
 
 T = 1000

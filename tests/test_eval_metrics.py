@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from tiny_config import tiny_config
 
-from jax_diffusion.training import checkpoints
-from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import restore, sampling
 from jax_diffusion.evaluation import run
+from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
+from jax_diffusion.runtime import parallel
+from jax_diffusion.training import checkpoints
 from jax_diffusion.training.train_state import create_optimizer, create_train_state
 
 # Integration: eval runs over a checkpoint. In `make test`, not in `make test-fast`.

@@ -5,10 +5,10 @@ import pytest
 from tiny_config import tiny_config
 
 from jax_diffusion import data
-from jax_diffusion.runtime import parallel
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.evaluation import nll, run
 from jax_diffusion.models import create_model, example_inputs
+from jax_diffusion.runtime import parallel
 
 # Integration: NLL chains on 1 and 8 devices. In `make test`, not in `make test-fast`.
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The host side of training (issue 18), without timing anything: the batch-level flip against a
+"""The host side of training, without timing anything: the batch-level flip against a
 plain-integer SplitMix64, the decoded cache against the tfds records it was decoded from (every
 batch bit-exact, any process count), the scan and unrolled step loops against each other,
 the memory fit arithmetic, the new config checks, and that every bench part runs and reports
@@ -18,13 +18,13 @@ from jax_diffusion import data
 from jax_diffusion.bench import run as bench
 from jax_diffusion.bench import dataset as bench_dataset
 from jax_diffusion.bench import host as bench_host
-from jax_diffusion.runtime import parallel
-from jax_diffusion.training import train
-from jax_diffusion.training import train_step
 from jax_diffusion.config_validation import validate_config
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import create_model
+from jax_diffusion.runtime import parallel
+from jax_diffusion.training import train
+from jax_diffusion.training import train_step
 
 # Integration: datasets written, bench parts run. In `make test`, not in `make test-fast`.
 pytestmark = pytest.mark.slow

@@ -298,7 +298,7 @@ BENCH_KEYS = ("device", "n_devices", "params", "batch", "dtype", "train_img_per_
 
 def test_bench_prints_one_json_line_with_every_key(tmp_path):
     """--mode=bench on the tiny model with small bench settings: exit 0, and the last stdout
-    line is one JSON object with every key of the issue; sampling keyed <method>_<steps>,
+    line is one JSON object with every documented key; sampling keyed <method>_<steps>,
     achieved TFLOP/s = FLOPs per image x img/s, and no MFU on a CPU (no known peak)."""
     result = run_main(str(tmp_path), "--mode=bench", bench__num_steps=2, bench__warmup_steps=1,
                   bench__windows=2, bench__sample_steps="2,4")

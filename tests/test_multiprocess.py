@@ -34,10 +34,10 @@ import pytest
 from cli_helpers import ENV, MAIN
 from tiny_config import ROOT, tiny_config, tiny_flags
 
-from jax_diffusion.training import checkpoints
+from jax_diffusion.models import create_model
 from jax_diffusion.runtime import distributed
 from jax_diffusion.runtime import parallel
-from jax_diffusion.models import create_model
+from jax_diffusion.training import checkpoints
 from jax_diffusion.training.train_state import abstract_train_state
 
 pytestmark = pytest.mark.slow  # two real processes per run: minutes on a 2-core machine

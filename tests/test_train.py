@@ -8,13 +8,13 @@ import threadpoolctl
 from tiny_config import tiny_config
 
 from jax_diffusion import data
-from jax_diffusion.training import checkpoints
-from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import restore, sampling
-from jax_diffusion.training import train
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.evaluation import digits as digits_metrics
+from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
+from jax_diffusion.runtime import parallel
+from jax_diffusion.training import checkpoints
+from jax_diffusion.training import train
 
 pytestmark = pytest.mark.slow  # training runs (1 vs 8 devices, resume, a short digits model)
 

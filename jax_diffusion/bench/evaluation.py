@@ -28,11 +28,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import io_callback
 
-from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import sampling
+from jax_diffusion.bench.flops import unet_forward_flops
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.evaluation import inception, metrics
-from jax_diffusion.bench.flops import unet_forward_flops
+from jax_diffusion.generation import sampling
+from jax_diffusion.runtime import parallel
 
 # The model FLOP utilisation the accelerator projections assume (as the README's tables).
 PROJECTED_MFU = 0.40

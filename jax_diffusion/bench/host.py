@@ -24,15 +24,15 @@ import numpy as np
 
 from jax_diffusion import data
 from jax_diffusion.bench import dataset as bench_dataset
-from jax_diffusion.training import checkpoints
-from jax_diffusion.runtime import parallel
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import create_model
-from jax_diffusion.training.train_step import make_train_step, next_batches, resolve_step_loop
+from jax_diffusion.runtime import parallel
+from jax_diffusion.training import checkpoints
 from jax_diffusion.training.train_state import (abstract_train_state, create_optimizer,
                                                 create_train_state)
+from jax_diffusion.training.train_step import make_train_step, next_batches, resolve_step_loop
 
 # Device memory sizes the `memory` part reports the largest fitting batch for, in GB (1e9 B).
 MEMORY_SIZES_GB = (16, 32, 80)

@@ -26,15 +26,16 @@ import numpy as np
 from jax_diffusion import samplers
 from jax_diffusion.bench import evaluation as bench_eval
 from jax_diffusion.bench import host as bench_host
-from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import sampling
+from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
+from jax_diffusion.config_checks import choice, positive_int, require
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.diffusion import create_diffusion
-from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
+from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
-from jax_diffusion.training.train_step import make_train_step
+from jax_diffusion.runtime import parallel
 from jax_diffusion.training.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state)
+from jax_diffusion.training.train_step import make_train_step
 
 PARTS = ("train", "fwd", "sample", "data", "host", "checkpoint", "memory", "eval")
 
@@ -270,3 +271,21 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
                      "n/a (no peak known for this device)" if result["mfu"] is None
                      else f"{100 * result['mfu']:.1f}%")
     print(json.dumps(result), flush=True)
+
+
+def validate_bench_config(bench: ml_collections.ConfigDict) -> None:
+    """config.bench's rules."""
+    comma_list(bench.parts, "config.bench.parts", PARTS)
+    comma_list(bench.sample_steps, "config.bench.sample_steps", integers=True)
+    bench_host.parse_worker_counts(bench.data_workers)
+    for name in ("steps_per_jit", "memory_batches"):
+        comma_list(bench[name], f"config.bench.{name}", integers=True)
+    for name in ("data_batch_size", "data_batches", "checkpoint_loop_calls"):
+        positive_int(bench, name, "bench")
+    positive_int(bench, "gap_batches", "bench", minimum=2)  # a gap lies between two batches
+    require(isinstance(bench.data_dir, str), "bench.data_dir", bench.data_dir,
+             "must be a directory path, or '' for <workdir>/bench_data")
+    choice(bench.method, "bench.method", samplers.METHODS)
+    for name in ("batch_size", "sample_batch_size", "num_steps", "windows"):
+        positive_int(bench, name, "bench")
+    positive_int(bench, "warmup_steps", "bench", minimum=0)

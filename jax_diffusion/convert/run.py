@@ -19,12 +19,12 @@ import ml_collections
 import numpy as np
 
 from jax_diffusion import errors
-from jax_diffusion.training import checkpoints
-from jax_diffusion.runtime import parallel
 from jax_diffusion.convert.diffusers_config import check_unet2d_config, unet2d_config
 from jax_diffusion.convert.readers import PICKLE_NAME, SAFETENSORS_NAME, read_state_dict
 from jax_diffusion.convert.weights import params_from_state_dict, state_dict_from_params
 from jax_diffusion.models import create_model
+from jax_diffusion.runtime import parallel
+from jax_diffusion.training import checkpoints
 from jax_diffusion.training.train_state import TrainState, abstract_train_state, create_optimizer
 
 FORMATS = ("auto", "diffusers", "improved_diffusion")

@@ -10,10 +10,12 @@ import grain
 import ml_collections
 import numpy as np
 
+from jax_diffusion.config_checks import choice, positive_int, require
 from jax_diffusion.data.decoded_cache import decoded_tfds_source
 from jax_diffusion.data.digits import DIGITS, digits_unit_arrays
 from jax_diffusion.data.sources import ArraySource, read_examples, reads_batches, to_model_range
 from jax_diffusion.data.tfds_source import tfds_source
+from jax_diffusion.errors import ConfigError
 
 
 # Pipeline elements are whole local batches, so two reader threads and two buffered batches keep
@@ -201,3 +203,36 @@ def load_eval_arrays(
     images, labels = read_examples(source, np.arange(count))
     _check_image_shape(images.shape[1:], config)
     return to_model_range(images), labels
+
+
+def validate_data_config(data: ml_collections.ConfigDict) -> None:
+    """config.data's rules (a tfds name is looked up in tfds' registry, not downloaded)."""
+    require(isinstance(data.dataset, str) and data.dataset.strip(), "data.dataset",
+             data.dataset, f"must name a dataset: {DIGITS!r} (offline) or a tfds image dataset "
+             f"such as 'cifar10'")
+    positive_int(data, "image_size", "data")
+    choice(data.channels, "data.channels", (1, 3))
+    positive_int(data, "worker_count", "data", minimum=0)
+    require(isinstance(data.download, bool), "data.download", data.download,
+             "must be True or False")
+    require(isinstance(data.decoded_cache, bool), "data.decoded_cache", data.decoded_cache,
+             "must be True or False")
+    require(data.prepare_timeout > 0, "data.prepare_timeout", data.prepare_timeout,
+             "must be > 0 seconds")
+    if data.dataset == DIGITS:
+        require(data.channels == 1, "data.channels", data.channels,
+                 "must be 1 for the digits dataset (grayscale)")
+    else:
+        _check_tfds_name(data.dataset)
+
+
+def _check_tfds_name(name: str) -> None:
+    """An unknown dataset fails here, not after the model is built. tfds is imported only for
+    non-digits datasets (it takes a few seconds)."""
+    import tensorflow_datasets as tfds
+    try:
+        tfds.builder_cls(name)
+    except Exception:  # noqa: BLE001  (tfds raises DatasetNotFoundError or a registry error)
+        raise ConfigError(
+            f"config.data.dataset={name!r} is neither {DIGITS!r} nor a dataset tfds knows "
+            f"(e.g. 'cifar10', 'mnist'; see tfds.list_builders())") from None

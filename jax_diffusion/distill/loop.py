@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,19 +46,20 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jax_diffusion import data, samplers
-from jax_diffusion.training import checkpoints
-from jax_diffusion.samplers import consistency
-from jax_diffusion.distill import targets as distill_targets
-from jax_diffusion.training import loop_events
-from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import sampling
+from jax_diffusion import data, samplers, schedules
+from jax_diffusion.config_checks import choice, fraction, positive_int, require
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion, mean_flat
+from jax_diffusion.distill import targets as distill_targets
 from jax_diffusion.errors import CheckpointError, ConfigError
-from jax_diffusion.training.metric_window import MetricWindow
+from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
-from jax_diffusion.training.train_step import apply_if_finite, jit_steps
+from jax_diffusion.runtime import parallel
+from jax_diffusion.samplers import consistency
+from jax_diffusion.training import checkpoints
+from jax_diffusion.training import loop_events
+from jax_diffusion.training.metric_window import MetricWindow
 from jax_diffusion.training.train_state import TrainState, abstract_train_state, create_optimizer
+from jax_diffusion.training.train_step import apply_if_finite, jit_steps
 
 # diffusion keys a teacher checkpoint must share with the config: they define its timesteps.
 _DIFFUSION_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type")
@@ -463,3 +465,66 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 def run_distill(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=distill."""
     distill(config, workdir)
+
+
+# eps cannot give x0 at the pure-noise step of a 1-step student.
+STUDENT_MEAN_TYPES = ("v", "x0")
+
+
+def validate_distill_config(config: ml_collections.ConfigDict, mode: str, workdir: str) -> None:
+    """config.distill's rules, with the teacher workdir checked for --mode=distill."""
+    distill = config.distill
+    choice(distill.method, "distill.method", tuple(METHODS))
+    positive_int(distill, "steps_per_stage", "distill")
+    positive_int(distill, "student_steps", "distill", minimum=0)
+    require(distill.lr > 0, "distill.lr", distill.lr, "must be > 0")
+    fraction(distill.ema_decay, "distill.ema_decay", 0.0, 1.0, high_open=True)
+    require(distill.guidance_scale >= 0, "distill.guidance_scale", distill.guidance_scale,
+             "must be >= 0 (1 = no guidance)")
+    if distill.guidance_scale != 1.0:
+        require(config.model.num_classes > 0, "distill.guidance_scale", distill.guidance_scale,
+                 "needs a class-conditional teacher (config.model.num_classes > 0); use 1")
+    if distill.method == "consistency":
+        _check_consistency(config)
+    else:
+        _check_progressive(config)
+    if mode != "distill":
+        return
+    require(distill.student_steps == 0, "distill.student_steps", distill.student_steps,
+             "is written by --mode=distill into its checkpoints; leave it 0")
+    teacher = distill.teacher_workdir
+    require(bool(teacher) and os.path.isdir(teacher), "distill.teacher_workdir", teacher,
+             "must be the workdir of a trained teacher (--mode=train --workdir=...)")
+    require(os.path.abspath(teacher) != os.path.abspath(workdir), "distill.teacher_workdir",
+             teacher, "is --workdir itself; the student needs a workdir of its own")
+
+
+def _check_consistency(config: ml_collections.ConfigDict) -> None:
+    distill = config.distill
+    choice(distill.solver, "distill.solver", tuple(distill_targets.ODE_STEPS))
+    fraction(distill.target_decay, "distill.target_decay", 0.0, 1.0, high_open=True)
+    require(distill.sigma_data > 0, "distill.sigma_data", distill.sigma_data, "must be > 0")
+    positive_int(distill, "num_scales", "distill", minimum=3)
+    require(distill.sigma_max > 0, "distill.sigma_max", distill.sigma_max, "must be > 0")
+    betas = schedules.get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    try:
+        distill_targets.consistency_timesteps(betas, distill.num_scales, distill.sigma_max)
+    except ValueError as e:
+        raise ConfigError(f"config.distill.num_scales={distill.num_scales} with "
+                          f"config.distill.sigma_max={distill.sigma_max}: {e}; lower num_scales "
+                          f"or raise sigma_max") from None
+
+
+def _check_progressive(config: ml_collections.ConfigDict) -> None:
+    distill = config.distill
+    choice(distill.mean_type, "distill.mean_type", STUDENT_MEAN_TYPES)
+    for name in ("teacher_steps", "num_halvings"):
+        positive_int(distill, name, "distill")
+    total = config.diffusion.num_timesteps
+    require(distill.teacher_steps <= total, "distill.teacher_steps", distill.teacher_steps,
+             f"must be at most config.diffusion.num_timesteps={total}")
+    halved = 2 ** distill.num_halvings
+    require(distill.teacher_steps % halved == 0, "distill.num_halvings", distill.num_halvings,
+             f"halves config.distill.teacher_steps={distill.teacher_steps} {halved}-fold, which "
+             f"must divide it; use a teacher_steps that is a multiple of {halved} (e.g. "
+             f"{halved * max(1, distill.teacher_steps // halved)}) or fewer halvings")

@@ -29,7 +29,6 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from jax_diffusion import downloads
-from jax_diffusion.runtime import parallel
 from jax_diffusion.convert import torch_pickle
 from jax_diffusion.errors import (
     ConfigError,
@@ -37,6 +36,7 @@ from jax_diffusion.errors import (
     InceptionWeightsNotFoundError,
     InputFileError,
 )
+from jax_diffusion.runtime import parallel
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"

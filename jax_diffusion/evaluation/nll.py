@@ -6,8 +6,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion.runtime import parallel
 from jax_diffusion.diffusion import create_diffusion
+from jax_diffusion.runtime import parallel
 
 
 def nll_bits_per_dim(config: ml_collections.ConfigDict, model: nn.Module, params,

@@ -27,12 +27,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jax_diffusion import data
-from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import restore, sampling
+from jax_diffusion import downloads
+from jax_diffusion.config_checks import positive_int, require
 from jax_diffusion.config_files import comma_list
+from jax_diffusion.data.digits import DIGITS
+from jax_diffusion.errors import ConfigError
 from jax_diffusion.evaluation import digits, inception, metrics, nll, reference_stats, sweep
 from jax_diffusion.evaluation.samples import read_samples_dir
+from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
+from jax_diffusion.runtime import parallel
 
 FID_BIAS_WARNING_BELOW = 50_000
 
@@ -224,3 +228,75 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
         for name in wanted:
             _write(workdir, name, METRICS[name](ctx), writer)
     writer.flush()
+
+
+def _check_sweep(config: ml_collections.ConfigDict) -> None:
+    """Every setting of config.eval.sweep must be a sampler that runs on this config."""
+    for method, nfe in sweep.parse_sweep(config.eval.sweep):
+        sweep.sweep_config(config, method, nfe)  # runs samplers.check_sample_config
+
+
+def _npz_keys(path: str, key: str) -> set[str]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config.{key}={path!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as file:
+            return set(file.files)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config.{key}={path!r} is not a readable .npz file ({e})") from None
+
+
+def validate_eval_config(config: ml_collections.ConfigDict, mode: str) -> None:
+    """config.eval's rules; the files it names are looked at only for --mode=eval."""
+    evaluation = config.eval
+    metrics = comma_list(evaluation.metrics, "config.eval.metrics", METRICS)
+    for name in ("num_samples", "batch_size", "nll_batch_size"):
+        positive_int(evaluation, name, "eval")
+    positive_int(evaluation, "nll_examples", "eval", minimum=0)
+    if mode != "eval":
+        return
+    if evaluation.sweep:
+        _check_sweep(config)
+        require(set(metrics) & SAMPLE_METRICS, "eval.metrics", evaluation.metrics,
+                 f"has no metric that scores samples for config.eval.sweep; use one of "
+                 f"{', '.join(sorted(SAMPLE_METRICS))}")
+    if "digits" in metrics:
+        require(config.data.dataset == DIGITS and config.model.num_classes == 10,
+                 "eval.metrics", evaluation.metrics,
+                 "asks for 'digits', which scores class-conditional samples of the digits "
+                 "dataset: it needs config.data.dataset='digits' and config.model.num_classes=10")
+    inception_metrics = set(metrics) & INCEPTION_METRICS
+    if {"fid", "kid"} & inception_metrics:
+        require(evaluation.num_samples >= 2, "eval.num_samples", evaluation.num_samples,
+                 "must be >= 2 for FID/KID (a covariance needs two samples)")
+    if evaluation.samples_dir and set(metrics) & SAMPLE_METRICS:
+        require(os.path.isdir(evaluation.samples_dir), "eval.samples_dir",
+                 evaluation.samples_dir, "is not a directory; write samples there with "
+                 "--mode=sample or leave it empty to sample on the fly")
+    inception.check_preprocess_mode(evaluation.inception_preprocess)
+    require(downloads.SHA256_PATTERN.fullmatch(str(evaluation.inception_sha256).lower()),
+             "eval.inception_sha256", evaluation.inception_sha256,
+             "must be the 64 hex digits of the weights file's SHA-256")
+    if evaluation.reference_stats and {"fid", "kid"} & inception_metrics:
+        keys = _npz_keys(evaluation.reference_stats, "eval.reference_stats")
+        if reference_stats.PREPROCESS_KEY in keys:
+            with np.load(evaluation.reference_stats, allow_pickle=False) as file:
+                recorded = str(file[reference_stats.PREPROCESS_KEY])
+            require(recorded == evaluation.inception_preprocess, "eval.reference_stats",
+                     evaluation.reference_stats,
+                     f"was computed with inception_preprocess={recorded!r}, but "
+                     f"config.eval.inception_preprocess={evaluation.inception_preprocess!r}: "
+                     f"statistics of different conventions are not comparable")
+        require({"mu", "sigma"} <= keys, "eval.reference_stats", evaluation.reference_stats,
+                 f"needs arrays 'mu' and 'sigma' (it holds {sorted(keys)})")
+        require("kid" not in metrics or "features" in keys, "eval.reference_stats",
+                 evaluation.reference_stats,
+                 "holds only mu/sigma, but KID needs the reference 'features': drop kid from "
+                 "config.eval.metrics or leave reference_stats empty to compute them")
+    if inception_metrics and evaluation.inception_weights != "auto":
+        require(os.path.isfile(evaluation.inception_weights), "eval.inception_weights",
+                 evaluation.inception_weights,
+                 f"is not a file; config.eval.metrics asks for "
+                 f"{', '.join(sorted(inception_metrics))}, which need the FID Inception weights "
+                 f"{inception.WEIGHTS_FILE} (the file pytorch-fid and torch-fidelity use) or an "
+                 f".npz of the same parameters")

@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 
 from jax_diffusion import images, samplers
-from jax_diffusion.samplers import consistency
 from jax_diffusion.runtime import parallel
+from jax_diffusion.samplers import consistency
 
 SampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 

@@ -38,7 +38,7 @@ class GroupNorm(nn.Module):
     H x W per channel first, with the channels contiguous, and only then averaged within each
     group. flax reshapes to [..., groups, C // groups] and reduces over an axis 4 channels wide,
     which XLA:CPU vectorises badly: this order is 2x faster in the forward pass and 2-3x in the
-    gradient (docs/cpu_performance.md). The normalisation, the affine and AdaGN fold into one
+    gradient (docs/notes/cpu_performance.md). The normalisation, the affine and AdaGN fold into one
     per-(image, channel) scale and offset, so they cost a single pass over x.
     """
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jax_diffusion.config_checks import require
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.models.embeddings import ConditioningEmbedding
 from jax_diffusion.models.layers import (
@@ -212,3 +213,13 @@ def create_model(model_config: ml_collections.ConfigDict) -> UNet:
                 time_embedding_freq_shift=m.time_embedding_freq_shift,
                 time_embedding_flip_sin_to_cos=m.time_embedding_flip_sin_to_cos,
                 norm_eps=m.norm_eps, downsample_padding=m.downsample_padding)
+
+
+def validate_model_section(config: ml_collections.ConfigDict) -> None:
+    """config.model's rules, with the image size and variance type they depend on."""
+    model = config.model
+    validate_model_config(model, image_size=config.data.image_size)
+    learned = config.diffusion.var_type == "learned_range"
+    require(model.learn_sigma == learned, "model.learn_sigma", model.learn_sigma,
+             f"must be {learned} with config.diffusion.var_type={config.diffusion.var_type!r} "
+             f"(learned_range needs the 2C-channel output, the fixed variances a C-channel one)")

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from jax_diffusion import schedules
+from jax_diffusion.config_checks import positive_int, require
 from jax_diffusion.diffusion import GaussianDiffusion, ModelFn, create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.samplers.chain import sample
@@ -114,3 +115,15 @@ def with_method(config: ml_collections.ConfigDict, method: str,
             setting.sample[knob] = default
     check_sample_config(setting)
     return setting
+
+
+def validate_sample_config(config: ml_collections.ConfigDict) -> None:
+    """config.sample's rules: the sampler (`check_sample_config`), guidance and the counts."""
+    sample = config.sample
+    check_sample_config(config)
+    if sample.guidance_scale != 1.0:
+        require(config.model.num_classes > 0, "sample.guidance_scale", sample.guidance_scale,
+                 "needs a class-conditional model (config.model.num_classes > 0); use 1")
+    for name in ("num_samples", "batch_size", "grid_size"):
+        positive_int(sample, name, "sample")
+    positive_int(sample, "checkpoint_step", "sample", minimum=-1)

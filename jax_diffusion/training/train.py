@@ -9,17 +9,20 @@ import jax
 import ml_collections
 
 from jax_diffusion import data
-from jax_diffusion.training import checkpoints
-from jax_diffusion.training import loop_events
-from jax_diffusion.runtime import parallel
-from jax_diffusion.generation import sampling
+from jax_diffusion.config_checks import choice, fraction, positive_int, require
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
-from jax_diffusion.training.metric_window import MetricWindow
+from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
+from jax_diffusion.runtime import parallel
+from jax_diffusion.training import checkpoints
+from jax_diffusion.training import loop_events
+from jax_diffusion.training.metric_window import MetricWindow
 from jax_diffusion.training.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state)
+from jax_diffusion.training.train_state import learning_rate_schedule
 from jax_diffusion.training.train_step import make_train_step, next_batches
+from jax_diffusion.training.train_step import STEP_LOOPS
 
 
 def run_length(config: ml_collections.ConfigDict) -> int:
@@ -118,3 +121,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=train."""
     train(config, workdir)
+
+
+def validate_train_config(config: ml_collections.ConfigDict) -> None:
+    """config.train's rules."""
+    train = config.train
+    for name in ("num_steps", "batch_size", "steps_per_jit", "max_to_keep"):
+        positive_int(train, name, "train")
+    for name in ("epochs", "iterations_per_epoch", "warmup_steps", "log_every",
+                 "checkpoint_every", "sample_every"):
+        positive_int(train, name, "train", minimum=0)
+    require(train.lr > 0, "train.lr", train.lr, "must be > 0")
+    learning_rate_schedule(train)  # raises ConfigError for an unknown or impossible lr_schedule
+    require(train.grad_clip > 0, "train.grad_clip", train.grad_clip, "must be > 0")
+    require(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
+    fraction(train.ema_decay, "train.ema_decay", 0.0, 1.0, high_open=True)
+    fraction(train.label_dropout, "train.label_dropout", 0.0, 1.0, high_open=True)
+    if train.label_dropout > 0:
+        require(config.model.num_classes > 0, "train.label_dropout", train.label_dropout,
+                 "needs a class-conditional model (config.model.num_classes > 0)")
+    choice(train.step_loop, "train.step_loop", STEP_LOOPS)
+    k = train.steps_per_jit
+    for name in ("log_every", "checkpoint_every", "sample_every"):
+        require(train[name] % k == 0, f"train.{name}", train[name],
+                 f"must be 0 or a multiple of config.train.steps_per_jit={k}")
+    if train.epochs == 0 or train.iterations_per_epoch > 0:  # else it needs the dataset size
+        steps = (train.epochs * train.iterations_per_epoch if train.epochs
+                 else train.num_steps)
+        require(steps % k == 0, "train.num_steps" if not train.epochs else "train.epochs",
+                 steps, f"gives a run length that must be a multiple of "
+                 f"config.train.steps_per_jit={k}")

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jax_diffusion.runtime import parallel
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import example_inputs
+from jax_diffusion.runtime import parallel
 
 
 @flax.struct.dataclass

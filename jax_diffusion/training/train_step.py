@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from jax_diffusion.runtime import parallel
 from jax_diffusion.diffusion import GaussianDiffusion
+from jax_diffusion.runtime import parallel
 from jax_diffusion.training.train_state import TrainState, learning_rate_schedule
 
 
