@@ -32,7 +32,7 @@ demo-distill: $(VENV)/.installed
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint docs
 	$(PY) -m pytest -q tests
 
 # The tiers a maintainer runs while editing: no multi-process runs, no long training.
