@@ -56,8 +56,7 @@ from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
 from jax_diffusion.samplers import consistency
 from jax_diffusion.training import checkpoints
-from jax_diffusion.training import loop_events
-from jax_diffusion.training.metric_window import MetricWindow
+from jax_diffusion.training.loop import LoopSpec, run_loop
 from jax_diffusion.training.train_state import TrainState, abstract_train_state, create_optimizer
 from jax_diffusion.training.train_step import apply_if_finite, jit_steps
 
@@ -374,8 +373,6 @@ def _fresh_stage(state: TrainState, teacher_params, tx: optax.GradientTransforma
 
 def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Run (or resume) every stage per `config` (validated); returns the final state."""
-    from clu import metric_writers  # imports TensorFlow: only when distilling
-
     mesh = parallel.create_mesh()
     parallel.check_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     distill_config = config.distill
@@ -404,62 +401,45 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             manager, manager.latest_step(), template, parallel.replicated(mesh))
         iterator.set_state(data_state)
         logging.info("Resuming the distillation at step %d", int(state.step))
-    step = int(state.step)
+    # What the current stage runs with; set at a stage's start or when resuming inside one.
+    stage_of = {"teacher": None, "step_fn": None, "index": -1, "record": None}
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    window = MetricWindow(step)
-    teacher, step_fn, step_fn_stage, record = None, None, -1, None
+    def advance(state: TrainState, step: int):
+        stage = step // per_stage
+        if step % per_stage == 0:  # a stage starts: its teacher is the previous student
+            teacher = original_teacher if stage == 0 else state.ema_params
+            stage_of["teacher"] = jax.tree.map(jnp.copy, teacher)
+            state = _fresh_stage(state, stage_of["teacher"], tx)
+        elif stage_of["teacher"] is None:  # resumed inside a stage: its teacher is kept
+            stage_of["teacher"] = original_teacher if stage == 0 else checkpoints.restore_params(
+                manager, stage * per_stage, template, parallel.replicated(mesh))
+        if stage_of["index"] != stage:
+            stage_of.update(step_fn=method.make_step(config, model, tx, mesh, stage),
+                            index=stage, record=method.record(config, stage))
+            logging.info("Stage %d of %d: %s", stage + 1, num_stages,
+                         method.describe(config, stage))
+        local = next(iterator)
+        batches = parallel.global_batch({k: v[None] for k, v in local.items()}, mesh,
+                                        leading_axes=1)
+        state, metrics = stage_of["step_fn"](state, stage_of["teacher"], batches)
+        return state, metrics, 1
 
-    def nonfinite(bad: int) -> str:
-        manager.wait_until_finished()
-        return (f"the distillation loss or gradient became NaN/Inf at step {bad}; stopped "
-                f"without saving. The last good checkpoint stays in "
-                f"{checkpoints.checkpoint_dir(workdir)}. Try a lower --config.distill.lr")
+    def after_step(state: TrainState, step: int, writer) -> None:
+        if step % per_stage == 0:   # the stage's student: its grid; the next stage's teacher
+            sampling.GridSampler(stage_of["record"], model, mesh).write(
+                state.ema_params, step, workdir, writer)
+            stage_of["teacher"] = None
 
-    def flush_metrics() -> None:
-        scalars = window.flush(step, nonfinite)
-        if scalars is None:
-            return
-        scalars.update(stage=step_fn_stage, student_steps=record.distill.student_steps)
-        writer.write_scalars(step, scalars)
+    def scalars(values: dict, step: int) -> None:
+        values.update(stage=stage_of["index"],
+                      student_steps=stage_of["record"].distill.student_steps)
 
-    def save() -> None:   # the current step's state, with its stage's record
-        checkpoints.save(manager, step, state, record, iterator.get_state())
-
-    with loop_events.guarded_loop(manager, writer) as preemption:
-        while step < num_steps:
-            stage = step // per_stage
-            if step % per_stage == 0:  # a stage starts: its teacher is the previous student
-                teacher = original_teacher if stage == 0 else state.ema_params
-                teacher = jax.tree.map(jnp.copy, teacher)
-                state = _fresh_stage(state, teacher, tx)
-            elif teacher is None:  # resumed inside a stage: its teacher is a kept checkpoint
-                teacher = original_teacher if stage == 0 else checkpoints.restore_params(
-                    manager, stage * per_stage, template, parallel.replicated(mesh))
-            if step_fn is None or step_fn_stage != stage:
-                step_fn = method.make_step(config, model, tx, mesh, stage)
-                step_fn_stage = stage
-                record = method.record(config, stage)
-                logging.info("Stage %d of %d: %s", stage + 1, num_stages,
-                             method.describe(config, stage))
-            local = next(iterator)
-            batches = parallel.global_batch({k: v[None] for k, v in local.items()}, mesh,
-                                            leading_axes=1)
-            state, metrics = step_fn(state, teacher, batches)
-            step += 1
-            window.add(metrics)
-            preempted = preemption.requested(step)
-            stage_end = step % per_stage == 0
-            at_end = step >= num_steps or preempted or stage_end
-            loop_events.log_and_save(config.train, step, at_end, flush_metrics, save)
-            if stage_end:
-                grid = sampling.GridSampler(record, model, mesh)
-                grid.write(state.ema_params, step, workdir, writer)
-                teacher = None
-            if preempted:
-                logging.info("Preempted: checkpoint saved at step %d", step)
-                break
-    return state
+    spec = LoopSpec(advance, record=lambda: stage_of["record"], what="distillation loss",
+                    hint="Try a lower --config.distill.lr",
+                    boundary=lambda step: step % per_stage == 0, after_step=after_step,
+                    scalars=scalars)
+    return run_loop(state, spec, config=config, workdir=workdir, manager=manager,
+                    iterator=iterator, num_steps=num_steps)
 
 
 def run_distill(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -1,5 +1,5 @@
-"""Training: create_train_state -> make_train_step (train_step.py) -> train (the loop);
-`run_train` is --mode=train.
+"""Training: create_train_state -> make_train_step (train_step.py) -> train (on the shared
+loop, loop.py); `run_train` is --mode=train.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
 from jax_diffusion.training import checkpoints
-from jax_diffusion.training import loop_events
-from jax_diffusion.training.metric_window import MetricWindow
+from jax_diffusion.training.loop import LoopSpec, run_loop
 from jax_diffusion.training.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state)
 from jax_diffusion.training.train_state import learning_rate_schedule
@@ -46,8 +45,6 @@ def run_length(config: ml_collections.ConfigDict) -> int:
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train per `config` (validated), resuming from the latest checkpoint in `workdir` if there
     is one; returns the final state."""
-    from clu import metric_writers  # imports TensorFlow: only when training
-
     mesh = parallel.create_mesh()
     parallel.check_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     num_steps = run_length(config)
@@ -70,52 +67,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             iterator.set_state(data_state)
         logging.info("Resuming from %s at step %d", checkpoints.checkpoint_dir(workdir) +
                      f"/{step}", step)
-    step = int(state.step)
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     train_step = make_train_step(config, model, diffusion, tx, mesh)
     grid_sampler = (sampling.GridSampler(config, model, mesh) if config.train.sample_every
                     else None)
-    window = MetricWindow(step)
-    last_saved = f"step {step}" if step else "none yet"
 
-    def nonfinite(bad: int) -> str:
-        manager.wait_until_finished()
-        return (f"the loss or gradient became NaN/Inf at step {bad}; stopped without saving. "
-                f"The last good checkpoint ({last_saved}) stays in "
-                f"{checkpoints.checkpoint_dir(workdir)}. Try a lower --config.train.lr or "
-                f"--config.train.grad_clip, or check the data")
+    def advance(state: TrainState, step: int):
+        state, metrics = train_step(state, next_batches(iterator, k, mesh))
+        return state, metrics, k
 
-    def flush_metrics() -> None:
-        scalars = window.flush(step, nonfinite)
-        if scalars is None:
-            return
-        steps_per_s = scalars["steps_per_s"]
-        scalars.update(img_per_s=steps_per_s * config.train.batch_size,
-                       eta_min=(num_steps - step) / max(steps_per_s, 1e-9) / 60.0)
-        writer.write_scalars(step, scalars)
+    def scalars(values: dict, step: int) -> None:
+        steps_per_s = values["steps_per_s"]
+        values.update(img_per_s=steps_per_s * config.train.batch_size,
+                      eta_min=(num_steps - step) / max(steps_per_s, 1e-9) / 60.0)
 
-    def save() -> None:
-        nonlocal last_saved
-        checkpoints.save(manager, step, state, config, iterator.get_state())
-        last_saved = f"step {step}"
+    def after_step(state: TrainState, step: int, writer) -> None:
+        if grid_sampler and step % config.train.sample_every == 0:
+            grid_sampler.write(state.ema_params, step, workdir, writer)
 
-    with loop_events.guarded_loop(manager, writer) as preemption:
-        while step < num_steps:
-            state, metrics = train_step(state, next_batches(iterator, k, mesh))
-            step += k
-            window.add(metrics)
-            # Read the flag once: SIGTERM may arrive while this step is being logged or saved,
-            # and "stop" must then wait for the next step's save, not skip this one's.
-            preempted = preemption.requested(step)
-            loop_events.log_and_save(config.train, step, step >= num_steps or preempted,
-                                     flush_metrics, save)
-            if grid_sampler and step % config.train.sample_every == 0:
-                grid_sampler.write(state.ema_params, step, workdir, writer)
-            if preempted:
-                logging.info("Preempted: checkpoint saved at step %d", step)
-                break
-    return state
+    spec = LoopSpec(advance, record=lambda: config, after_step=after_step, scalars=scalars,
+                    hint="Try a lower --config.train.lr or --config.train.grad_clip, or check "
+                         "the data")
+    return run_loop(state, spec, config=config, workdir=workdir, manager=manager,
+                    iterator=iterator, num_steps=num_steps)
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> None:
