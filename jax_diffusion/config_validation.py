@@ -336,6 +336,8 @@ def validate_config(config: ml_collections.ConfigDict, mode: str, workdir: str) 
     _check_bench(config.bench)
     _check_distill(config, mode, workdir)
     validate_distributed_config(config.distributed)
+    from jax_diffusion import phema
+    phema.check_config(config, mode, workdir)
     if mode in ("import", "export"):
         from jax_diffusion.convert.run import validate_convert_config
         validate_convert_config(config, mode)

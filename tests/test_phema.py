@@ -1,0 +1,146 @@
+"""Post-hoc EMA math (jax_diffusion/phema.py) against float64 references written from the
+paper's definitions (numerical integrals of the profiles, the discrete EMA's own weights), and
+the reconstruction of a tracked width from float16 snapshots of the other widths on a toy
+parameter trajectory."""
+import numpy as np
+import pytest
+from scipy import integrate
+
+from jax_diffusion import phema
+from jax_diffusion.errors import ConfigError
+
+
+def _profile(t, gamma):
+    """p_{t,gamma}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t], 0 after."""
+    return lambda tau: (gamma + 1) * tau ** gamma / t ** (gamma + 1) if tau <= t else 0.0
+
+
+def _integral_inner_product(t_a, g_a, t_b, g_b):
+    value, _ = integrate.quad(lambda tau: _profile(t_a, g_a)(tau) * _profile(t_b, g_b)(tau),
+                              0.0, min(t_a, t_b), epsabs=0, epsrel=1e-13, limit=200)
+    return value
+
+
+def test_gamma_and_sigma_rel_invert_each_other_at_edm2s_values():
+    """EDM2 quotes gamma 16.97 for sigma_rel 0.05 and 6.94 for 0.10; sigma_rel is the profile's
+    standard deviation over t, computed here by integrating the profile."""
+    gammas = phema.gamma_of_sigma_rel(np.array([0.05, 0.10]))
+    np.testing.assert_allclose(gammas, [16.97, 6.94], atol=5e-3)
+    for sigma_rel, gamma in zip([0.05, 0.10], gammas, strict=True):
+        p = _profile(1.0, gamma)
+        mean = integrate.quad(lambda x, p=p: x * p(x), 0, 1, epsrel=1e-13)[0]
+        var = integrate.quad(lambda x, p=p, m=mean: (x - m) ** 2 * p(x), 0, 1,
+                             epsrel=1e-13)[0]
+        assert np.sqrt(var) == pytest.approx(sigma_rel, rel=1e-10)
+    grid = np.linspace(0.01, 0.28, 28)
+    np.testing.assert_allclose(phema.sigma_rel_of_gamma(phema.gamma_of_sigma_rel(grid)), grid,
+                               rtol=1e-12)
+    with pytest.raises(ValueError):
+        phema.gamma_of_sigma_rel(0.29)  # wider than a flat average (gamma = 0)
+
+
+def test_tracked_beta_gives_the_power_profile():
+    """The weights the discrete EMA with beta_t = (1 - 1/t)^(gamma + 1) gives each step's
+    parameters after T steps: nothing on the initialisation, sum 1, and relative standard
+    deviation sigma_rel (the discretisation error is O(1/T)); a fixed decay keeps a share
+    beta^T of the initialisation."""
+    steps = 20_000
+    for sigma_rel in (0.05, 0.10):
+        gamma = phema.gamma_of_sigma_rel(sigma_rel)
+        sizes = phema.power_ema_step_size(gamma, np.arange(1, steps + 1))
+        assert sizes[0] == 1.0   # beta_1 = 0: the initialisation is forgotten at once
+        # weight of step tau: (1 - beta_tau) * prod_{s > tau} beta_s
+        log_betas = np.log1p(-sizes[1:])   # beta_2 .. beta_T
+        later = np.concatenate([np.cumsum(log_betas[::-1])[::-1], [0.0]])
+        weights = sizes * np.exp(later)
+        assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+        tau = np.arange(1, steps + 1) / steps
+        mean = np.sum(weights * tau)
+        std = np.sqrt(np.sum(weights * (tau - mean) ** 2))
+        assert std == pytest.approx(sigma_rel, rel=1e-3)
+    # At t = 1e6 the series (g + 1)/t - (g + 1) g / (2 t^2) is exact to 1e-17 relative; float32
+    # arithmetic on 1 - 1/t would be off by ~5%.
+    t, g = 1e6, 6.94
+    series = (g + 1) / t - (g + 1) * g / (2 * t * t) + (g + 1) * g * (g - 1) / (6 * t ** 3)
+    assert phema.power_ema_step_size(g, t) == pytest.approx(series, rel=1e-10)
+
+
+def test_inner_products_match_the_integrals():
+    cases = [(100.0, 16.97, 100.0, 16.97), (30.0, 6.94, 100.0, 16.97), (100.0, 3.5, 7.0, 6.94),
+             (1.0, 0.5, 2.0, 40.0), (5000.0, 6.94, 4000.0, 6.94)]
+    for t_a, g_a, t_b, g_b in cases:
+        want = _integral_inner_product(t_a, g_a, t_b, g_b)
+        assert phema.profile_inner_product(t_a, g_a, t_b, g_b) == pytest.approx(want, rel=1e-9)
+        assert phema.profile_inner_product(t_b, g_b, t_a, g_a) == pytest.approx(want, rel=1e-9)
+
+
+def test_coefficients_match_a_solve_of_integrated_profiles():
+    """The closed-form coefficients equal those of the same least-squares problem assembled by
+    numerical integration; the target (t=900, 0.08) is not among the inputs."""
+    steps = [100, 100, 300, 300, 600, 600, 900, 900]
+    widths = [0.05, 0.10] * 4
+    gammas = phema.gamma_of_sigma_rel(np.array(widths))
+    target_gamma = float(phema.gamma_of_sigma_rel(0.08))
+    gram = np.array([[_integral_inner_product(ta, ga, tb, gb)
+                      for tb, gb in zip(steps, gammas, strict=True)]
+                     for ta, ga in zip(steps, gammas, strict=True)])
+    rhs = np.array([_integral_inner_product(t, g, 900.0, target_gamma)
+                    for t, g in zip(steps, gammas, strict=True)])
+    want = np.linalg.solve(gram, rhs)
+    want /= want.sum()
+    got = phema.reconstruction_coefficients(steps, widths, 900, 0.08)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    # A tracked width at a snapshot's step is that snapshot alone.
+    alone = phema.reconstruction_coefficients(steps, widths, 900, 0.10)
+    np.testing.assert_allclose(alone, np.eye(8)[7], atol=1e-8)
+
+
+def _toy_run(widths, steps=2000, every=50, size=64):
+    """Power EMAs (float64) of a noisy, drifting toy parameter vector, and float16 snapshots
+    [(step, [width, size])] every `every` steps."""
+    rng = np.random.default_rng(0)
+    gammas = phema.gamma_of_sigma_rel(np.array(widths))
+    theta, optimum = 3.0 * rng.normal(size=size), rng.normal(size=size)
+    emas, snapshots = np.zeros((len(widths), size)), []
+    for t in range(1, steps + 1):
+        theta = theta + 0.01 * (optimum - theta) + 0.05 * rng.normal(size=size)
+        emas += phema.power_ema_step_size(gammas, t)[:, None] * (theta - emas)
+        if t % every == 0:
+            snapshots.append((t, emas.astype(np.float16)))
+    return emas, snapshots
+
+
+def _rebuild(snapshots, widths, use, steps, sigma_rel):
+    pairs = [(t, i) for t, _ in snapshots for i in use]
+    x = phema.reconstruction_coefficients([t for t, _ in pairs], [widths[i] for _, i in pairs],
+                                          steps, sigma_rel)
+    stacked = np.stack([snap[i].astype(np.float64) for _, snap in snapshots for i in use])
+    return x @ stacked
+
+
+def test_a_tracked_width_is_rebuilt_from_the_snapshots_of_the_others():
+    """0.10 rebuilt from the snapshots of 0.05 and 0.15 alone equals the tracked 0.10 EMA to
+    the float16 precision of the snapshots (|theta| <~ 4: half an ulp ~ 2e-3), while the
+    widths differ from each other by 100x more. Negative controls: the rebuild for the wrong
+    width, or from snapshots relabelled with swapped widths, misses by far more."""
+    widths = (0.05, 0.10, 0.15)
+    emas, snapshots = _toy_run(widths)
+    rebuilt = _rebuild(snapshots, widths, [0, 2], 2000, 0.10)
+    error = np.max(np.abs(rebuilt - emas[1]))
+    assert error < 2e-3
+    assert np.max(np.abs(emas[0] - emas[1])) > 100 * error
+    assert np.max(np.abs(emas[2] - emas[1])) > 50 * error
+    wrong_width = _rebuild(snapshots, widths, [0, 2], 2000, 0.07)
+    assert np.max(np.abs(wrong_width - emas[1])) > 20 * error
+    swapped = [(t, snap[::-1]) for t, snap in snapshots]
+    relabelled = _rebuild(swapped, widths, [0, 2], 2000, 0.10)
+    assert np.max(np.abs(relabelled - emas[1])) > 20 * error
+
+
+def test_config_rules_are_one_line_errors():
+    assert phema.parse_sigma_rels("0.05, 0.1", "eval.ema_sweep") == (0.05, 0.1)
+    assert phema.parse_sigma_rels((0.05, 0.1), "train.ema_sigma_rels") == (0.05, 0.1)
+    for bad, words in [("0.05,abc", "not a number"), ("0.05,0.3", "must lie in"),
+                       ("0.1,0.1", "twice"), ("", "not a number")]:
+        with pytest.raises(ConfigError, match=words):
+            phema.parse_sigma_rels(bad, "eval.ema_sweep")
