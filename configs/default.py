@@ -177,7 +177,7 @@ def get_config() -> ml_collections.ConfigDict:
     distill.target_decay = 0.95          # mu of the target network's EMA; 0 = the student itself
     distill.student_steps = 0            # written by --mode=distill into its checkpoints; leave 0
 
-    # --mode=phema (jax_diffusion/power_ema.py): the EMA of any width rebuilt from the snapshots.
+    # --mode=phema (jax_diffusion/phema_command.py): the EMA of any width rebuilt from snapshots.
     config.phema = phema = ml_collections.ConfigDict()
     phema.sigma_rel = 0.1                # the width to rebuild, in (0, 0.2887)
     phema.output_workdir = ""            # the new workdir that receives it as a checkpoint

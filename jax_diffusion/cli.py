@@ -29,7 +29,7 @@ MODES: dict[str, str] = {
     "import": "jax_diffusion.convert.run:run_import",
     "export": "jax_diffusion.convert.run:run_export",
     "distill": "jax_diffusion.distill:run_distill",
-    "phema": "jax_diffusion.power_ema:run_phema",
+    "phema": "jax_diffusion.phema_command:run_phema",
 }
 
 

@@ -8,7 +8,7 @@ import logging
 import jax
 import ml_collections
 
-from jax_diffusion import checkpoints, data, loop_events, parallel, sampling
+from jax_diffusion import checkpoints, data, loop_events, parallel, power_ema, sampling
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.metric_window import MetricWindow
@@ -93,11 +93,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         checkpoints.save(manager, step, state, config, iterator.get_state())
         last_saved = f"step {step}"
 
-    with loop_events.guarded_loop(manager, writer) as preemption:
+    with (loop_events.guarded_loop(manager, writer) as preemption,
+          power_ema.snapshot_writer(config, workdir, step, num_steps) as snapshots):
         while step < num_steps:
             state, metrics = train_step(state, next_batches(iterator, k, mesh))
             step += k
             window.add(metrics)
+            snapshots.after_step(step, state.power_emas)
             # Read the flag once: SIGTERM may arrive while this step is being logged or saved,
             # and "stop" must then wait for the next step's save, not skip this one's.
             preempted = preemption.requested(step)
