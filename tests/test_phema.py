@@ -1,13 +1,18 @@
 """Post-hoc EMA math (jax_diffusion/phema.py) against float64 references written from the
 paper's definitions (numerical integrals of the profiles, the discrete EMA's own weights), and
 the reconstruction of a tracked width from float16 snapshots of the other widths on a toy
-parameter trajectory."""
+parameter trajectory; the config rules of the post-hoc EMA keys and EDM's half-life EMA."""
+import re
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import integrate
+from tiny_config import tiny_config
 
-from jax_diffusion import phema
+from jax_diffusion import config_validation, phema
 from jax_diffusion.errors import ConfigError
+from jax_diffusion.train_step import halflife_ema_decay
 
 
 def _profile(t, gamma):
@@ -144,3 +149,60 @@ def test_config_rules_are_one_line_errors():
                        ("0.1,0.1", "twice"), ("", "not a number")]:
         with pytest.raises(ConfigError, match=words):
             phema.parse_sigma_rels(bad, "eval.ema_sweep")
+
+
+def _validate(mode="train", workdir="run", **overrides):
+    config = tiny_config(**overrides)
+    config_validation.validate_config(config, mode, workdir)
+
+
+@pytest.mark.parametrize("mode, overrides, words", [
+    ("train", {"train__ema": "powr"}, "config.train.ema='powr' is unknown; allowed: fixed"),
+    ("train", {"train__ema": "power", "train__ema_sigma_rels": (0.05, 0.4)},
+     "config.train.ema_sigma_rels=0.4 must lie in"),
+    ("train", {"train__ema": "power", "train__ema_snapshot_every": 3, "train__steps_per_jit": 2,
+               "train__num_steps": 10, "train__log_every": 2, "train__checkpoint_every": 2},
+     "ema_snapshot_every=3 must be a positive multiple of config.train.steps_per_jit=2"),
+    ("train", {"train__ema_rampup_ratio": 0.05}, "ema_rampup_ratio=0.05 caps the half-life"),
+    ("train", {"train__ema_halflife_kimg": -1.0}, "must be >= 0"),
+    ("sample", {"sample__ema_sigma_rel": 0.1, "sample__use_ema": False}, "drop one"),
+    ("sample", {"sample__ema_sigma_rel": -0.1}, "sample.ema_sigma_rel=-0.1 must lie in"),
+    ("eval", {"eval__ema_sweep": "0.05,x", "eval__metrics": "digits"}, "'x' is not a number"),
+    ("eval", {"eval__ema_sweep": "0.05", "eval__sweep": "ddim:5", "eval__metrics": "digits"},
+     "both set"),
+    ("eval", {"eval__ema_sweep": "0.05", "eval__metrics": "nll"}, "no metric that scores"),
+    ("phema", {}, "config.phema.output_workdir is empty"),
+    ("phema", {"phema__output_workdir": "run"}, "is --workdir itself"),
+    ("phema", {"phema__output_workdir": "out", "phema__sigma_rel": 0.0}, "must lie in"),
+    ("phema", {"phema__output_workdir": "out", "phema__step": 0}, "snapshot's step"),
+])
+def test_bad_post_hoc_ema_settings_are_one_line_config_errors(mode, overrides, words):
+    with pytest.raises(ConfigError, match=re.escape(words)) as raised:
+        _validate(mode, **overrides)
+    assert "\n" not in str(raised.value)
+
+
+def test_good_post_hoc_ema_settings_pass():
+    """Controls for the rules above: a config's ema_decay does not stop the power form."""
+    _validate("train", train__ema="power", train__ema_decay=0.9999)
+    _validate("train", train__ema_halflife_kimg=500.0, train__ema_rampup_ratio=0.05)
+    _validate("eval", eval__ema_sweep="0.02,0.05,0.1,0.15,0.2", eval__metrics="digits")
+    _validate("phema", phema__output_workdir="out", phema__sigma_rel=0.15, phema__step=1000)
+
+
+def test_halflife_ema_follows_edm():
+    """EDM's EMA: beta = 0.5^(B / h), h = min(halflife, rampup x images seen after the step);
+    off (None) when the half-life is 0, so the bare decay of today's runs stays."""
+    config = tiny_config(train__ema_halflife_kimg=0.5, train__ema_rampup_ratio=0.05)
+    decay = halflife_ema_decay(config.train)
+    batch = config.train.batch_size
+    for step in (0, 10, 100, 10_000):
+        images = (step + 1) * batch
+        halflife = min(500.0, 0.05 * images)
+        assert float(decay(jnp.int32(step))) == pytest.approx(0.5 ** (batch / halflife),
+                                                              rel=1e-6)
+    assert float(decay(jnp.int32(0))) < 1e-3   # rampup: the first step keeps no initialisation
+    no_rampup = tiny_config(train__ema_halflife_kimg=0.5)
+    assert float(halflife_ema_decay(no_rampup.train)(jnp.int32(0))) == pytest.approx(
+        0.5 ** (batch / 500.0), rel=1e-6)
+    assert halflife_ema_decay(tiny_config().train) is None
