@@ -192,6 +192,10 @@ def _check_eval(config: ml_collections.ConfigDict, mode: str) -> None:
         _require(set(metrics) & SAMPLE_METRICS, "eval.metrics", evaluation.metrics,
                  f"has no metric that scores samples for config.eval.sweep; use one of "
                  f"{', '.join(sorted(SAMPLE_METRICS))}")
+    if evaluation.ema_sweep:
+        _require(set(metrics) & SAMPLE_METRICS, "eval.metrics", evaluation.metrics,
+                 f"has no metric that scores samples for config.eval.ema_sweep; use one of "
+                 f"{', '.join(sorted(SAMPLE_METRICS))}")
     if "digits" in metrics:
         _require(config.data.dataset == DIGITS and config.model.num_classes == 10,
                  "eval.metrics", evaluation.metrics,

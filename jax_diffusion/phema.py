@@ -147,8 +147,9 @@ def _check_train(config) -> None:
 
 def check_config(config, mode: str, workdir: str) -> None:
     """The rules of config.train.ema*, config.sample.ema_sigma_rel, config.phema and
-    config.eval.ema_sweep; ConfigError on the first broken one. Reads no checkpoint: whether a
-    run tracked the asked width is checked when it is restored."""
+    config.eval.ema_sweep (its metrics: config_validation); ConfigError on the first broken one.
+    Reads no checkpoint: whether a run tracked the asked width is checked when it is
+    restored."""
     _check_train(config)
     sample_width = config.sample.ema_sigma_rel
     if sample_width:
@@ -162,11 +163,6 @@ def check_config(config, mode: str, workdir: str) -> None:
         if config.eval.sweep:
             raise ConfigError("config.eval.ema_sweep and config.eval.sweep are both set; sweep "
                               "the EMA width or the sampler, one per --mode=eval run")
-        from jax_diffusion.evaluation.run import SAMPLE_METRICS, wanted_metrics
-        if not set(wanted_metrics(config)) & SAMPLE_METRICS:
-            raise ConfigError(f"config.eval.metrics={config.eval.metrics!r} has no metric that "
-                              f"scores samples for config.eval.ema_sweep; use one of "
-                              f"{', '.join(sorted(SAMPLE_METRICS))}")
     if mode != "phema":
         return
     phema = config.phema
