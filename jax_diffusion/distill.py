@@ -385,7 +385,9 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     manager = checkpoints.create_manager(workdir, config.train.max_to_keep,
                                          keep_period=per_stage)
     template = abstract_train_state(config, model)
-    template = template.replace(opt_state=jax.eval_shape(tx.init, template.params))
+    # A student tracks no power EMAs, whatever config.train.ema says.
+    template = template.replace(opt_state=jax.eval_shape(tx.init, template.params),
+                                power_emas=())
     if manager.latest_step() is None:
         rng = jax.random.key_data(jax.random.PRNGKey(config.train.seed))
         state = TrainState(step=jnp.zeros((), jnp.int32), params=original_teacher,

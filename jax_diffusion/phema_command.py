@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jax_diffusion import checkpoints, parallel, power_ema
+from jax_diffusion.diffusion import check_trained_with
 from jax_diffusion.errors import CheckpointError
 from jax_diffusion.models import create_model
 from jax_diffusion.train_state import TrainState, abstract_train_state, create_optimizer
@@ -25,6 +26,11 @@ def run_phema(config: ml_collections.ConfigDict, workdir: str) -> None:
     if os.path.isdir(existing) and os.listdir(existing):
         raise CheckpointError(f"{existing} already holds checkpoints: write the rebuilt EMA into "
                               f"an empty config.phema.output_workdir")
+    # The new workdir records this config: it must read the network as the run trained it.
+    source = checkpoints.create_manager(workdir, read_only=True)
+    latest = checkpoints.select_step(source)
+    check_trained_with(checkpoints.restore_config(source, latest).get("diffusion", {}),
+                       config.diffusion, f"{checkpoints.checkpoint_dir(workdir)}/{latest}")
     mesh = parallel.create_mesh()
     template = abstract_train_state(config, create_model(config.model))
     params, step = power_ema.reconstruct(workdir, template.params, parallel.replicated(mesh),
