@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from jax_diffusion import checkpoints, phema
-from jax_diffusion.errors import CheckpointError
+from jax_diffusion.errors import CheckpointError, ConfigError
 
 SNAPSHOT_DIR = "phema_snapshots"
 SNAPSHOT_DTYPE = jnp.float16   # what EDM2 stores: half the bytes of float32
@@ -54,6 +54,26 @@ def update_power_emas(power_emas: tuple, params: Any, sigma_rels: Sequence[float
     log_keep = jnp.log1p(-1.0 / t.astype(jnp.float32))
     return tuple(optax.incremental_update(params, ema, -jnp.expm1((float(g) + 1.0) * log_keep))
                  for ema, g in zip(power_emas, gammas, strict=True))
+
+
+def _recorded_widths(recorded: dict) -> tuple[float, ...]:
+    """The tracked widths of a checkpoint's recorded config; () for a fixed-EMA run."""
+    train = recorded.get("train", {})
+    if train.get("ema") != "power":
+        return ()
+    return tuple(float(s) for s in train.get("ema_sigma_rels", ()))
+
+
+def check_same_widths(recorded: dict, train_config: ml_collections.ConfigDict) -> None:
+    """A resumed power-EMA run must track the widths its checkpoint tracked (`recorded`: the
+    checkpoint's config): the state's EMAs are those widths' averages."""
+    had = _recorded_widths(recorded)
+    want = tracked_sigma_rels(train_config)
+    if had and want and had != want:
+        raise ConfigError(f"this workdir's power EMAs have widths {list(had)} but "
+                          f"config.train.ema_sigma_rels={list(want)}; resume with "
+                          f"--config.train.ema_sigma_rels=\"{tuple(had)}\" or use another "
+                          f"--workdir")
 
 
 def snapshot_dir(workdir: str) -> str:
@@ -189,9 +209,7 @@ def restore_tracked(manager: ocp.CheckpointManager, step: int, recorded: dict,
                     params_template: Any, sharding, sigma_rel: float) -> Any:
     """The tracked power EMA of width `sigma_rel` of the checkpoint at `step`, whose recorded
     config is `recorded`; CheckpointError when the run did not track that width."""
-    train = recorded.get("train", {})
-    widths = [float(s) for s in train.get("ema_sigma_rels", ())] if train.get(
-        "ema") == "power" else []
+    widths = list(_recorded_widths(recorded))
     matches = [i for i, width in enumerate(widths) if np.isclose(width, sigma_rel)]
     if not matches:
         tracked = ", ".join(f"{w:g}" for w in widths) or "none: config.train.ema='fixed'"

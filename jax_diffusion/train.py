@@ -57,6 +57,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         state = create_train_state(config, model, tx, mesh)
     else:  # restore onto the abstract state: no throw-away initialisation of a large model
         step = manager.latest_step()
+        power_ema.check_same_widths(checkpoints.restore_config(manager, step), config.train)
         state, data_state = checkpoints.restore_train_state(
             manager, step, abstract_train_state(config, model), parallel.replicated(mesh))
         if data_state:  # an imported checkpoint has none: its run starts the data afresh

@@ -10,7 +10,7 @@ import pytest
 from scipy import integrate
 from tiny_config import tiny_config
 
-from jax_diffusion import config_validation, phema
+from jax_diffusion import config_validation, phema, power_ema
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.train_step import halflife_ema_decay
 
@@ -206,3 +206,12 @@ def test_halflife_ema_follows_edm():
     assert float(halflife_ema_decay(no_rampup.train)(jnp.int32(0))) == pytest.approx(
         0.5 ** (batch / 500.0), rel=1e-6)
     assert halflife_ema_decay(tiny_config().train) is None
+
+
+def test_a_resumed_power_ema_run_keeps_its_widths():
+    recorded = {"train": {"ema": "power", "ema_sigma_rels": [0.05, 0.1]}}
+    power_ema.check_same_widths(recorded, tiny_config(train__ema="power").train)
+    power_ema.check_same_widths({"train": {"ema": "fixed"}}, tiny_config(train__ema="power").train)
+    changed = tiny_config(train__ema="power", train__ema_sigma_rels=(0.05, 0.2))
+    with pytest.raises(ConfigError, match=r"widths \[0.05, 0.1\] but .*ema_sigma_rels"):
+        power_ema.check_same_widths(recorded, changed.train)
