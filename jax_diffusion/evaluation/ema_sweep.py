@@ -11,23 +11,27 @@ from matplotlib.figure import Figure
 
 from jax_diffusion.evaluation.sweep import _json_value, _replace, _write_json
 
+# The best width of each quality value (the others, e.g. standard deviations, get no mark).
+BEST = {"fid": min, "kid": min, "frechet": min, "accuracy": max, "is": max}
+
 
 def ema_sweep_figure(rows: Sequence[Mapping], metric_name: str, step: int) -> Figure:
-    """`metric_name` against sigma_rel (points in sigma_rel order), the best point marked:
-    the lowest for a distance, the highest for an accuracy or a score."""
+    """`metric_name` against sigma_rel (points in sigma_rel order), the best point marked for
+    a quality value: the lowest distance, the highest accuracy or Inception score."""
     figure = Figure(figsize=(6.0, 4.0), dpi=100)
     axes = figure.add_subplot()
     points = sorted((row["sigma_rel"], row[metric_name]) for row in rows)
     axes.plot([s for s, _ in points], [v for _, v in points], marker="o")
-    higher_is_better = metric_name in ("accuracy", "is")
-    best = (max if higher_is_better else min)(points, key=lambda point: point[1])
-    axes.plot([best[0]], [best[1]], marker="*", markersize=14, linestyle="none",
-              label=f"best: sigma_rel {best[0]:g}")
+    pick = BEST.get(metric_name)
+    if pick is not None:
+        best = pick(points, key=lambda point: point[1])
+        axes.plot([best[0]], [best[1]], marker="*", markersize=14, linestyle="none",
+                  label=f"best: sigma_rel {best[0]:g}")
+        axes.legend()
     axes.set_xlabel("EMA length sigma_rel (relative to the training time)")
     axes.set_ylabel(metric_name)
     axes.set_title(f"post-hoc EMA at step {step}")
     axes.grid(True, alpha=0.3)
-    axes.legend()
     figure.tight_layout()
     return figure
 
