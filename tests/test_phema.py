@@ -4,6 +4,7 @@ the reconstruction of a tracked width from float16 snapshots of the other widths
 parameter trajectory; the config rules of the post-hoc EMA keys and EDM's half-life EMA."""
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from scipy import integrate
 from tiny_config import tiny_config
 
 from jax_diffusion import config_validation, phema, power_ema
-from jax_diffusion.errors import ConfigError
+from jax_diffusion.errors import CheckpointError, ConfigError
 from jax_diffusion.train_step import halflife_ema_decay
 
 
@@ -215,3 +216,34 @@ def test_a_resumed_power_ema_run_keeps_its_widths():
     changed = tiny_config(train__ema="power", train__ema_sigma_rels=(0.05, 0.2))
     with pytest.raises(ConfigError, match=r"widths \[0.05, 0.1\] but .*ema_sigma_rels"):
         power_ema.check_same_widths(recorded, changed.train)
+
+
+def _write_snapshots(workdir, steps):
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    writer = power_ema.SnapshotWriter(workdir, (0.05, 0.1), every=1, last_step=max(steps),
+                                      resumed_step=0)
+    for step in steps:
+        writer.after_step(step, tuple(jax.tree.map(lambda x, s=step, i=i: x * s + i, params)
+                                      for i in range(2)))
+    writer.close()
+    return params
+
+
+def test_snapshots_past_the_resumed_checkpoint_are_deleted_and_rebuilds_name_their_steps(
+        tmp_path):
+    """A run resumed at step 2 deletes the snapshots of steps 3 and 4 (written after the
+    checkpoint it resumed from) and keeps 1 and 2; a rebuild at a step with no snapshot, or in
+    a workdir with none, is one CheckpointError naming what exists."""
+    workdir = str(tmp_path)
+    params = _write_snapshots(workdir, [1, 2, 3, 4])
+    power_ema.SnapshotWriter(workdir, (0.05, 0.1), every=1, last_step=4,
+                             resumed_step=2).close()
+    assert sorted(power_ema.snapshot_manager(workdir, read_only=True).all_steps()) == [1, 2]
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    rebuilt, step = power_ema.reconstruct(workdir, params, sharding, 0.1)
+    assert step == 2   # the tracked width at a snapshot step: that snapshot, 2 params + 1
+    np.testing.assert_allclose(rebuilt["w"], params["w"] * 2 + 1, rtol=1e-6)
+    with pytest.raises(CheckpointError, match=r"no power-EMA snapshot at step 3 .*\[1, 2\]"):
+        power_ema.reconstruct(workdir, params, sharding, 0.1, step=3)
+    with pytest.raises(CheckpointError, match="no power-EMA snapshots in .*ema=power"):
+        power_ema.reconstruct(str(tmp_path / "empty"), params, sharding, 0.1)
