@@ -247,3 +247,19 @@ def test_snapshots_past_the_resumed_checkpoint_are_deleted_and_rebuilds_name_the
         power_ema.reconstruct(workdir, params, sharding, 0.1, step=3)
     with pytest.raises(CheckpointError, match="no power-EMA snapshots in .*ema=power"):
         power_ema.reconstruct(str(tmp_path / "empty"), params, sharding, 0.1)
+
+
+def test_the_jitted_update_uses_the_float64_step_size():
+    """update_power_emas (float32, in the train step) moves each EMA by 1 - beta_t of
+    power_ema_step_size to float32 precision, also at t = 1e6 where 1 - 1/t in float32 would be
+    off by ~5%; the first update replaces the EMA by the parameters."""
+    params = {"w": jnp.ones((3,), jnp.float32)}
+    emas = ({"w": jnp.zeros((3,), jnp.float32)},) * 2
+    update = jax.jit(power_ema.update_power_emas, static_argnums=2)
+    for t in (1, 2, 100, 10 ** 6):
+        moved = update(emas, params, (0.05, 0.1), jnp.int32(t))
+        want = phema.power_ema_step_size(phema.gamma_of_sigma_rel(np.array([0.05, 0.1])), t)
+        got = np.array([float(m["w"][0]) for m in moved])
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+    unchanged = update(emas, params, (), jnp.int32(5))   # no widths (the fixed form)
+    assert all(float(jnp.abs(m["w"]).max()) == 0.0 for m in unchanged)
