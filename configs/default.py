@@ -62,6 +62,15 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_clip = 1.0
     train.weight_decay = 0.0
     train.ema_decay = 0.999
+    # EDM's half-life EMA instead of the bare decay: beta = 0.5^(batch / halflife), the half-life
+    # capped at rampup_ratio x the images seen so far; 0 = off (ema_decay, EDM: 500 and 0.05)
+    train.ema_halflife_kimg = 0.0
+    train.ema_rampup_ratio = 0.0
+    # "fixed" (the EMA above) | "power": also EDM2's power-function EMAs of these widths
+    # (sigma_rel), stored in float16 every ema_snapshot_every steps for --mode=phema
+    train.ema = "fixed"
+    train.ema_sigma_rels = (0.05, 0.10)
+    train.ema_snapshot_every = 1000
     train.label_dropout = 0.0            # chance of the null label instead of the label (guidance)
     train.steps_per_jit = 1              # > 1: several steps per compiled call, to hide dispatch
     train.step_loop = "auto"             # the k steps: "scan" | "unroll" | "auto" (CPU: unroll)
@@ -89,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     sample.num_samples = 1000
     sample.batch_size = 250
     sample.use_ema = True
+    sample.ema_sigma_rel = 0.0           # > 0: the power EMA of this tracked width; 0 = ema_decay's
     sample.checkpoint_step = -1          # -1 = latest
     sample.seed = 0
     sample.grid_size = 100               # images in the grid PNG
@@ -114,6 +124,9 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.nll_batch_size = 64
     # quality vs NFE, e.g. "ddim:10,20,50;dpm_solver++3m:5,10,20;edm_heun:9,19"; "" = none
     evaluation.sweep = ""
+    # quality vs EMA width, e.g. "0.02,0.05,0.1,0.15,0.2": each rebuilt from the power-EMA
+    # snapshots of a config.train.ema="power" run; "" = none
+    evaluation.ema_sweep = ""
 
     # --mode=import / --mode=export (jax_diffusion/convert/): PyTorch checkpoints <-> Orbax.
     config.convert = convert = ml_collections.ConfigDict()
@@ -163,6 +176,12 @@ def get_config() -> ml_collections.ConfigDict:
     distill.solver = "heun"              # the teacher's ODE step: "heun" | "euler" (= DDIM)
     distill.target_decay = 0.95          # mu of the target network's EMA; 0 = the student itself
     distill.student_steps = 0            # written by --mode=distill into its checkpoints; leave 0
+
+    # --mode=phema (jax_diffusion/phema_command.py): the EMA of any width rebuilt from snapshots.
+    config.phema = phema = ml_collections.ConfigDict()
+    phema.sigma_rel = 0.1                # the width to rebuild, in (0, 0.2887)
+    phema.output_workdir = ""            # the new workdir that receives it as a checkpoint
+    phema.step = -1                      # the snapshot step rebuilt at; -1 = the latest
 
     # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/distributed.py.
     config.distributed = dist = ml_collections.ConfigDict()

@@ -29,6 +29,7 @@ MODES: dict[str, str] = {
     "import": "jax_diffusion.convert.run:run_import",
     "export": "jax_diffusion.convert.run:run_export",
     "distill": "jax_diffusion.distill.loop:run_distill",
+    "phema": "jax_diffusion.training.phema_command:run_phema",
 }
 
 

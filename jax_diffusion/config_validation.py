@@ -24,6 +24,7 @@ from jax_diffusion.models.unet import validate_model_section
 from jax_diffusion.runtime import parallel
 from jax_diffusion.runtime.distributed import validate_distributed_config
 from jax_diffusion.samplers.from_config import validate_sample_config
+from jax_diffusion.training.phema import validate_phema_config
 from jax_diffusion.training.train import validate_train_config
 
 
@@ -48,6 +49,7 @@ def validate_config(config: ml_collections.ConfigDict, mode: str, workdir: str) 
     validate_bench_config(config.bench)
     validate_distill_config(config, mode, workdir)
     validate_distributed_config(config.distributed)
+    validate_phema_config(config, mode, workdir)
     if mode in ("import", "export"):
         validate_convert_config(config, mode)
 

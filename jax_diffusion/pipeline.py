@@ -20,7 +20,7 @@ from jax_diffusion import config_files, errors
 from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
-from jax_diffusion.samplers import check_sample_config
+from jax_diffusion.samplers import check_sample_config, consistency
 from jax_diffusion.training import checkpoints
 
 
@@ -138,7 +138,8 @@ class Pipeline:
                 config.sample[key] = value
         if self.workdir is not None:
             config = restore.student_config(config, self.workdir)
-        check_sample_config(config)
+        if config.sample.method != consistency.SAMPLER:   # a student's record names it
+            check_sample_config(config)
         return config
 
     def _restored(self, config: ml_collections.ConfigDict):

@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_config import tiny_config
@@ -14,6 +15,7 @@ from jax_diffusion.evaluation import run
 from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
+from jax_diffusion.training import power_ema
 from jax_diffusion.training import checkpoints
 from jax_diffusion.training.train_state import create_optimizer, create_train_state
 
@@ -170,4 +172,37 @@ def test_sweep_samples_every_setting_and_writes_table_plot(checkpoint, features,
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     fids = [row["fid"] for row in table["rows"]]
     assert len(set(fids)) == 4  # four different samplers, four different sample sets
+    assert not any(name.startswith("eval_") for name in os.listdir(workdir))
+
+
+def test_ema_sweep_rebuilds_every_width_and_writes_table_plot(checkpoint, features, tmp_path):
+    """config.eval.ema_sweep: one row per width, each rebuilt from power-EMA snapshots (two
+    tracked widths at steps 1..3, each a different perturbation of the checkpoint's weights)
+    and scored with the same seed: different widths give different samples, hence different
+    values; a JSON table and a PNG per value, at the latest snapshot's step."""
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    os.symlink(os.path.join(checkpoint, "checkpoints"), os.path.join(workdir, "checkpoints"))
+    config = _config("digits,fid")
+    mesh = parallel.create_mesh()
+    params, _ = sampling.restore_for_sampling(config, workdir, mesh,
+                                              create_model(config.model))
+    writer = power_ema.SnapshotWriter(workdir, (0.05, 0.1), every=1, last_step=STEP,
+                                      resumed_step=0)
+    for step in range(1, STEP + 1):
+        emas = tuple(jax.tree.map(lambda p, s=step, i=i: p + 0.02 * s * (i - 0.5) * jnp.sign(p),
+                                  params) for i in range(2))
+        writer.after_step(step, emas)
+    writer.close()
+    config.eval.ema_sweep = "0.05,0.2,0.1"
+    run.run_eval(config, workdir)
+    assert features.calls == 2 + 2
+    for value in ("accuracy", "frechet", "fid"):
+        with open(os.path.join(workdir, "ema_sweep", f"ema_sweep_{value}.json")) as f:
+            table = json.load(f)
+        assert table["metric"] == value and table["step"] == STEP
+        assert [row["sigma_rel"] for row in table["rows"]] == [0.05, 0.2, 0.1]
+        with open(os.path.join(workdir, "ema_sweep", f"ema_sweep_{value}.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert len({row["fid"] for row in table["rows"]}) == 3
     assert not any(name.startswith("eval_") for name in os.listdir(workdir))

@@ -7,14 +7,14 @@ import pytest
 import threadpoolctl
 from tiny_config import tiny_config
 
-from jax_diffusion import data
+from jax_diffusion import cli, data
 from jax_diffusion.diffusion import create_diffusion
+from jax_diffusion.errors import CheckpointError
 from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
-from jax_diffusion.training import checkpoints
-from jax_diffusion.training import train
+from jax_diffusion.training import checkpoints, power_ema, train
 
 pytestmark = pytest.mark.slow  # training runs (1 vs 8 devices, resume, a short digits model)
 
@@ -124,6 +124,10 @@ def _flat(tree):
 
 
 # ------------------------------------------------------------------ 2. exact resume
+# The resumed runs also track EDM2's power EMAs, snapshotted every 2 steps.
+POWER_EMA = {"train__ema": "power", "train__ema_snapshot_every": 2}
+
+
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
     """Workdir "split": train.train to step 3, then again to step 6 (a resume);
@@ -144,12 +148,12 @@ def resume_runs(tmp_path_factory):
                                             ("straight", straight, 6)):
             seen[current] = []
             config = tiny_config(train__num_steps=num_steps, train__checkpoint_every=3,
-                                 train__log_every=3)
+                                 train__log_every=3, **POWER_EMA)
             states[current] = train.train(config, workdir)
     finally:
         train.next_batches = original
     return {"split": split, "straight": straight, "seen": seen, "states": states,
-            "config": tiny_config(train__num_steps=6)}
+            "config": tiny_config(train__num_steps=6, **POWER_EMA)}
 
 
 def _read_checkpoint(workdir, step, config):
@@ -164,7 +168,8 @@ def _read_checkpoint(workdir, step, config):
 
 def test_resume_is_bit_exact(resume_runs):
     """6 steps straight and 3 + 3 steps with a restart from the step-3 checkpoint give
-    bitwise-equal parameters, EMA, optimizer state and rng in the step-6 checkpoints, the same
+    bitwise-equal parameters, EMA, power EMAs, optimizer state and rng in the step-6 checkpoints,
+    the same
     iterator state, and the resumed run sees exactly batches 4..6 of the straight run (it
     really resumed: it ran 3 steps, not 6 from scratch)."""
     config = resume_runs["config"]
@@ -175,6 +180,11 @@ def test_resume_is_bit_exact(resume_runs):
     assert int(split6.step) == int(straight6.step) == 6
     assert _bitwise_equal(split6, straight6)
     assert _bitwise_equal(jax.device_get(resume_runs["states"]["split_2"]), split6)
+    # The two power EMAs are there, and neither is the fixed EMA or the other one.
+    assert len(split6.power_emas) == 2
+    for a, b in ((0, 1), (0, None), (1, None)):
+        other = split6.ema_params if b is None else split6.power_emas[b]
+        assert not _bitwise_equal(split6.power_emas[a], other)
     assert split_data6 == straight_data6
 
     _, split_data3, _ = _read_checkpoint(resume_runs["split"], 3, config)
@@ -188,6 +198,65 @@ def test_resume_is_bit_exact(resume_runs):
         assert _bitwise_equal(got, want)
     labels = [tuple(b["label"].ravel()) for b in seen["straight"]]
     assert len(set(labels)) == 6  # six different batches, so order matters
+
+
+def _snapshot(workdir, step, config):
+    manager = power_ema.snapshot_manager(workdir, read_only=True)
+    template = train.abstract_train_state(config, create_model(config.model)).params
+    half = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float16), (template,) * 2)
+    restored = manager.restore(step, args=checkpoints.ocp.args.Composite(
+        snapshot=checkpoints.ocp.args.StandardRestore(half)))
+    return jax.device_get(restored.snapshot), sorted(manager.all_steps())
+
+
+def test_power_ema_snapshots_are_the_same_after_a_resume(resume_runs):
+    """Both runs snapshot the power EMAs every 2 steps (the split run also at its first end,
+    step 3): the common snapshots are bitwise equal, and the last one is the trained power EMAs
+    in float16."""
+    config = resume_runs["config"]
+    steps = {}
+    for name in ("split", "straight"):
+        _, steps[name] = _snapshot(resume_runs[name], 2, config)
+    assert steps == {"split": [2, 3, 4, 6], "straight": [2, 4, 6]}
+    for step in (2, 4, 6):
+        split, _ = _snapshot(resume_runs["split"], step, config)
+        straight, _ = _snapshot(resume_runs["straight"], step, config)
+        assert {leaf.dtype for leaf in jax.tree.leaves(split)} == {np.dtype(np.float16)}
+        assert _bitwise_equal(split, straight)
+    trained = jax.device_get(resume_runs["states"]["straight"].power_emas)
+    last, _ = _snapshot(resume_runs["straight"], 6, config)
+    assert _bitwise_equal(last, jax.tree.map(lambda x: x.astype(np.float16), tuple(trained)))
+
+
+def test_phema_mode_and_sampling_restore_the_tracked_widths(resume_runs, tmp_path):
+    """--mode=phema for a tracked width at the last snapshot's step writes a workdir whose
+    sampling parameters are that width's EMA (to float16 precision: coefficient 1 on its own
+    snapshot); config.sample.ema_sigma_rel restores a tracked width bitwise; an untracked width
+    is refused with the command that rebuilds it."""
+    config = resume_runs["config"].copy_and_resolve_references()
+    trained = jax.device_get(resume_runs["states"]["straight"].power_emas)
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    model = create_model(config.model)
+    for index, width in enumerate((0.05, 0.10)):
+        run = config.copy_and_resolve_references()
+        out = str(tmp_path / f"phema_{width}")
+        run.phema.sigma_rel, run.phema.output_workdir = width, out
+        assert cli.run("phema", run, resume_runs["straight"]) == 0
+        rebuilt, step = sampling.restore_for_sampling(config, out, mesh, model)
+        assert step == 6
+        half = jax.tree.map(lambda x: np.asarray(x.astype(np.float16), np.float64), trained)
+        assert _max_abs_diff(jax.device_get(rebuilt), half[index]) < 1e-6
+        assert _max_abs_diff(jax.device_get(rebuilt), half[1 - index]) > 1e-5  # not the other
+
+        run.sample.ema_sigma_rel = width
+        tracked, _ = sampling.restore_for_sampling(run, resume_runs["straight"], mesh, model)
+        assert _bitwise_equal(jax.device_get(tracked), trained[index])
+    config.sample.ema_sigma_rel = 0.07
+    with pytest.raises(CheckpointError, match="not tracked.*--mode=phema"):
+        sampling.restore_for_sampling(config, resume_runs["straight"], mesh, model)
+    config.sample.ema_sigma_rel = 0.05   # a workdir written by --mode=phema tracks none
+    with pytest.raises(CheckpointError, match="tracked: none"):
+        sampling.restore_for_sampling(config, str(tmp_path / "phema_0.05"), mesh, model)
 
 
 # ------------------------------------------------------------------ 3. restore onto 1 device

@@ -46,7 +46,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jax_diffusion import data, samplers, schedules
+from jax_diffusion import schedules
+from jax_diffusion import data
+from jax_diffusion import samplers
 from jax_diffusion.config_checks import choice, fraction, positive_int, require
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion, mean_flat
 from jax_diffusion.distill import targets as distill_targets
@@ -389,7 +391,9 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     manager = checkpoints.create_manager(workdir, config.train.max_to_keep,
                                          keep_period=per_stage)
     template = abstract_train_state(config, model)
-    template = template.replace(opt_state=jax.eval_shape(tx.init, template.params))
+    # A student tracks no power EMAs, whatever config.train.ema says.
+    template = template.replace(opt_state=jax.eval_shape(tx.init, template.params),
+                                power_emas=())
     if manager.latest_step() is None:
         rng = jax.random.key_data(jax.random.PRNGKey(config.train.seed))
         state = TrainState(step=jnp.zeros((), jnp.int32), params=original_teacher,

@@ -26,17 +26,18 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jax_diffusion import data
-from jax_diffusion import downloads
+from jax_diffusion import data, downloads
 from jax_diffusion.config_checks import positive_int, require
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.data.digits import DIGITS
 from jax_diffusion.errors import ConfigError
-from jax_diffusion.evaluation import digits, inception, metrics, nll, reference_stats, sweep
+from jax_diffusion.evaluation import (digits, ema_sweep, inception, metrics, nll,
+                                      reference_stats, sweep)
 from jax_diffusion.evaluation.samples import read_samples_dir
 from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
+from jax_diffusion.training import phema, power_ema
 
 FID_BIAS_WARNING_BELOW = 50_000
 
@@ -68,10 +69,11 @@ class EvalContext:
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.model, self.params, self.step = model, params, step
 
-    def with_sampler(self, config: ml_collections.ConfigDict) -> EvalContext:
-        """A context for the same checkpoint sampled with another config.sample: new samples,
-        the same feature network and reference statistics (those computed so far)."""
-        other = EvalContext(config, self.workdir, self.mesh, self.model, self.params, self.step)
+    def with_sampler(self, config: ml_collections.ConfigDict, params=None) -> EvalContext:
+        """A context for the same checkpoint (or `params`) sampled with another config.sample:
+        new samples, the same feature network and reference statistics (those computed so far)."""
+        other = EvalContext(config, self.workdir, self.mesh, self.model,
+                            self.params if params is None else params, self.step)
         for shared in ("inception", "reference"):
             if shared in self.__dict__:  # functools.cached_property keeps its value there
                 other.__dict__[shared] = self.__dict__[shared]
@@ -80,8 +82,10 @@ class EvalContext:
     @property
     def record(self) -> dict:
         """The fields every eval JSON carries."""
+        width = self.config.sample.ema_sigma_rel
         return {"checkpoint_step": self.step,
-                "params": "ema" if self.config.sample.use_ema else "raw"}
+                "params": "ema" if self.config.sample.use_ema else "raw",
+                **({"ema_sigma_rel": width} if width else {})}
 
     @functools.cached_property
     def samples(self) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -208,9 +212,39 @@ def run_sweep(ctx: EvalContext, wanted: tuple[str, ...], writer) -> None:
         logging.info("sweep of %s: %s, %s", value, json_path, png_path)
 
 
+def run_ema_sweep(ctx: EvalContext, wanted: tuple[str, ...], writer) -> None:
+    """config.eval.ema_sweep: the power EMA of every width, rebuilt from the snapshots at
+    config.sample.checkpoint_step (-1: the latest snapshot), sampled with config.sample and
+    the same seeds and scored with the sample metrics in `wanted`; one table, plot and
+    TensorBoard curve per metric value (ema_sweep/ema_sweep_<value>.json and .png)."""
+    rows, step = [], -1
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ctx.params)
+    for width in phema.parse_sigma_rels(ctx.config.eval.ema_sweep, "eval.ema_sweep"):
+        params, step = power_ema.reconstruct(ctx.workdir, template, parallel.replicated(ctx.mesh),
+                                             width, ctx.config.sample.checkpoint_step)
+        setting = ctx.config.copy_and_resolve_references()
+        setting.sample.ema_sigma_rel = width
+        scored = ctx.with_sampler(setting, params)
+        row = {"sigma_rel": width}
+        for name in wanted:
+            if name in SAMPLE_METRICS:
+                row.update(METRICS[name](scored)["values"])
+        logging.info("EMA sweep sigma_rel %g: %s", width, row)
+        rows.append(row)
+        del params, scored   # one rebuilt EMA in memory at a time
+    if jax.process_index() != 0:
+        return
+    for value in (key for key in rows[0] if key != "sigma_rel"):
+        json_path, png_path = ema_sweep.write_ema_sweep(rows, ctx.workdir, value, step)
+        for row in rows:   # TensorBoard's step axis is an integer: sigma_rel in thousandths
+            writer.write_scalars(round(row["sigma_rel"] * 1000), {f"ema_sweep/{value}": row[value]})
+        logging.info("EMA sweep of %s: %s, %s", value, json_path, png_path)
+
+
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=eval: config.eval.metrics for config.sample, or with config.eval.sweep the sample
-    metrics for every sampler setting of the sweep."""
+    metrics for every sampler setting of the sweep, or with config.eval.ema_sweep for every
+    EMA width."""
     from clu import metric_writers  # imports TensorFlow: only when evaluating
 
     wanted = wanted_metrics(config)
@@ -224,6 +258,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if config.eval.sweep:
         run_sweep(ctx, wanted, writer)
+    elif config.eval.ema_sweep:
+        run_ema_sweep(ctx, wanted, writer)
     else:
         for name in wanted:
             _write(workdir, name, METRICS[name](ctx), writer)
@@ -260,6 +296,10 @@ def validate_eval_config(config: ml_collections.ConfigDict, mode: str) -> None:
         require(set(metrics) & SAMPLE_METRICS, "eval.metrics", evaluation.metrics,
                  f"has no metric that scores samples for config.eval.sweep; use one of "
                  f"{', '.join(sorted(SAMPLE_METRICS))}")
+    if evaluation.ema_sweep:
+        require(set(metrics) & SAMPLE_METRICS, "eval.metrics", evaluation.metrics,
+                f"has no metric that scores samples for config.eval.ema_sweep; use one of "
+                f"{', '.join(sorted(SAMPLE_METRICS))}")
     if "digits" in metrics:
         require(config.data.dataset == DIGITS and config.model.num_classes == 10,
                  "eval.metrics", evaluation.metrics,

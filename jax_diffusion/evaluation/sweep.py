@@ -114,25 +114,25 @@ def write_sweep(rows: Sequence[Mapping], workdir: str, metric_name: str) -> tupl
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"sweep_{metric_name}")
     table = {"metric": metric_name,
-             "rows": [{key: _json_value(value) for key, value in row.items()} for row in rows]}
-    _replace(stem + ".json", lambda path: _write_json(path, table))
+             "rows": [{key: json_value(value) for key, value in row.items()} for row in rows]}
+    replace_atomically(stem + ".json", lambda path: write_json(path, table))
     canvas = FigureCanvasAgg(sweep_figure(rows, metric_name))
-    _replace(stem + ".png", lambda path: canvas.print_png(path))
+    replace_atomically(stem + ".png", lambda path: canvas.print_png(path))
     return stem + ".json", stem + ".png"
 
 
-def _json_value(value):
+def json_value(value):
     value = value.item() if hasattr(value, "item") else value   # numpy scalars
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _write_json(path: str, table: dict) -> None:
+def write_json(path: str, table: dict) -> None:
     with open(path, "w") as f:
         json.dump(table, f, indent=1)
         f.write("\n")
 
 
-def _replace(path: str, write) -> None:
+def replace_atomically(path: str, write) -> None:
     """write(tmp) then rename over `path`: a reader never sees half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:

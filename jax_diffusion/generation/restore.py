@@ -11,13 +11,14 @@ from jax_diffusion.diffusion import check_trained_with
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.runtime import parallel
 from jax_diffusion.samplers import consistency
-from jax_diffusion.training import checkpoints
+from jax_diffusion.training import checkpoints, power_ema
 from jax_diffusion.training.train_state import abstract_train_state
 
 
 def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str, mesh,
                          model: nn.Module) -> tuple[object, int]:
-    """(params, step): EMA (or raw) parameters of the chosen checkpoint, replicated on `mesh`.
+    """(params, step): EMA (or raw, or the tracked power EMA of config.sample.ema_sigma_rel)
+    parameters of the chosen checkpoint, replicated on `mesh`.
     A checkpoint trained with another diffusion (schedule, T, parametrisation, variance,
     timestep scaling) is refused: its network's output would be read wrongly."""
     manager = checkpoints.create_manager(workdir, read_only=True)
@@ -25,8 +26,13 @@ def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str, mesh,
     saved = checkpoints.restore_config(manager, step)
     check_trained_with(saved.get("diffusion", {}), config.diffusion,
                        f"{checkpoints.checkpoint_dir(workdir)}/{step}")
-    params = checkpoints.restore_params(manager, step, abstract_train_state(config, model),
-                                        parallel.replicated(mesh), use_ema=config.sample.use_ema)
+    template = abstract_train_state(config, model)
+    if config.sample.ema_sigma_rel:   # a power EMA the run tracked
+        params = power_ema.restore_tracked(manager, step, saved, template.params,
+                                           parallel.replicated(mesh), config.sample.ema_sigma_rel)
+        return params, step
+    params = checkpoints.restore_params(manager, step, template, parallel.replicated(mesh),
+                                        use_ema=config.sample.use_ema)
     return params, step
 
 

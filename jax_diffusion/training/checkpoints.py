@@ -5,6 +5,7 @@
               (`ocp.StandardCheckpointer().restore(".../<step>/ema_params")`), for other tools
   config      the run's config as JSON
   data        the input iterator's state as JSON, so a resumed run sees the same batches
+  power_emas  (config.train.ema="power" only) the power-function EMAs, one per tracked width
 
 Every failure to find or read a checkpoint becomes a `CheckpointError` whose message names the
 checkpoint and says what to do.
@@ -115,7 +116,8 @@ def create_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
     # Named handlers let a fresh manager read item metadata before any save or restore.
     handlers = {"state": ocp.StandardCheckpointHandler(),
                 "ema_params": ocp.StandardCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+                "config": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "power_emas": ocp.StandardCheckpointHandler()}
     in_background = async_save and not read_only and jax.process_count() == 1
     manager_class = BackgroundSavingManager if in_background else ocp.CheckpointManager
     return manager_class(checkpoint_dir(workdir), options=options, item_handlers=handlers)
@@ -123,14 +125,15 @@ def create_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
 
 def save_args(state: Any, config: ml_collections.ConfigDict, data_state: Any
               ) -> ocp.args.Composite:
-    """The four items of a checkpoint of `state` (a TrainState)."""
+    """The four items of a checkpoint of `state` (a TrainState), five with power EMAs."""
     train_part = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
                   "rng": state.rng}
+    power = {"power_emas": ocp.args.StandardSave(state.power_emas)} if state.power_emas else {}
     return ocp.args.Composite(
         state=ocp.args.StandardSave(train_part),
         ema_params=ocp.args.StandardSave(state.ema_params),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-        data=ocp.args.JsonSave(copy.deepcopy(data_state)))
+        data=ocp.args.JsonSave(copy.deepcopy(data_state)), **power)
 
 
 def _device_copy(tree: Any) -> Any:
@@ -293,13 +296,40 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, state_templat
                   "opt_state": state_template.opt_state, "rng": state_template.rng}
     _check_compatible(manager, step, "state", train_part)
     _check_compatible(manager, step, "ema_params", state_template.ema_params)
+    power = {}
+    if state_template.power_emas:
+        _check_power_emas(manager, step, state_template.power_emas)
+        power = {"power_emas": ocp.args.StandardRestore(
+            _abstract(state_template.power_emas, sharding))}
     restored = _restore(
         manager, step,
         state=ocp.args.StandardRestore(_abstract(train_part, sharding)),
         ema_params=ocp.args.StandardRestore(_abstract(state_template.ema_params, sharding)),
-        data=ocp.args.JsonRestore())
+        data=ocp.args.JsonRestore(), **power)
     state = state_template.replace(ema_params=restored.ema_params, **restored.state)
+    if power:
+        state = state.replace(power_emas=tuple(restored.power_emas))
     return state, restored.data
+
+
+def _check_power_emas(manager: ocp.CheckpointManager, step: int, template: tuple) -> None:
+    """The checkpoint must hold as many power EMAs as `template`, each fitting the model."""
+    path = _step_path(manager, step)
+    if not os.path.isdir(os.path.join(path, "power_emas")):
+        raise CheckpointError(f"checkpoint {path} holds no power EMAs (it was trained with "
+                              f"config.train.ema='fixed'): resume it with --config.train.ema="
+                              f"fixed, or start the power EMA run in a new --workdir")
+    _check_compatible(manager, step, "power_emas", list(template))
+
+
+def restore_power_emas(manager: ocp.CheckpointManager, step: int, params_template: Any,
+                       count: int, sharding: Sharding) -> tuple:
+    """The `count` power EMAs of the checkpoint at `step` (config.train.ema="power"), placed
+    with `sharding`; `params_template` fixes the parameters' structure."""
+    template = (params_template,) * count
+    _check_power_emas(manager, step, template)
+    return tuple(_restore(manager, step, power_emas=ocp.args.StandardRestore(
+        _abstract(template, sharding))).power_emas)
 
 
 def restore_params(manager: ocp.CheckpointManager, step: int, state_template: Any,

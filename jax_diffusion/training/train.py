@@ -15,7 +15,7 @@ from jax_diffusion.errors import ConfigError
 from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
-from jax_diffusion.training import checkpoints
+from jax_diffusion.training import checkpoints, power_ema
 from jax_diffusion.training.loop import LoopSpec, run_loop
 from jax_diffusion.training.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state)
@@ -61,6 +61,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         state = create_train_state(config, model, tx, mesh)
     else:  # restore onto the abstract state: no throw-away initialisation of a large model
         step = manager.latest_step()
+        power_ema.check_same_widths(checkpoints.restore_config(manager, step), config.train)
         state, data_state = checkpoints.restore_train_state(
             manager, step, abstract_train_state(config, model), parallel.replicated(mesh))
         if data_state:  # an imported checkpoint has none: its run starts the data afresh
@@ -81,14 +82,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                       eta_min=(num_steps - step) / max(steps_per_s, 1e-9) / 60.0)
 
     def after_step(state: TrainState, step: int, writer) -> None:
+        snapshots.after_step(step, state.power_emas)
         if grid_sampler and step % config.train.sample_every == 0:
             grid_sampler.write(state.ema_params, step, workdir, writer)
 
     spec = LoopSpec(advance, record=lambda: config, after_step=after_step, scalars=scalars,
                     hint="Try a lower --config.train.lr or --config.train.grad_clip, or check "
                          "the data")
-    return run_loop(state, spec, config=config, workdir=workdir, manager=manager,
-                    iterator=iterator, num_steps=num_steps)
+    with power_ema.snapshot_writer(config, workdir, int(state.step), num_steps) as snapshots:
+        return run_loop(state, spec, config=config, workdir=workdir, manager=manager,
+                        iterator=iterator, num_steps=num_steps)
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> None:

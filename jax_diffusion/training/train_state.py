@@ -22,6 +22,8 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data, so that checkpoints hold plain arrays
+    # config.train.ema="power": one power-function EMA per config.train.ema_sigma_rels width
+    power_emas: tuple = ()
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -64,8 +66,10 @@ def _init_fn(config: ml_collections.ConfigDict, model: nn.Module,
         rng = jax.random.PRNGKey(config.train.seed)
         init_rng, train_rng = jax.random.split(rng)
         params = model.init(init_rng, *example_inputs(config), train=False)["params"]
+        power_emas = ((params,) * len(config.train.ema_sigma_rels)
+                      if config.train.ema == "power" else ())
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=tx.init(params), rng=train_rng)
+                          opt_state=tx.init(params), rng=train_rng, power_emas=power_emas)
     return init
 
 

@@ -8,7 +8,7 @@ fold_in(state.rng, step), so they do not depend on the device count.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 
 import flax.linen as nn
@@ -20,6 +20,7 @@ import optax
 
 from jax_diffusion.diffusion import GaussianDiffusion
 from jax_diffusion.runtime import parallel
+from jax_diffusion.training import power_ema
 from jax_diffusion.training.train_state import TrainState, learning_rate_schedule
 
 
@@ -28,6 +29,25 @@ def ema_decay(decay: float, step: jax.Array) -> jax.Array:
     it does not keep a large share of the random initialisation (0.999^1500 = 22% without this)."""
     step = step.astype(jnp.float32)
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def halflife_ema_decay(train_config: ml_collections.ConfigDict
+                       ) -> Callable[[jax.Array], jax.Array] | None:
+    """EDM's (Karras et al. 2022) EMA, as step -> decay, when config.train.ema_halflife_kimg > 0:
+    beta = 0.5^(B / h) for a batch of B images, h = the half-life in images, capped at
+    ema_rampup_ratio x the images seen after this step when that ratio is > 0, so that a short
+    run does not keep its initialisation. None when off (the bare config.train.ema_decay)."""
+    halflife_kimg, rampup = train_config.ema_halflife_kimg, train_config.ema_rampup_ratio
+    if halflife_kimg <= 0:
+        return None
+    batch = float(train_config.batch_size)
+
+    def decay(step: jax.Array) -> jax.Array:
+        halflife = jnp.float32(halflife_kimg * 1000.0)
+        if rampup > 0:
+            halflife = jnp.minimum(halflife, rampup * (step.astype(jnp.float32) + 1.0) * batch)
+        return 0.5 ** (batch / jnp.maximum(halflife, 1e-8))
+    return decay
 
 
 STEP_LOOPS = ("auto", "scan", "unroll")
@@ -74,8 +94,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
             return jnp.mean(terms["loss"]), terms
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state, grad_norm, finite = apply_if_finite(state, grads, loss, tx,
-                                                       train_config.ema_decay)
+        new_state, grad_norm, finite = apply_if_finite(
+            state, grads, loss, tx, halflife_ema_decay(train_config) or train_config.ema_decay,
+            power_ema.tracked_sigma_rels(train_config))
         metrics = {name: jnp.mean(value) for name, value in terms.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, lr=lr_schedule(state.step),
                        finite=finite.astype(jnp.float32))
@@ -85,20 +106,26 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def apply_if_finite(state: TrainState, grads, loss: jax.Array,
-                    tx: optax.GradientTransformation, decay: float
+                    tx: optax.GradientTransformation,
+                    decay: float | Callable[[jax.Array], jax.Array],
+                    power_sigma_rels: Sequence[float] = ()
                     ) -> tuple[TrainState, jax.Array, jax.Array]:
     """(new state, gradient norm, finite): one optimizer and EMA update, or the state unchanged
-    when the loss or the gradient is not finite, so the host can stop with nothing corrupt."""
+    when the loss or the gradient is not finite, so the host can stop with nothing corrupt.
+    `decay`: the EMA's bare decay (see ema_decay) or a function step -> decay; the power EMAs
+    of `power_sigma_rels` (state.power_emas) are updated too."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(state: TrainState) -> TrainState:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        step_size = 1.0 - ema_decay(decay, state.step)
+        step_size = 1.0 - (decay(state.step) if callable(decay) else ema_decay(decay, state.step))
         ema_params = optax.incremental_update(params, state.ema_params, step_size)
+        power_emas = power_ema.update_power_emas(state.power_emas, params, power_sigma_rels,
+                                                 state.step + 1)
         return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                             opt_state=opt_state)
+                             opt_state=opt_state, power_emas=power_emas)
 
     # A cond, not a select of new against old: with the select, both states are live at once
     # and XLA copied every donated buffer (91 ms of copies in a 1.4 s CPU step).
