@@ -115,6 +115,8 @@ class Pipeline:
         batch = parallel.round_up_to_devices(
             min(batch_size or config.sample.batch_size, num_samples), self.mesh)
         params = self._restored(config)
+        logging.info("Sampling %d images with %s, %d steps (batch %d, seed %d)", num_samples,
+                     config.sample.method, config.sample.num_steps, batch, seed)
         key = json.dumps([config.sample.to_dict(), config.diffusion.to_dict(),
                           config.distill.to_dict(), batch], sort_keys=True, default=str)
         if key not in self._sample_fns:

@@ -40,8 +40,6 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=sample: `Pipeline.sample` with every setting from config.sample."""
     sample_config = config.sample
     pipeline = Pipeline(config, workdir=workdir)
-    logging.info("Sampling %d images (%s params)", sample_config.num_samples,
-                 "EMA" if sample_config.use_ema else "raw")
     samples = pipeline.sample(sample_config.num_samples, seed=sample_config.seed, progress=True)
     if jax.process_index() == 0:
         write_samples(workdir, samples.images, samples.labels, config.model.num_classes)
