@@ -176,9 +176,10 @@ def _npz_keys(path: str, key: str) -> set[str]:
 
 def _check_eval(config: ml_collections.ConfigDict, mode: str) -> None:
     from jax_diffusion import downloads
-    from jax_diffusion.evaluation import inception
+    from jax_diffusion.evaluation import dinov2, inception
     from jax_diffusion.evaluation.inception import WEIGHTS_FILE
-    from jax_diffusion.evaluation.reference_stats import PREPROCESS_KEY
+    from jax_diffusion.evaluation.precision_recall import NEAREST_K
+    from jax_diffusion.evaluation.reference_stats import PREPROCESS_KEY, SPATIAL_KEYS
     from jax_diffusion.evaluation.run import INCEPTION_METRICS, METRICS, SAMPLE_METRICS
     evaluation = config.eval
     metrics = comma_list(evaluation.metrics, "config.eval.metrics", METRICS)
@@ -198,9 +199,14 @@ def _check_eval(config: ml_collections.ConfigDict, mode: str) -> None:
                  "asks for 'digits', which scores class-conditional samples of the digits "
                  "dataset: it needs config.data.dataset='digits' and config.model.num_classes=10")
     inception_metrics = set(metrics) & INCEPTION_METRICS
-    if {"fid", "kid"} & inception_metrics:
+    if {"fid", "kid", "sfid", "fd_dinov2"} & set(metrics):
         _require(evaluation.num_samples >= 2, "eval.num_samples", evaluation.num_samples,
-                 "must be >= 2 for FID/KID (a covariance needs two samples)")
+                 "must be >= 2 for FID/KID/sFID/FD-DINOv2 (a covariance needs two samples)")
+    if "pr" in metrics:
+        _require(evaluation.num_samples > NEAREST_K, "eval.num_samples", evaluation.num_samples,
+                 f"must be > {NEAREST_K} for precision/recall (each point's {NEAREST_K}-th "
+                 f"nearest neighbour)")
+    dinov2.check_config(evaluation, wanted="fd_dinov2" in metrics)
     if evaluation.samples_dir and set(metrics) & SAMPLE_METRICS:
         _require(os.path.isdir(evaluation.samples_dir), "eval.samples_dir",
                  evaluation.samples_dir, "is not a directory; write samples there with "
@@ -209,7 +215,7 @@ def _check_eval(config: ml_collections.ConfigDict, mode: str) -> None:
     _require(downloads.SHA256_PATTERN.fullmatch(str(evaluation.inception_sha256).lower()),
              "eval.inception_sha256", evaluation.inception_sha256,
              "must be the 64 hex digits of the weights file's SHA-256")
-    if evaluation.reference_stats and {"fid", "kid"} & inception_metrics:
+    if evaluation.reference_stats and {"fid", "kid", "pr", "sfid"} & inception_metrics:
         keys = _npz_keys(evaluation.reference_stats, "eval.reference_stats")
         if PREPROCESS_KEY in keys:
             with np.load(evaluation.reference_stats, allow_pickle=False) as file:
@@ -225,6 +231,14 @@ def _check_eval(config: ml_collections.ConfigDict, mode: str) -> None:
                  evaluation.reference_stats,
                  "holds only mu/sigma, but KID needs the reference 'features': drop kid from "
                  "config.eval.metrics or leave reference_stats empty to compute them")
+        _require("pr" not in metrics or "features" in keys, "eval.reference_stats",
+                 evaluation.reference_stats,
+                 "has no reference 'features', which precision/recall needs: drop pr from "
+                 "config.eval.metrics or leave reference_stats empty to compute them")
+        _require("sfid" not in metrics or set(SPATIAL_KEYS) <= keys, "eval.reference_stats",
+                 evaluation.reference_stats,
+                 f"has no sFID statistics {', '.join(SPATIAL_KEYS)}: drop sfid from "
+                 f"config.eval.metrics or leave reference_stats empty to compute them")
     if inception_metrics and evaluation.inception_weights != "auto":
         _require(os.path.isfile(evaluation.inception_weights), "eval.inception_weights",
                  evaluation.inception_weights,
