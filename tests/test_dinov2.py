@@ -285,3 +285,12 @@ def test_weights_given_as_a_path(tmp_path):
     assert dinov2.resolve_weights(_eval_config(dinov2_weights=str(given))) == str(given)
     with pytest.raises(MissingInputFileError, match="dinov2_weights=auto"):
         dinov2.resolve_weights(_eval_config(dinov2_weights=str(tmp_path / "absent.pth")))
+
+
+def test_vit_l14_forward_flops():
+    """The bench's analytic count at 224 x 224 (257 tokens): without attention's two products
+    (4 T^2 C per block) it is the 77.8 G multiply-adds published for ViT-L/14 at 224."""
+    from jax_diffusion.bench_eval import dinov2_flops_per_image
+    flops = dinov2_flops_per_image(dinov2.DINOv2())
+    attention_products = 24 * 4 * 257 ** 2 * 1024
+    assert (flops - attention_products) / 2 == pytest.approx(77.8e9, rel=2e-3)
