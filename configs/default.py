@@ -104,7 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.grid_size = 100               # images in the grid PNG
 
     config.eval = evaluation = ml_collections.ConfigDict()
-    evaluation.metrics = "fid,is,kid"    # any of fid, is, kid, digits, nll (comma-separated)
+    # any of fid, is, kid, pr, sfid, fd_dinov2, digits, nll (comma-separated)
+    evaluation.metrics = "fid,is,kid"
     evaluation.num_samples = 50000       # FID is biased upwards at small N; the papers use 50k
     evaluation.batch_size = 200          # Inception batch
     evaluation.samples_dir = ""          # "" = sample now; else read its samples_*.npz
@@ -120,6 +121,12 @@ def get_config() -> ml_collections.ConfigDict:
     # torch-fidelity) | "pytorch_fid" (pytorch-fid) | "clean" (clean-fid).
     evaluation.inception_preprocess = "tf1"
     evaluation.reference_stats = ""      # "" = from the training set, cached in the workdir
+    # DINOv2 ViT-L/14 weights for fd_dinov2, fetched and checked like the Inception weights.
+    evaluation.dinov2_weights = "auto"
+    evaluation.dinov2_url = ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/"
+                             "dinov2_vitl14_pretrain.pth")
+    evaluation.dinov2_sha256 = (
+        "d5383ea8f4877b2472eb973e0fd72d557c7da5d3611bd527ceeb1d7162cbf428")
     evaluation.nll_examples = 0          # 0 = the whole eval split
     evaluation.nll_batch_size = 64
     # quality vs NFE, e.g. "ddim:10,20,50;dpm_solver++3m:5,10,20;edm_heun:9,19"; "" = none

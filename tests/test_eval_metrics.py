@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tiny_config import tiny_config
 
-from jax_diffusion.evaluation import run
+from jax_diffusion.evaluation import dinov2, metrics, precision_recall, run
 from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
@@ -33,18 +33,20 @@ def _config(metrics: str, samples_dir: str = ""):
 
 
 class RandomFeatures:
-    """uint8 images -> (features [N, 16], logits [N, 10]) through a fixed random projection:
-    a deterministic function of the pixels, counting how many image sets it was given."""
+    """uint8 images -> (features [N, 16], logits [N, 10], spatial [N, 12]) through fixed random
+    projections: a deterministic function of the pixels, counting how many image sets it was
+    given."""
 
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self.calls += 1
         flat = images.reshape(len(images), -1).astype(np.float64) / 255.0
         rng = np.random.default_rng(0)
         pool = np.tanh(flat @ rng.normal(size=(flat.shape[1], 16)) / 4.0)
-        return pool, pool @ rng.normal(size=(16, 10))
+        spatial = np.maximum(flat @ rng.normal(size=(flat.shape[1], 12)) / 4.0, 0.0)
+        return pool, pool @ rng.normal(size=(16, 10)), spatial
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +187,7 @@ def test_ema_sweep_rebuilds_every_width_and_writes_table_plot(checkpoint, featur
     os.symlink(os.path.join(checkpoint, "checkpoints"), os.path.join(workdir, "checkpoints"))
     config = _config("digits,fid")
     mesh = parallel.create_mesh()
-    params, _ = sampling.restore_for_sampling(config, workdir, mesh,
+    params, _ = restore.restore_for_sampling(config, workdir, mesh,
                                               create_model(config.model))
     writer = power_ema.SnapshotWriter(workdir, (0.05, 0.1), every=1, last_step=STEP,
                                       resumed_step=0)
@@ -206,3 +208,105 @@ def test_ema_sweep_rebuilds_every_width_and_writes_table_plot(checkpoint, featur
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert len({row["fid"] for row in table["rows"]}) == 3
     assert not any(name.startswith("eval_") for name in os.listdir(workdir))
+
+
+class RandomDINOv2:
+    """A small random Flax DINOv2 (width 32, 2 blocks) through dinov2_features, sharded over the
+    eval mesh like the real one, counting how many image sets it was given."""
+
+    def __init__(self, mesh):
+        self.calls, self.mesh = 0, mesh
+        self.module = dinov2.DINOv2(width=32, depth=2, heads=2, mlp_hidden=64, grid=4)
+        self.variables = self.module.init(jax.random.PRNGKey(5),
+                                          np.zeros((1, 56, 56, 3), np.float32))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return dinov2.dinov2_features(self.module, self.variables, images, batch_size=8,
+                                      mesh=self.mesh)
+
+
+@pytest.fixture
+def dinov2_features(monkeypatch):
+    networks = []
+
+    def make(config, mesh):
+        networks.append(RandomDINOv2(mesh))
+        return networks[-1]
+
+    monkeypatch.setattr(run, "dinov2_feature_fn", make)
+    return networks
+
+
+FIELD = ("fid", "is", "kid", "pr", "sfid", "fd_dinov2")
+
+
+def test_six_metrics_share_one_sampling_one_inception_and_one_dinov2_pass(
+        checkpoint, features, dinov2_features, monkeypatch, tmp_path):
+    """fid,is,kid,pr,sfid,fd_dinov2: six JSON files; the samples are drawn once, the Inception
+    stand-in runs once on them (and once on the reference set), DINOv2 likewise; the values
+    agree with the metric functions applied to the same features."""
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    os.symlink(os.path.join(checkpoint, "checkpoints"), os.path.join(workdir, "checkpoints"))
+    generated = []
+    original = sampling.generate_samples
+
+    def counting(*args, **kwargs):
+        generated.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate_samples", counting)
+    run.run_eval(_config(",".join(FIELD)), workdir)
+    records = _records(workdir, FIELD)
+    assert len(generated) == 1 and features.calls == 2
+    assert len(dinov2_features) == 1 and dinov2_features[0].calls == 2
+    assert sorted(f for f in os.listdir(workdir) if f.startswith("eval_")) == sorted(
+        f"eval_{name}.json" for name in FIELD)
+    for name, record in records.items():
+        assert record["checkpoint_step"] == STEP and record["num_samples"] == 20, name
+        assert all(np.isfinite(v) for v in record["values"].values()), (name, record)
+    assert set(records["pr"]["values"]) == {"precision", "recall"}
+    assert 0.0 <= records["pr"]["values"]["precision"] <= 1.0 and records["pr"]["nearest_k"] == 3
+    assert records["sfid"]["values"]["sfid"] > 0 and records["fd_dinov2"]["values"]["fd_dinov2"] > 0
+    assert records["fd_dinov2"]["feature_network"] == "dinov2_vitl14"
+
+    # The same numbers from the cached reference statistics and the features of the samples.
+    reference = np.load(os.path.join(workdir, "reference_stats_digits_tf1.npz"))
+    config = _config("fid")
+    images = run.EvalContext(config, workdir, parallel.create_mesh(), *_restored(config,
+                                                                                checkpoint)
+                             ).samples[0]
+    pool, _, spatial = RandomFeatures()(images)
+    assert records["sfid"]["values"]["sfid"] == pytest.approx(metrics.frechet_distance(
+        *metrics.feature_statistics(spatial), reference["spatial_mu"], reference["spatial_sigma"]))
+    assert (records["pr"]["values"]["precision"], records["pr"]["values"]["recall"]) == \
+        precision_recall.precision_recall(reference["features"], pool)
+    dinov2_reference = np.load(os.path.join(workdir, "reference_stats_digits_dinov2.npz"))
+    assert records["fd_dinov2"]["values"]["fd_dinov2"] == pytest.approx(metrics.frechet_distance(
+        *metrics.feature_statistics(dinov2_features[0](images)), dinov2_reference["mu"],
+        dinov2_reference["sigma"]), rel=1e-6)
+
+
+def _restored(config, workdir):
+    model = create_model(config.model)
+    params, step = restore.restore_for_sampling(config, workdir, parallel.create_mesh(), model)
+    return model, params, step
+
+
+def test_sweep_scores_the_field_metrics_per_setting(checkpoint, features, dinov2_features,
+                                                     tmp_path):
+    """pr, sfid and fd_dinov2 in the NFE sweep: one table per value; each network runs on the
+    reference set once and once per setting."""
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    os.symlink(os.path.join(checkpoint, "checkpoints"), os.path.join(workdir, "checkpoints"))
+    config = _config("pr,sfid,fd_dinov2")
+    config.eval.sweep = "ddim:3,5"
+    run.run_eval(config, workdir)
+    assert features.calls == 1 + 2 and dinov2_features[0].calls == 1 + 2
+    for value in ("precision", "recall", "sfid", "fd_dinov2"):
+        with open(os.path.join(workdir, "sweep", f"sweep_{value}.json")) as f:
+            rows = json.load(f)["rows"]
+        assert [(row["method"], row["nfe"]) for row in rows] == [("ddim", 3), ("ddim", 5)]
+        assert all(np.isfinite(row[value]) for row in rows)

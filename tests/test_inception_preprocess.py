@@ -189,3 +189,38 @@ def test_unknown_mode_names_the_config_key(networks, images):
     module, variables, _ = networks
     with pytest.raises(ValueError, match="config.eval.inception_preprocess='tf2'.*tf1"):
         inception.inception_features(module, variables, images[32], preprocess="tf2")
+
+
+# ---------------------------------------------------------------------------------------------
+# sFID's spatial features: mixed_6/conv[..., :7], from the same pass as pool features and logits
+
+
+def _torch_mixed_6d(extractor, x: torch.Tensor) -> np.ndarray:
+    """torch-fidelity's Mixed_6d output as NHWC numpy (its 1x1 branch leads the channels)."""
+    for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
+                 "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+                 "Mixed_6b", "Mixed_6c", "Mixed_6d"):
+        x = getattr(extractor, name)(x)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_sfid_features_match_the_reference_implementation(fidelity, networks, images, size):
+    module, variables, extractor = networks
+    pool, logits, spatial = inception.inception_features(module, variables, images[size],
+                                                         batch_size=2, spatial=True)
+    with torch.no_grad():
+        mixed_6d = _torch_mixed_6d(extractor, _tf1_input(fidelity, images[size]))
+    reference = mixed_6d[..., :inception.SPATIAL_CHANNELS].reshape(2, -1)  # TF's order
+    assert spatial.shape == (2, 7 * 17 * 17) == reference.shape
+    assert 0.05 < np.abs(reference).mean() < 20 and np.mean(reference > 0) > 0.2  # post-ReLU
+    assert _relative_error(spatial, reference) <= TOLERANCE
+    # The same pass gives the same pool features and logits as without the spatial output.
+    plain = inception.inception_features(module, variables, images[size], batch_size=2)
+    np.testing.assert_array_equal(pool, plain[0])
+    np.testing.assert_array_equal(logits, plain[1])
+    # Negative controls: channel-major flattening (PyTorch's order) and the next 7 channels are
+    # other features, far outside the tolerance.
+    channel_major = mixed_6d[..., :7].transpose(0, 3, 1, 2).reshape(2, -1)
+    assert _relative_error(spatial, channel_major) > 100 * TOLERANCE
+    assert _relative_error(spatial, mixed_6d[..., 7:14].reshape(2, -1)) > 100 * TOLERANCE

@@ -1,6 +1,7 @@
 """--mode=bench part `eval`: Inception feature extraction (the FID/IS/KID network) in img/s,
 this project's Flax port against torch-fidelity's extractor on the same CPU and batch, in
-alternating windows so that a shared machine's drift hits both alike; the device's idle time
+alternating windows so that a shared machine's drift hits both alike; DINOv2 ViT-L/14 (FD-DINOv2)
+in img/s when config.eval.metrics asks for fd_dinov2; the device's idle time
 between sampling batches with and without the overlap of parallel.map_batches; and the
 end-to-end time of `--mode=eval` on config.eval.num_samples samples projected per accelerator
 from the measured parts.
@@ -30,7 +31,7 @@ from jax.experimental import io_callback
 
 from jax_diffusion.bench.flops import unet_forward_flops
 from jax_diffusion.config_files import comma_list
-from jax_diffusion.evaluation import inception, metrics
+from jax_diffusion.evaluation import dinov2, inception, metrics
 from jax_diffusion.generation import sampling
 from jax_diffusion.runtime import parallel
 
@@ -96,6 +97,33 @@ def inception_flops_per_image(module, variables, size: int, channels: int,
     images = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.uint8)
     features = jax.jit(lambda v, x: module.apply(v, inception.preprocess(x, preprocess)))
     return features.lower(variables, images).compile().cost_analysis()["flops"] / batch
+
+
+def dinov2_flops_per_image(module: dinov2.DINOv2, size: int = dinov2.INPUT_SIZE) -> float:
+    """Analytic forward FLOPs (2 per multiply-add) of one size x size image: the patch
+    embedding, then per block the qkv and output projections 2T(4C^2), the MLP 2T(2 C H) and
+    attention's two products 2(2 T^2 C), T = patches + 1 tokens of width C, MLP width H."""
+    patches = (size // module.patch) ** 2
+    tokens, width = patches + 1, module.width
+    embed = 2 * patches * width * 3 * module.patch ** 2
+    block = (2 * tokens * 4 * width ** 2 + 2 * tokens * 2 * width * module.mlp_hidden
+             + 2 * 2 * tokens ** 2 * width)
+    return float(embed + module.depth * block)
+
+
+def _dinov2_rate(batch: int, mesh, images: np.ndarray, windows: int) -> float:
+    """img/s of DINOv2 ViT-L/14 features (random weights, the resize to 224 included): the
+    median of `windows` batches after one warm-up batch."""
+    module = dinov2.DINOv2()
+    variables = jax.jit(module.init)(jax.random.PRNGKey(0),
+                                     jnp.zeros((1, dinov2.INPUT_SIZE, dinov2.INPUT_SIZE, 3)))
+    seconds = []
+    for window in range(windows + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(dinov2.dinov2_features(module, variables, images, batch, mesh))
+        if window:
+            seconds.append(time.perf_counter() - start)
+    return batch / statistics.median(seconds)
 
 
 def batch_gaps_s(sample_fn, params, labels: np.ndarray, batch: int, mesh,
@@ -173,11 +201,13 @@ def fid_arithmetic_s(num_samples: int, windows: int) -> float:
 
 
 def project_eval(config: ml_collections.ConfigDict, inception_flops: float, host_s: float,
-                 chips: dict[str, float]) -> dict[str, dict[str, float]]:
+                 chips: dict[str, float], dinov2_flops: float = 0.0
+                 ) -> dict[str, dict[str, float]]:
     """--mode=eval on config.eval.num_samples samples per accelerator of `chips` (name -> peak
     FLOP/s) at PROJECTED_MFU: sampling (config.sample's NFE, doubled by classifier-free
-    guidance, times the U-Net's analytic forward FLOPs), Inception features (XLA's count), and
-    `host_s` of host work that does not overlap the device."""
+    guidance, times the U-Net's analytic forward FLOPs), Inception features (XLA's count),
+    DINOv2 features (`dinov2_flops` per image, 0 without fd_dinov2), and `host_s` of host work
+    that does not overlap the device."""
     sample = config.sample
     guided = config.model.num_classes > 0 and sample.guidance_scale != 1.0
     forward = unet_forward_flops(config.model, config.data.image_size, config.data.channels)
@@ -187,8 +217,9 @@ def project_eval(config: ml_collections.ConfigDict, inception_flops: float, host
         rate = PROJECTED_MFU * peak
         sampling_s = n * sample.num_steps * (2 if guided else 1) * forward / rate
         features_s = n * inception_flops / rate
-        table[chip] = {"sampling_s": sampling_s, "inception_s": features_s, "host_s": host_s,
-                       "total_s": sampling_s + features_s + host_s}
+        dinov2_s = n * dinov2_flops / rate
+        table[chip] = {"sampling_s": sampling_s, "inception_s": features_s, "dinov2_s": dinov2_s,
+                       "host_s": host_s, "total_s": sampling_s + features_s + dinov2_s + host_s}
     return table
 
 
@@ -229,20 +260,29 @@ def bench_eval(config: ml_collections.ConfigDict, mesh, model, params,
                  f"{rate['torch_fidelity']:.1f} img/s" if "torch_fidelity" in rate else "n/a",
                  batch)
     n = config.eval.num_samples
-    result["eval_projected_s"] = (n / sample_img_per_s + n / rate["jax"]
-                                  if sample_img_per_s else None)
+    wanted = comma_list(config.eval.metrics, "config.eval.metrics")
+    dinov2_flops = 0.0
+    if "fd_dinov2" in wanted:
+        result["dinov2_img_per_s"] = _dinov2_rate(batch, mesh, images, config.bench.windows)
+        dinov2_flops = result["dinov2_flops_per_img"] = dinov2_flops_per_image(dinov2.DINOv2())
+        logging.info("eval: DINOv2 ViT-L/14 %.2f img/s (JAX), batch %d",
+                     result["dinov2_img_per_s"], batch)
+    result["eval_projected_s"] = (
+        n / sample_img_per_s + n / rate["jax"] + n / result.get("dinov2_img_per_s", np.inf)
+        if sample_img_per_s else None)
     result.update(_gaps(config, model, params))
     result["inception_flops_per_img"] = inception_flops_per_image(
         module, variables, 32, 3, config.eval.inception_preprocess)
-    wants_fid = "fid" in comma_list(config.eval.metrics, "config.eval.metrics")
+    wants_fid = "fid" in wanted
     result["eval_fid_arithmetic_s"] = (fid_arithmetic_s(n, config.bench.windows) if wants_fid
                                        else 0.0)
     batches = -(-n // config.sample.batch_size) + -(-n // batch)
     host_s = batches * result["eval_batch_gap_ms"] / 1e3 + result["eval_fid_arithmetic_s"]
     result["eval_projected_s_by_chip"] = project_eval(
-        config, result["inception_flops_per_img"], host_s, chips)
+        config, result["inception_flops_per_img"], host_s, chips, dinov2_flops)
     for chip, row in result["eval_projected_s_by_chip"].items():
         logging.info("eval: %d samples on one %s at %.0f%% MFU: sampling %.0f s + Inception "
-                     "%.0f s + host %.1f s = %.1f min", n, chip, 100 * PROJECTED_MFU,
-                     row["sampling_s"], row["inception_s"], row["host_s"], row["total_s"] / 60)
+                     "%.0f s + DINOv2 %.0f s + host %.1f s = %.1f min", n, chip,
+                     100 * PROJECTED_MFU, row["sampling_s"], row["inception_s"], row["dinov2_s"],
+                     row["host_s"], row["total_s"] / 60)
     return result

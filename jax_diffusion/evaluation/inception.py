@@ -1,4 +1,4 @@
-"""The FID Inception-v3 as a Flax module, its weight import, and image features for FID/IS/KID.
+"""The FID Inception-v3 as a Flax module, its weight import, and image features for FID/IS/KID/sFID.
 
 The network is the 2015 TensorFlow Inception graph behind the standard FID numbers, as ported
 to PyTorch by pytorch-fid: torchvision's Inception-v3 with its FIDInceptionA/C/E blocks, whose
@@ -45,6 +45,7 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INPUT_SIZE = 299
 PREPROCESS_MODES = ("tf1", "pytorch_fid", "clean")
+SPATIAL_CHANNELS = 7  # of mixed_6/conv, for sFID (ADM's evaluator): 7 x 17 x 17 = 2023 features
 # FID must not depend on the accelerator: TPUs and GPUs otherwise run float32 convs in bf16/tf32.
 _PRECISION = jax.lax.Precision.HIGHEST
 
@@ -175,10 +176,15 @@ class _UnbiasedLinear(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """images [N, 299, 299, 3] in [-1, 1] -> (pool features [N, 2048], logits [N, 1008])."""
+    """images [N, 299, 299, 3] in [-1, 1] -> (pool features [N, 2048], logits [N, 1008]), and with
+    `spatial` the sFID features [N, 17 * 17 * 7] third: the first SPATIAL_CHANNELS channels of
+    the TF graph's mixed_6/conv (the ReLU output of Mixed_6d's 1x1 branch, which leads the block's
+    concatenation), flattened in TF's (row, column, channel) order, as ADM's evaluator takes them
+    (Nash et al. 2021)."""
+    spatial: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         x = _BasicConv(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)
         x = _BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
         x = _BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
@@ -193,11 +199,14 @@ class FIDInceptionV3(nn.Module):
         for name, channels in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
                                ("Mixed_6e", 192)):
             x = _InceptionC(channels, name=name)(x)
+            if name == "Mixed_6d":
+                mixed_6 = x[..., :SPATIAL_CHANNELS].reshape(len(x), -1)
         x = _InceptionD(name="Mixed_7a")(x)
         x = _InceptionE("avg", name="Mixed_7b")(x)
         x = _InceptionE("max", name="Mixed_7c")(x)
         pool = jnp.mean(x, axis=(1, 2))
-        return pool, _UnbiasedLinear(1008, name="fc")(pool)
+        logits = _UnbiasedLinear(1008, name="fc")(pool)
+        return (pool, logits, mixed_6) if self.spatial else (pool, logits)
 
 
 # Flax leaf name -> PyTorch state-dict suffix.
@@ -211,7 +220,7 @@ def _torch_name(flax_path: tuple[str, ...]) -> str:
     return ".".join(modules + [_TORCH_LEAF[(collection, leaf)]])
 
 
-def _to_flax_layout(array: np.ndarray) -> np.ndarray:
+def to_flax_layout(array: np.ndarray) -> np.ndarray:
     """PyTorch conv [O, I, kh, kw] -> Flax [kh, kw, I, O]; linear [O, I] -> [I, O]."""
     if array.ndim == 4:
         return array.transpose(2, 3, 1, 0)
@@ -220,7 +229,7 @@ def _to_flax_layout(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _torch_shape(flax_shape: Sequence[int]) -> tuple[int, ...]:
+def torch_shape(flax_shape: Sequence[int]) -> tuple[int, ...]:
     if len(flax_shape) == 4:
         kh, kw, cin, cout = flax_shape
         return (cout, cin, kh, kw)
@@ -237,7 +246,7 @@ def _flax_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def expected_weight_shapes() -> dict[str, tuple[int, ...]]:
     """{pytorch-fid parameter name: PyTorch-layout shape} for every tensor the network needs."""
-    return {_torch_name(path): _torch_shape(shape) for path, shape in _flax_shapes().items()}
+    return {_torch_name(path): torch_shape(shape) for path, shape in _flax_shapes().items()}
 
 
 def _missing_weights_message(path: str) -> str:
@@ -309,7 +318,7 @@ def load_inception(path: str) -> tuple[FIDInceptionV3, dict]:
         if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
             raise InputFileError(f"{path}: parameter {name} must be finite floats, got "
                                  f"{array.dtype}")
-        flat[flax_path] = jnp.asarray(_to_flax_layout(array), jnp.float32)
+        flat[flax_path] = jnp.asarray(to_flax_layout(array), jnp.float32)
     return FIDInceptionV3(), traverse_util.unflatten_dict(flat)
 
 
@@ -352,7 +361,7 @@ def _pil_bicubic_weight(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def _pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+def pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     """Pillow's Image.resize(resample=BICUBIC) on a float ("F") image, as clean-fid calls it:
     pixel centres at (i + 1/2) in/out, the kernel stretched by in/out when shrinking
     (antialiasing), taps outside the image dropped and the rest renormalized to sum to 1."""
@@ -371,7 +380,7 @@ def _pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 _RESIZE_MATRICES = {"tf1": _tf1_bilinear_matrix, "pytorch_fid": _half_pixel_bilinear_matrix,
-                    "clean": _pil_bicubic_matrix}
+                    "clean": pil_bicubic_matrix}
 
 
 def _resize(x: jax.Array, mode: str) -> jax.Array:
@@ -416,17 +425,18 @@ _preprocess_jit = jax.jit(preprocess, static_argnames="mode")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _network(module: FIDInceptionV3, variables: dict, x: jax.Array
-             ) -> tuple[jax.Array, jax.Array]:
+def _network(module: FIDInceptionV3, variables: dict, x: jax.Array) -> tuple[jax.Array, ...]:
     return module.apply(variables, x)
 
 
 def inception_features(module: FIDInceptionV3, variables: dict, images_uint8: np.ndarray,
                        batch_size: int = 200, mesh: Mesh | None = None,
-                       preprocess: str = "tf1") -> tuple[np.ndarray, np.ndarray]:
+                       preprocess: str = "tf1", spatial: bool = False
+                       ) -> tuple[np.ndarray, ...]:
     """(pool features [N, 2048], logits without the fc bias [N, 1008]) as float32 numpy, for
     uint8 NHWC images of any size, preprocessed by the convention `preprocess` (one of
-    PREPROCESS_MODES; "tf1" matches the papers). Batches are padded to `batch_size` so one
+    PREPROCESS_MODES; "tf1" matches the papers); with `spatial` the sFID features [N, 2023]
+    third, from the same pass (FIDInceptionV3). Batches are padded to `batch_size` so one
     compilation serves all of them. With a `mesh` (of this process's devices, e.g.
     parallel.create_mesh(jax.local_devices())) each batch is split over its devices, the batch
     size rounded up to a multiple of the device count."""
@@ -439,7 +449,7 @@ def inception_features(module: FIDInceptionV3, variables: dict, images_uint8: np
     mesh = parallel.create_mesh(jax.local_devices()[:1]) if mesh is None else mesh
     batch_size = parallel.round_up_to_devices(max(1, min(batch_size, len(images_uint8))), mesh)
     variables = parallel.replicate(variables, mesh)
-    mode = preprocess
+    mode, module = preprocess, module.clone(spatial=spatial)
     return parallel.map_batches(
         lambda i, batch: _network(module, variables, _preprocess_jit(batch, mode=mode)),
         (images_uint8,), batch_size, mesh)

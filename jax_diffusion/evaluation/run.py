@@ -3,11 +3,15 @@
 
   fid, is, kid  FID Inception-v3 features of generated samples against reference statistics
                 of the training set (evaluation/reference_stats.py)
+  pr, sfid      improved precision/recall (k = 3) on the same pool features, and the Frechet
+                distance of its spatial features (ADM's evaluator), from the same Inception pass
+  fd_dinov2     the Frechet distance of DINOv2 ViT-L/14 features (dgm-eval, EDM2)
   digits        classifier accuracy and Frechet distance for the offline digits model
   nll           the variational bound in bits/dim on the eval split
 
 Every metric is a small function of one `EvalContext`, which produces what the metrics share
-(the samples, their Inception features, the reference statistics) lazily, each at most once.
+(the samples, their Inception and DINOv2 features, the reference statistics) lazily, each at
+most once.
 Adding a metric is one function and one entry in `METRICS`. Samples come from
 `config.eval.samples_dir` (the samples_*.npz of --mode=sample) or are generated with the
 sampler in `config.sample`.
@@ -31,8 +35,8 @@ from jax_diffusion.config_checks import positive_int, require
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.data.digits import DIGITS
 from jax_diffusion.errors import ConfigError
-from jax_diffusion.evaluation import (digits, ema_sweep, inception, metrics, nll,
-                                      reference_stats, sweep)
+from jax_diffusion.evaluation import (digits, dinov2, ema_sweep, inception, metrics, nll,
+                                      precision_recall, reference_stats, sweep)
 from jax_diffusion.evaluation.samples import read_samples_dir
 from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
@@ -41,24 +45,41 @@ from jax_diffusion.training import phema, power_ema
 
 FID_BIAS_WARNING_BELOW = 50_000
 
-FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+def _weights_path(resolve: Callable[[ml_collections.ConfigDict], str],
+                  config: ml_collections.ConfigDict, what: str) -> str:
+    """resolve(config.eval), fetching into the user cache when the weights are "auto": by process
+    0 alone first; the others wait and read its copy from the shared cache or fetch their own."""
+    if jax.process_index() == 0:
+        path = resolve(config.eval)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"{what} weights fetched")
+    if jax.process_index() > 0:
+        path = resolve(config.eval)
+    return path
 
 
 def inception_feature_fn(config: ml_collections.ConfigDict, mesh) -> FeatureFn:
-    """uint8 images -> (pool [N, 2048], logits [N, 1008]) of the FID Inception-v3, batch-sharded
-    over `mesh`, preprocessed by config.eval.inception_preprocess. The weights are
-    config.eval.inception_weights, fetched into the user cache first when that is "auto" (by
-    process 0 alone; the others wait and read its copy from the shared cache or fetch their own)."""
-    if jax.process_index() == 0:
-        path = inception.resolve_weights(config.eval)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("FID Inception weights fetched")
-    if jax.process_index() > 0:
-        path = inception.resolve_weights(config.eval)
+    """uint8 images -> (pool [N, 2048], logits [N, 1008], sFID spatial [N, 2023]) of the FID
+    Inception-v3 in one pass, batch-sharded over `mesh`, preprocessed by
+    config.eval.inception_preprocess, with the weights config.eval.inception_weights."""
+    path = _weights_path(inception.resolve_weights, config, "FID Inception")
     module, variables = inception.load_inception(path)
     return functools.partial(inception.inception_features, module, variables,
                              batch_size=config.eval.batch_size, mesh=mesh,
-                             preprocess=config.eval.inception_preprocess)
+                             preprocess=config.eval.inception_preprocess, spatial=True)
+
+
+def dinov2_feature_fn(config: ml_collections.ConfigDict, mesh) -> Callable[[np.ndarray],
+                                                                          np.ndarray]:
+    """uint8 images -> DINOv2 ViT-L/14 class-token features [N, 1024], batch-sharded over
+    `mesh`, with the weights config.eval.dinov2_weights."""
+    module, variables = dinov2.load_dinov2(_weights_path(dinov2.resolve_weights, config,
+                                                         "DINOv2"))
+    return functools.partial(dinov2.dinov2_features, module, variables,
+                             batch_size=config.eval.batch_size, mesh=mesh)
 
 
 class EvalContext:
@@ -71,10 +92,11 @@ class EvalContext:
 
     def with_sampler(self, config: ml_collections.ConfigDict, params=None) -> EvalContext:
         """A context for the same checkpoint (or `params`) sampled with another config.sample:
-        new samples, the same feature network and reference statistics (those computed so far)."""
+        new samples, the same feature networks and reference statistics (those computed so
+        far)."""
         other = EvalContext(config, self.workdir, self.mesh, self.model,
                             self.params if params is None else params, self.step)
-        for shared in ("inception", "reference"):
+        for shared in ("inception", "reference", "dinov2", "dinov2_reference"):
             if shared in self.__dict__:  # functools.cached_property keeps its value there
                 other.__dict__[shared] = self.__dict__[shared]
         return other
@@ -124,17 +146,32 @@ class EvalContext:
         return inception_feature_fn(self.config, self.mesh)
 
     @functools.cached_property
-    def sample_features(self) -> tuple[np.ndarray, np.ndarray]:
-        """(pool features, logits) of the samples."""
+    def sample_features(self) -> tuple[np.ndarray, ...]:
+        """(pool features, logits, sFID spatial features) of the samples."""
         return self.inception(self.samples[0])
 
     @functools.cached_property
     def reference(self) -> dict[str, np.ndarray]:
-        return reference_stats.reference_statistics(self.config, self.inception, self.workdir)
+        return reference_stats.reference_statistics(
+            self.config, self.inception, self.workdir,
+            spatial="sfid" in wanted_metrics(self.config))
+
+    @functools.cached_property
+    def dinov2(self) -> Callable[[np.ndarray], np.ndarray]:
+        return dinov2_feature_fn(self.config, self.mesh)
+
+    @functools.cached_property
+    def dinov2_sample_features(self) -> np.ndarray:
+        return self.dinov2(self.samples[0])
+
+    @functools.cached_property
+    def dinov2_reference(self) -> dict[str, np.ndarray]:
+        return reference_stats.dinov2_reference_statistics(self.config, self.dinov2,
+                                                           self.workdir)
 
 
 def fid(ctx: EvalContext) -> dict:
-    pool, _ = ctx.sample_features
+    pool = ctx.sample_features[0]
     ref = ctx.reference
     value = metrics.frechet_distance(*metrics.feature_statistics(pool), ref["mu"], ref["sigma"])
     return dict(ctx.inception_record, values={"fid": value})
@@ -149,6 +186,29 @@ def kid(ctx: EvalContext) -> dict:
     mean, std = metrics.kernel_inception_distance(ctx.sample_features[0],
                                                   ctx.reference["features"])
     return dict(ctx.inception_record, values={"kid": mean, "kid_std": std})
+
+
+def improved_precision_recall(ctx: EvalContext) -> dict:
+    """Improved precision and recall, k = 3, of the samples' pool features against the reference
+    set's (evaluation/precision_recall.py)."""
+    precision, recall = precision_recall.precision_recall(
+        ctx.reference["features"], ctx.sample_features[0], mesh=ctx.mesh)
+    return dict(ctx.inception_record, nearest_k=precision_recall.NEAREST_K,
+                values={"precision": precision, "recall": recall})
+
+
+def sfid(ctx: EvalContext) -> dict:
+    ref = ctx.reference
+    value = metrics.frechet_distance(*metrics.feature_statistics(ctx.sample_features[2]),
+                                     ref["spatial_mu"], ref["spatial_sigma"])
+    return dict(ctx.inception_record, values={"sfid": value})
+
+
+def fd_dinov2(ctx: EvalContext) -> dict:
+    ref = ctx.dinov2_reference
+    value = metrics.frechet_distance(*metrics.feature_statistics(ctx.dinov2_sample_features),
+                                     ref["mu"], ref["sigma"])
+    return dict(ctx.sample_record, feature_network="dinov2_vitl14", values={"fd_dinov2": value})
 
 
 def digits_quality(ctx: EvalContext) -> dict:
@@ -169,10 +229,12 @@ def nll_bound(ctx: EvalContext) -> dict:
 
 
 METRICS: dict[str, Callable[[EvalContext], dict]] = {
-    "fid": fid, "is": inception_score, "kid": kid, "digits": digits_quality, "nll": nll_bound}
+    "fid": fid, "is": inception_score, "kid": kid, "digits": digits_quality, "nll": nll_bound,
+    "pr": improved_precision_recall, "sfid": sfid, "fd_dinov2": fd_dinov2}
 # The metrics that score samples (the others, NLL, score the data).
-SAMPLE_METRICS = frozenset({"fid", "is", "kid", "digits"})
-INCEPTION_METRICS = frozenset({"fid", "is", "kid"})
+SAMPLE_METRICS = frozenset({"fid", "is", "kid", "digits", "pr", "sfid", "fd_dinov2"})
+INCEPTION_METRICS = frozenset({"fid", "is", "kid", "pr", "sfid"})
+DINOV2_METRICS = frozenset({"fd_dinov2"})
 
 
 def wanted_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -255,6 +317,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     ctx = EvalContext(config, workdir, mesh, model, params, step)
     if INCEPTION_METRICS & set(wanted):
         ctx.inception  # noqa: B018  (load the weights before minutes of sampling)
+    if DINOV2_METRICS & set(wanted):
+        ctx.dinov2  # noqa: B018
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if config.eval.sweep:
         run_sweep(ctx, wanted, writer)
@@ -306,9 +370,15 @@ def validate_eval_config(config: ml_collections.ConfigDict, mode: str) -> None:
                  "asks for 'digits', which scores class-conditional samples of the digits "
                  "dataset: it needs config.data.dataset='digits' and config.model.num_classes=10")
     inception_metrics = set(metrics) & INCEPTION_METRICS
-    if {"fid", "kid"} & inception_metrics:
+    if {"fid", "kid", "sfid", "fd_dinov2"} & set(metrics):
         require(evaluation.num_samples >= 2, "eval.num_samples", evaluation.num_samples,
-                 "must be >= 2 for FID/KID (a covariance needs two samples)")
+                "must be >= 2 for FID/KID/sFID/FD-DINOv2 (a covariance needs two samples)")
+    if "pr" in metrics:
+        require(evaluation.num_samples > precision_recall.NEAREST_K, "eval.num_samples",
+                evaluation.num_samples,
+                f"must be > {precision_recall.NEAREST_K} for precision/recall (each point's "
+                f"{precision_recall.NEAREST_K}-th nearest neighbour)")
+    dinov2.check_config(evaluation, wanted="fd_dinov2" in metrics)
     if evaluation.samples_dir and set(metrics) & SAMPLE_METRICS:
         require(os.path.isdir(evaluation.samples_dir), "eval.samples_dir",
                  evaluation.samples_dir, "is not a directory; write samples there with "
@@ -317,7 +387,7 @@ def validate_eval_config(config: ml_collections.ConfigDict, mode: str) -> None:
     require(downloads.SHA256_PATTERN.fullmatch(str(evaluation.inception_sha256).lower()),
              "eval.inception_sha256", evaluation.inception_sha256,
              "must be the 64 hex digits of the weights file's SHA-256")
-    if evaluation.reference_stats and {"fid", "kid"} & inception_metrics:
+    if evaluation.reference_stats and {"fid", "kid", "pr", "sfid"} & inception_metrics:
         keys = _npz_keys(evaluation.reference_stats, "eval.reference_stats")
         if reference_stats.PREPROCESS_KEY in keys:
             with np.load(evaluation.reference_stats, allow_pickle=False) as file:
@@ -333,6 +403,14 @@ def validate_eval_config(config: ml_collections.ConfigDict, mode: str) -> None:
                  evaluation.reference_stats,
                  "holds only mu/sigma, but KID needs the reference 'features': drop kid from "
                  "config.eval.metrics or leave reference_stats empty to compute them")
+        require("pr" not in metrics or "features" in keys, "eval.reference_stats",
+                evaluation.reference_stats,
+                "has no reference 'features', which precision/recall needs: drop pr from "
+                "config.eval.metrics or leave reference_stats empty to compute them")
+        require("sfid" not in metrics or set(reference_stats.SPATIAL_KEYS) <= keys,
+                "eval.reference_stats", evaluation.reference_stats,
+                f"has no sFID statistics {', '.join(reference_stats.SPATIAL_KEYS)}: drop sfid "
+                f"from config.eval.metrics or leave reference_stats empty to compute them")
     if inception_metrics and evaluation.inception_weights != "auto":
         require(os.path.isfile(evaluation.inception_weights), "eval.inception_weights",
                  evaluation.inception_weights,
