@@ -76,10 +76,10 @@ class Pipeline:
         by default DDPM's linear 1000-step eps process) or an improved-diffusion `.pt` state
         dict (which records no architecture: `config` must describe it, e.g.
         "configs/cifar10_improved.py"). `config` is a ConfigDict or a config file path."""
-        from jax_diffusion.convert import diffusers_config, run as convert_run
+        from jax_diffusion.convert import diffusers_config, sources
         if isinstance(config, str):
             config = config_files.load_config_file(config)
-        fmt = convert_run.resolve_format(path, format)
+        fmt = sources.resolve_format(path, format)
         if fmt == "diffusers":
             found = _read_json(os.path.join(path, "config.json"))
             config = diffusers_config.config_from_unet2d(
@@ -90,7 +90,7 @@ class Pipeline:
                 f"config= (a config file such as 'configs/cifar10_improved.py' or a ConfigDict)")
         config = ml_collections.ConfigDict(config.to_dict())
         config.convert.source, config.convert.format = path, fmt
-        params = convert_run.read_source(config)
+        params = sources.read_source(config)
         mesh = parallel.create_mesh()
         return cls(config, params=parallel.replicate(params, mesh), mesh=mesh)
 

@@ -19,16 +19,15 @@ import ml_collections
 import numpy as np
 
 from jax_diffusion import errors
-from jax_diffusion.convert.diffusers_config import check_unet2d_config, unet2d_config
-from jax_diffusion.convert.readers import PICKLE_NAME, SAFETENSORS_NAME, read_state_dict
-from jax_diffusion.convert.weights import params_from_state_dict, state_dict_from_params
+from jax_diffusion.convert.diffusers_config import unet2d_config
+from jax_diffusion.convert.readers import SAFETENSORS_NAME
+from jax_diffusion.convert.sources import FORMATS, read_source
+from jax_diffusion.convert.weights import state_dict_from_params
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
 from jax_diffusion.training import checkpoints
 from jax_diffusion.training.train_state import TrainState, abstract_train_state, create_optimizer
 
-FORMATS = ("auto", "diffusers", "improved_diffusion")
-_STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def validate_convert_config(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -47,57 +46,6 @@ def validate_convert_config(config: ml_collections.ConfigDict, mode: str) -> Non
     elif mode == "export" and not c.target:
         raise errors.ConfigError("config.convert.target is empty: set --config.convert.target=DIR "
                                  "(where the diffusers model directory is written)")
-
-
-def resolve_format(source: str, fmt: str) -> str:
-    """"diffusers" or "improved_diffusion" for `source` under config.convert.format `fmt`."""
-    if fmt != "auto":
-        return fmt
-    if os.path.isdir(source):
-        if os.path.isfile(os.path.join(source, "config.json")):
-            return "diffusers"
-        raise errors.InputFileError(
-            f"{source} is a directory without config.json, so not a diffusers model directory: "
-            f"point config.convert.source at one (config.json + {SAFETENSORS_NAME}) or at a "
-            f"state-dict file")
-    if os.path.isfile(source):
-        return "improved_diffusion"
-    raise errors.InputFileError(f"config.convert.source={source!r} does not exist")
-
-
-def _diffusers_weights_file(directory: str) -> str:
-    for name in (SAFETENSORS_NAME, PICKLE_NAME):
-        if os.path.isfile(os.path.join(directory, name)):
-            return os.path.join(directory, name)
-    raise errors.InputFileError(f"{directory} has a config.json but neither {SAFETENSORS_NAME} nor "
-                                f"{PICKLE_NAME}: download the weights into it")
-
-
-def read_source(config: ml_collections.ConfigDict) -> dict:
-    """The parameter tree of config's U-Net from config.convert.source, every name, shape and
-    (for diffusers) architecture setting checked."""
-    source = config.convert.source
-    fmt = resolve_format(source, config.convert.format)
-    if fmt == "diffusers":
-        if not os.path.isdir(source):
-            raise errors.InputFileError(f"config.convert.format='diffusers' needs a directory with "
-                                        f"config.json, and {source} is not one")
-        config_path = os.path.join(source, "config.json")
-        try:
-            with open(config_path) as f:
-                found = json.load(f)
-        except (OSError, ValueError) as e:
-            raise errors.InputFileError(f"{config_path} is not readable JSON ({e})") from None
-        if not isinstance(found, dict):
-            raise errors.InputFileError(f"{config_path} is not a JSON object")
-        check_unet2d_config(found, config, config_path)
-        weights = _diffusers_weights_file(source)
-        return params_from_state_dict(read_state_dict(weights), config, "diffusers", weights)
-    if os.path.isdir(source) or not source.endswith(_STATE_DICT_SUFFIXES):
-        raise errors.InputFileError(
-            f"config.convert.format='improved_diffusion' needs a state-dict file "
-            f"({', '.join(_STATE_DICT_SUFFIXES)}), not {source}")
-    return params_from_state_dict(read_state_dict(source), config, fmt, source)
 
 
 def _fresh_state(config: ml_collections.ConfigDict, params):
