@@ -100,8 +100,11 @@ class Pipeline:
                guidance_scale: float | None = None, seed: int = 0,
                batch_size: int | None = None, progress: bool = False) -> Samples:
         """`num_samples` images drawn with `method` at `num_steps` network evaluations (each
-        None: the config's config.sample value), for `labels` [num_samples] (None: classes
-        cycling 0..K-1). Batch i uses the key fold_in(PRNGKey(seed), i), so the images depend on
+        None: the config's config.sample value; eta None keeps the config's eta for its own
+        method and is 0 for another), for `labels` [num_samples] (None: classes cycling
+        0..K-1). On a distilled workdir, num_steps picks the student (a count it does not hold
+        is a ConfigError) and the student's recorded sampler is used. Batch i uses the key
+        fold_in(PRNGKey(seed), i), so the images depend on
         the seed and batch size (default config.sample.batch_size), not on the device count."""
         config = self._sampling_config(method, num_steps, eta, guidance_scale)
         num_classes = config.model.num_classes
