@@ -39,8 +39,9 @@ test: lint
 test-fast: $(VENV)/.test-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
+# BENCH_ARGS: e.g. "--rounds 1 --skip-host" for a quick table.
 bench: $(VENV)/.test-installed
-	$(PY) scripts/bench_vs_torch.py
+	$(PY) scripts/bench_vs_torch.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

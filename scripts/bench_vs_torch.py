@@ -1,12 +1,12 @@
-"""Side-by-side throughput: this project's `--mode=bench` against the PyTorch baseline
-(../shared/bench/torch_baseline.py) on the same DDPM CIFAR-10 U-Net, on this machine.
+"""Side-by-side throughput: this project's `--mode=bench` against its PyTorch yardstick
+(jax_diffusion/torch_yardstick.py: the same DDPM CIFAR-10 U-Net in PyTorch eager), on this machine.
 
   python scripts/bench_vs_torch.py [--rounds 3]      (or: make bench)
 
-Creates .cache/torch-venv with torch==2.13.0, diffusers and numpy when it is missing, then runs,
+Needs PyTorch in this Python (requirements-test.txt, which `make bench` installs). Runs,
 `--rounds` times, alternating so that drifts of a shared machine hit both sides alike: the JAX
 bench on one device (train batch 8, forward batch 16), the JAX forward pass again with its batch
-split over one CPU device per core, and the PyTorch baseline with the same batches, in float32
+split over one CPU device per core, and the PyTorch yardstick with the same batches, in float32
 and in bfloat16. Each run's result is the last JSON line of its stdout. Prints the
 medians over the rounds and the JAX/PyTorch ratios of train and forward img/s to stderr, and
 one JSON summary line on stdout. Long: each run builds and times the 35.7M-parameter model.
@@ -16,6 +16,7 @@ Inception throughput), which prints each figure with its command; --skip-host le
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -24,10 +25,6 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_BASELINE = os.path.normpath(os.path.join(REPO, "..", "shared", "bench", "torch_baseline.py"))
-TORCH_VENV = os.path.join(REPO, ".cache", "torch-venv")
-# Pinned: an unpinned torch pulls several GB.
-TORCH_PACKAGES = ("torch==2.13.0", "diffusers", "numpy")
 PRECISIONS = ("float32", "bfloat16")
 METRICS = ("train_img_per_s", "fwd_img_per_s")
 TRAIN_BATCH, FWD_BATCH = 8, 16
@@ -102,18 +99,6 @@ def format_summary(summary: dict) -> list[str]:
     return lines
 
 
-def ensure_torch_venv() -> str:
-    """The torch venv's python, creating the venv first when it is missing or incomplete."""
-    python = os.path.join(TORCH_VENV, "bin", "python")
-    marker = os.path.join(TORCH_VENV, ".installed")  # written only after pip succeeded
-    if not os.path.exists(marker):
-        log(f"creating {TORCH_VENV} with {' '.join(TORCH_PACKAGES)}")
-        subprocess.run([sys.executable, "-m", "venv", TORCH_VENV], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", *TORCH_PACKAGES], check=True)
-        open(marker, "w").close()
-    return python
-
-
 def jax_command(precision: str, workdir: str, split_forward: bool = False) -> list[str]:
     """parts=train,fwd on one device: the baseline measures no sampling. One window of 5 steps
     after 2 warm-up ones, as the baseline times; the rounds give the medians.
@@ -132,9 +117,12 @@ def jax_command(precision: str, workdir: str, split_forward: bool = False) -> li
             f"--config.model.dtype={precision}"]
 
 
-def torch_command(torch_python: str, precision: str) -> list[str]:
-    return [torch_python, TORCH_BASELINE, "--arch=ddpm", "--batch", str(TRAIN_BATCH),
-            "--fwd-batch", str(FWD_BATCH), *(["--bf16"] if precision == "bfloat16" else [])]
+def torch_command(precision: str) -> list[str]:
+    """The yardstick on the CPU, with the JAX bench's batches, steps and warm-up calls."""
+    return [sys.executable, "-m", "jax_diffusion.torch_yardstick",
+            f"--config={os.path.join(REPO, 'configs', 'cifar10.py')}", "--device=cpu",
+            f"--batch={TRAIN_BATCH}", f"--fwd-batch={FWD_BATCH}", "--steps=5", "--warmup=2",
+            f"--dtype={precision}"]
 
 
 def run_json(command: list[str]) -> dict:
@@ -153,9 +141,9 @@ def main() -> None:
                         help="do not run scripts/bench_host.py (pipeline, host loop, "
                              "checkpoint, memory, Inception figures) afterwards")
     args = parser.parse_args()
-    if not os.path.exists(TORCH_BASELINE):
-        raise SystemExit(f"bench_vs_torch: {TORCH_BASELINE} not found")
-    torch_python = ensure_torch_venv()
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("bench_vs_torch: PyTorch is not installed in this Python: pip install "
+                         "-r requirements-test.txt (or run make bench)")
     jax_runs = {p: [] for p in PRECISIONS}
     jax_split_runs = {p: [] for p in PRECISIONS}
     torch_runs = {p: [] for p in PRECISIONS}
@@ -166,7 +154,7 @@ def main() -> None:
                 jax_runs[precision].append(run_json(jax_command(precision, workdir)))
                 jax_split_runs[precision].append(run_json(
                     jax_command(precision, workdir, split_forward=True)))
-                torch_runs[precision].append(run_json(torch_command(torch_python, precision)))
+                torch_runs[precision].append(run_json(torch_command(precision)))
     summary = summarize(jax_runs, torch_runs, jax_split_runs)
     for line in format_summary(summary):
         log(line)

@@ -143,12 +143,11 @@ def test_side_by_side_commands_match_the_issue():
     assert "--config.bench.parts=fwd" in split and "--config.model.dtype=float32" in split
     devices = bench_vs_torch.CPU_DEVICES
     assert f"--config.distributed.local_device_count={devices}" in split and 16 % devices == 0
-    torch_command = bench_vs_torch.torch_command("python", "bfloat16")
-    assert torch_command[1] == os.path.normpath(os.path.join(ROOT, "..", "shared", "bench",
-                                                             "torch_baseline.py"))
-    assert torch_command[2:] == ["--arch=ddpm", "--batch", "8", "--fwd-batch", "16", "--bf16"]
-    assert "--bf16" not in bench_vs_torch.torch_command("python", "float32")
-    assert "torch==2.13.0" in bench_vs_torch.TORCH_PACKAGES
+    torch_command = bench_vs_torch.torch_command("bfloat16")
+    assert torch_command[1:3] == ["-m", "jax_diffusion.torch_yardstick"]
+    assert torch_command[3] == f"--config={os.path.join(ROOT, 'configs', 'cifar10.py')}"
+    assert {"--batch=8", "--fwd-batch=16", "--dtype=bfloat16", "--device=cpu"} <= set(torch_command)
+    assert "--dtype=float32" in bench_vs_torch.torch_command("float32")
 
 
 # ------------------------------------------------------------------ XLA:CPU convolution flag
