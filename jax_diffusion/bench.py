@@ -23,42 +23,21 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_diffusion import bench_eval, bench_host, parallel, sampling
+from jax_diffusion import parallel, sampling
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.models import create_model
+from jax_diffusion.peak_flops import peak_flops
 from jax_diffusion.train_step import make_train_step
 from jax_diffusion.train_state import (TrainState, abstract_train_state, create_optimizer,
                                        create_train_state)
 
 PARTS = ("train", "fwd", "sample", "data", "host", "checkpoint", "memory", "eval")
 
-# Dense bf16 peak FLOP/s of one chip, matched in order as substrings of the lower-cased
-# device_kind (e.g. "nvidia h100 80gb hbm3", "tpu v5 lite"): the more specific names first.
-PEAK_FLOPS = (
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),       # SXM
-    ("a100", 312e12),
-    ("tpu v5 lite", 197e12),  # v5e's device_kind
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),     # v5p's device_kind
-    ("tpu v4", 275e12),
-)
-
 # The accelerators the `eval` part projects --mode=eval onto: (table name, device_kind).
 PROJECTION_CHIPS = (("H100 SXM", "h100"), ("A100", "a100"), ("TPU v4", "tpu v4"),
                     ("TPU v5e", "tpu v5e"), ("TPU v5p", "tpu v5p"))
-
-
-def peak_flops(device_kind: str) -> float | None:
-    """Peak bf16 FLOP/s of one device of this kind, or None when unknown (e.g. a CPU)."""
-    kind = device_kind.lower()
-    for name, peak in PEAK_FLOPS:
-        if name in kind:
-            return peak
-    return None
 
 
 def parse_parts(value: str) -> tuple[str, ...]:
@@ -213,6 +192,10 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
     Turns the persistent compilation cache off for the whole process (it must run before the
     process's first compile), so that the compile times are compiles, not cache reads.
     """
+    # Imported here: their parts need the input pipeline (grain, tfds) and the evaluation stack,
+    # which train, fwd and sample (scripts/device_check.py) run without.
+    from jax_diffusion import bench_eval, bench_host
+
     jax.config.update("jax_enable_compilation_cache", False)
     bench = config.bench
     parts = parse_parts(bench.parts)
