@@ -27,6 +27,7 @@ ENTRY_KEYS = ("network", "dtype", "train_img_per_s", "mfu", "forward_img_per_s",
 def _load_script():
     spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
