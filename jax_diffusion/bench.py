@@ -192,13 +192,15 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
     Turns the persistent compilation cache off for the whole process (it must run before the
     process's first compile), so that the compile times are compiles, not cache reads.
     """
-    # Imported here: their parts need the input pipeline (grain, tfds) and the evaluation stack,
-    # which train, fwd and sample (scripts/device_check.py) run without.
-    from jax_diffusion import bench_eval, bench_host
-
     jax.config.update("jax_enable_compilation_cache", False)
     bench = config.bench
     parts = parse_parts(bench.parts)
+    # Imported only for their parts, which need the input pipeline (grain, tfds): train, fwd and
+    # sample run without it (scripts/device_check.py).
+    if {"data", "host", "checkpoint", "memory"} & set(parts):
+        from jax_diffusion import bench_host
+    if "eval" in parts:
+        from jax_diffusion import bench_eval
     sample_steps = parse_steps(bench.sample_steps) if "sample" in parts else ()
     mesh = parallel.create_mesh()
     model = create_model(config.model)

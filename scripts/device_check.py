@@ -4,12 +4,14 @@
   python scripts/device_check.py --out=DIR [--budget-s=420]
   python scripts/device_check.py --out=DIR --tiny        (tiny networks, on a CPU, for the tests)
 
---tiny runs the same code path with tiny networks, in float32 only (XLA:CPU takes minutes to
-compile a bfloat16 training step, even a tiny one), in well under a minute on an idle CPU.
+--tiny runs the same code path with tiny networks, batch 4 and few steps, in float32 only
+(XLA:CPU takes minutes to compile a bfloat16 training step, even a tiny one); its time is
+mostly compiling.
 
 Needs the JAX stack (jax, flax, optax, orbax-checkpoint), scikit-learn's scipy, and the small
 pure-Python wheels of scripts/device_requirements.txt; PyTorch only for its yardstick part. The
-package is imported from this checkout, not installed. Measures, in this order, each part in
+package is imported from this checkout, not installed. Measures these parts (the first bench,
+DDPM in bfloat16, before the smoke run, the other three after torch), each in
 its own process (a crash, an out-of-memory or a hung compile loses that part only, JAX's GPU
 memory preallocation never meets PyTorch's, and each part's peak memory is its own):
 
@@ -18,7 +20,8 @@ memory preallocation never meets PyTorch's, and each part's peak memory is its o
              one (configs/cifar10_improved.py, 52.6M), in bfloat16 and float32, at batch 128
              per device: `--mode=bench`'s train, forward and DDIM-50 sampling img/s, compile
              times and peak device memory (jax_diffusion.bench.run_bench), and MFU
-  smoke      300 bfloat16 training steps of the DDPM network on random CIFAR-shaped images:
+  smoke      300 bfloat16 training steps of the DDPM network, batch 128 per device, constant
+             learning rate 2e-4 (no warm-up), on 4 fixed batches of random CIFAR-shaped images:
              no step non-finite, and the mean loss of the last 20 steps below SMOKE_DROP times
              that of the first 20 (from ~1 at the zero-initialised output, the eps-loss falls
              even on random images: at large t, x_t is mostly the noise)
@@ -68,7 +71,8 @@ from jax_diffusion.peak_flops import default_precision, peak_flops  # noqa: E402
 
 NETWORKS = {"ddpm": "cifar10.py", "improved": "cifar10_improved.py"}
 SMOKE_DROP = 0.8  # the last window's mean loss must be below this fraction of the first's
-# The tiny networks keep each config's conventions (padding, embedding, AdaGN, heads, classes).
+# One level, no down- or upsampling: the tiny networks compile fastest and keep the rest of each
+# config (embedding conventions, AdaGN, heads, labels, learned sigma).
 TINY_MODEL = {"ch": 32, "ch_mult": (1,), "num_res_blocks": 1, "attention_resolutions": ()}
 TINY_IMAGE_SIZE = 8
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections",
@@ -110,6 +114,7 @@ def last_line(text: str) -> str:
 
 
 # ------------------------------------------------------------------------- worker side
+# Workers import JAX (or PyTorch) inside: the parent never does, so it never holds the device.
 def network_config(network: str, dtype: str, sizes: Sizes):
     """configs/<network>'s config, computing in `dtype`; the tiny networks with --tiny."""
     from jax_diffusion.config_files import load_config_file
