@@ -63,11 +63,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def summarize(jax_runs: dict[str, list[dict]], torch_runs: dict[str, list[dict]],
               jax_split_runs: dict[str, list[dict]] | None = None) -> dict:
-    """Per precision: medians over the rounds of each side's train and forward img/s, and the
-    ratios JAX / PyTorch (None when a side has no measurement). `jax_split_runs`: forward-only
-    JAX runs with the batch split over one CPU device per core (fwd_split_*)."""
+    """Per precision measured: medians over the rounds of each side's train and forward img/s,
+    and the ratios JAX / PyTorch (None when a side has no measurement). `jax_split_runs`:
+    forward-only JAX runs with the batch split over one CPU device per core (fwd_split_*)."""
     summary = {}
-    for precision in PRECISIONS:
+    for precision in jax_runs:
         row = {}
         for metric in METRICS:
             jax_value = median_or_none([run.get(metric) for run in jax_runs[precision]])
@@ -137,6 +137,9 @@ def run_json(command: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="comma-separated subset of float32,bfloat16 (PyTorch's bfloat16 "
+                             "convolutions crawl on a CPU without AVX-512 BF16 or AMX)")
     parser.add_argument("--skip-host", action="store_true",
                         help="do not run scripts/bench_host.py (pipeline, host loop, "
                              "checkpoint, memory, Inception figures) afterwards")
@@ -144,12 +147,16 @@ def main() -> None:
     if importlib.util.find_spec("torch") is None:
         raise SystemExit("bench_vs_torch: PyTorch is not installed in this Python: pip install "
                          "-r requirements-test.txt (or run make bench)")
-    jax_runs = {p: [] for p in PRECISIONS}
-    jax_split_runs = {p: [] for p in PRECISIONS}
-    torch_runs = {p: [] for p in PRECISIONS}
+    precisions = args.precisions.split(",")
+    if not precisions or not set(precisions) <= set(PRECISIONS):
+        raise SystemExit(f"bench_vs_torch: --precisions={args.precisions} must name some of "
+                         f"{','.join(PRECISIONS)}")
+    jax_runs = {p: [] for p in precisions}
+    jax_split_runs = {p: [] for p in precisions}
+    torch_runs = {p: [] for p in precisions}
     with tempfile.TemporaryDirectory() as workdir:
         for round_index in range(args.rounds):
-            for precision in PRECISIONS:
+            for precision in precisions:
                 log(f"--- round {round_index + 1}/{args.rounds}, {precision}")
                 jax_runs[precision].append(run_json(jax_command(precision, workdir)))
                 jax_split_runs[precision].append(run_json(
@@ -162,7 +169,7 @@ def main() -> None:
         [sys.executable, os.path.join(REPO, "scripts", "bench_host.py")])
     print(json.dumps({"rounds": args.rounds, "train_batch": TRAIN_BATCH, "fwd_batch": FWD_BATCH,
                       "split_forward_devices": CPU_DEVICES,
-                      "device": jax_runs[PRECISIONS[0]][0].get("device"), **summary,
+                      "device": jax_runs[precisions[0]][0].get("device"), **summary,
                       "host": host}), flush=True)
 
 
