@@ -25,6 +25,8 @@ def test_parameter_count_is_the_flax_models(name, params):
     assert torch_yardstick.parameter_count(model) == flax_count == params
 
 
+# Integration: networks run in Flax and in PyTorch. In `make test`, not in `make test-fast`.
+@pytest.mark.slow
 @pytest.mark.parametrize("name, overrides", [
     ("cifar10", {}),  # tf_same downsampling, [sin | cos] with freq_shift 1, eps 1e-6
     ("cifar10_improved", {"num_res_blocks": 2}),  # AdaGN, 4 heads, learned sigma, labels
@@ -47,6 +49,7 @@ def test_same_outputs_as_flax_on_the_same_weights(name, overrides):
     assert np.abs(flax).mean() > 0.01  # the comparison is not between two near-zero outputs
 
 
+@pytest.mark.slow
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     config = small(load_config("cifar10"), dropout=0.0, attention_resolutions=(4,))
     config.data.image_size = 8
@@ -60,6 +63,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_benchmark_reports_positive_throughputs(dtype):
     config = small(load_config("cifar10_improved"))
