@@ -2,11 +2,14 @@
 parameter count as the Flax model for the published configs, improved-diffusion's parameter names
 (the converter's layout loads into it with strict=True), and the same outputs on the same random,
 non-zero weights; its training step learns and its benchmark reports throughputs."""
+import os
+
 import jax
 import numpy as np
 import pytest
 import torch
 from convert_helpers import jax_forward, load_config, random_inputs, random_state_dict, small
+from tiny_config import ROOT
 
 from jax_diffusion import torch_yardstick
 from jax_diffusion.convert.layouts import abstract_params
@@ -72,3 +75,12 @@ def test_benchmark_reports_positive_throughputs(dtype):
     assert result["params"] == torch_yardstick.parameter_count(
         torch_yardstick.create_model(config))
     assert result["train_img_per_s"] > 0 and result["fwd_img_per_s"] > 0
+
+
+def test_no_library_module_imports_the_yardstick():
+    """PyTorch is a bench-only dependency: only scripts and tests import the yardstick."""
+    for folder, _, files in os.walk(os.path.join(ROOT, "jax_diffusion")):
+        for name in files:
+            if name.endswith(".py") and name != "torch_yardstick.py":
+                with open(os.path.join(folder, name)) as file:
+                    assert "torch_yardstick" not in file.read(), os.path.join(folder, name)
