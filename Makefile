@@ -39,7 +39,7 @@ test: lint
 test-fast: $(VENV)/.test-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
-# BENCH_ARGS: e.g. "--rounds 1 --skip-host" for a quick table.
+# BENCH_ARGS: e.g. "--rounds 1 --skip-host --precisions float32" for a quick table.
 bench: $(VENV)/.test-installed
 	$(PY) scripts/bench_vs_torch.py $(BENCH_ARGS)
 
