@@ -39,8 +39,9 @@ test: lint docs
 test-fast: $(VENV)/.test-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
+# BENCH_ARGS: e.g. "--rounds 1 --skip-host --precisions float32" for a quick table.
 bench: $(VENV)/.test-installed
-	$(PY) scripts/bench_vs_torch.py
+	$(PY) scripts/bench_vs_torch.py $(BENCH_ARGS)
 
 # The documentation site (mkdocs.yml, docs/) into site/. Its own small venv: mkdocstrings reads
 # the package by static analysis, so neither JAX nor the package is installed there. --strict

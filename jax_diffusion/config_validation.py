@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from jax_diffusion.bench.run import validate_bench_config
+from jax_diffusion.bench.options import validate_bench_config
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.convert.run import validate_convert_config
 from jax_diffusion.data.pipeline import validate_data_config

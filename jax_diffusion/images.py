@@ -6,7 +6,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 
 def to_uint8(x: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
@@ -41,6 +40,9 @@ def class_rows(images: np.ndarray, labels: np.ndarray, num_classes: int,
 
 def save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
     """Write a uint8 [H, W, C] image (C = 1 or 3) as PNG, upscaled by `scale` (nearest)."""
+    # Imported here: only writing a PNG needs Pillow, so sampling runs where it is missing.
+    from PIL import Image
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if scale > 1:
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)

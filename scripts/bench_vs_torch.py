@@ -1,12 +1,13 @@
-"""Side-by-side throughput: this project's `--mode=bench` against the PyTorch baseline
-(../shared/bench/torch_baseline.py) on the same DDPM CIFAR-10 U-Net, on this machine.
+"""Side-by-side throughput: this project's `--mode=bench` against its PyTorch yardstick
+(jax_diffusion/bench/torch_yardstick.py: the same DDPM CIFAR-10 U-Net in PyTorch eager), on this
+machine.
 
   python scripts/bench_vs_torch.py [--rounds 3]      (or: make bench)
 
-Creates .cache/torch-venv with torch==2.13.0, diffusers and numpy when it is missing, then runs,
+Needs PyTorch in this Python (requirements-test.txt, which `make bench` installs). Runs,
 `--rounds` times, alternating so that drifts of a shared machine hit both sides alike: the JAX
 bench on one device (train batch 8, forward batch 16), the JAX forward pass again with its batch
-split over one CPU device per core, and the PyTorch baseline with the same batches, in float32
+split over one CPU device per core, and the PyTorch yardstick with the same batches, in float32
 and in bfloat16. Each run's result is the last JSON line of its stdout. Prints the
 medians over the rounds and the JAX/PyTorch ratios of train and forward img/s to stderr, and
 one JSON summary line on stdout. Long: each run builds and times the 35.7M-parameter model.
@@ -16,6 +17,7 @@ Inception throughput), which prints each figure with its command; --skip-host le
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -24,10 +26,6 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_BASELINE = os.path.normpath(os.path.join(REPO, "..", "shared", "bench", "torch_baseline.py"))
-TORCH_VENV = os.path.join(REPO, ".cache", "torch-venv")
-# Pinned: an unpinned torch pulls several GB.
-TORCH_PACKAGES = ("torch==2.13.0", "diffusers", "numpy")
 PRECISIONS = ("float32", "bfloat16")
 METRICS = ("train_img_per_s", "fwd_img_per_s")
 TRAIN_BATCH, FWD_BATCH = 8, 16
@@ -66,11 +64,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def summarize(jax_runs: dict[str, list[dict]], torch_runs: dict[str, list[dict]],
               jax_split_runs: dict[str, list[dict]] | None = None) -> dict:
-    """Per precision: medians over the rounds of each side's train and forward img/s, and the
-    ratios JAX / PyTorch (None when a side has no measurement). `jax_split_runs`: forward-only
-    JAX runs with the batch split over one CPU device per core (fwd_split_*)."""
+    """Per precision measured: medians over the rounds of each side's train and forward img/s,
+    and the ratios JAX / PyTorch (None when a side has no measurement). `jax_split_runs`:
+    forward-only JAX runs with the batch split over one CPU device per core (fwd_split_*)."""
     summary = {}
-    for precision in PRECISIONS:
+    for precision in jax_runs:
         row = {}
         for metric in METRICS:
             jax_value = median_or_none([run.get(metric) for run in jax_runs[precision]])
@@ -102,18 +100,6 @@ def format_summary(summary: dict) -> list[str]:
     return lines
 
 
-def ensure_torch_venv() -> str:
-    """The torch venv's python, creating the venv first when it is missing or incomplete."""
-    python = os.path.join(TORCH_VENV, "bin", "python")
-    marker = os.path.join(TORCH_VENV, ".installed")  # written only after pip succeeded
-    if not os.path.exists(marker):
-        log(f"creating {TORCH_VENV} with {' '.join(TORCH_PACKAGES)}")
-        subprocess.run([sys.executable, "-m", "venv", TORCH_VENV], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", *TORCH_PACKAGES], check=True)
-        open(marker, "w").close()
-    return python
-
-
 def jax_command(precision: str, workdir: str, split_forward: bool = False) -> list[str]:
     """parts=train,fwd on one device: the baseline measures no sampling. One window of 5 steps
     after 2 warm-up ones, as the baseline times; the rounds give the medians.
@@ -132,15 +118,24 @@ def jax_command(precision: str, workdir: str, split_forward: bool = False) -> li
             f"--config.model.dtype={precision}"]
 
 
-def torch_command(torch_python: str, precision: str) -> list[str]:
-    return [torch_python, TORCH_BASELINE, "--arch=ddpm", "--batch", str(TRAIN_BATCH),
-            "--fwd-batch", str(FWD_BATCH), *(["--bf16"] if precision == "bfloat16" else [])]
+# PyTorch's OpenMP threads wait for work by spinning: on a machine shared with other processes
+# they lost 20x (a tiny model's training step, 2 threads: 1.03 s spinning, 0.043 s passive).
+# XLA's thread pool is not OpenMP, so this changes the PyTorch side only; a user's setting stays.
+TORCH_ENV = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
 
 
-def run_json(command: list[str]) -> dict:
+def torch_command(precision: str) -> list[str]:
+    """The yardstick on the CPU, with the JAX bench's batches, steps and warm-up calls."""
+    return [sys.executable, "-m", "jax_diffusion.bench.torch_yardstick",
+            f"--config={os.path.join(REPO, 'configs', 'cifar10.py')}", "--device=cpu",
+            f"--batch={TRAIN_BATCH}", f"--fwd-batch={FWD_BATCH}", "--steps=5", "--warmup=2",
+            f"--dtype={precision}"]
+
+
+def run_json(command: list[str], env: dict[str, str] | None = None) -> dict:
     """Run a benchmark (its progress passes through to stderr); its last JSON stdout line."""
     log("$ " + " ".join(command))
-    result = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    result = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"bench_vs_torch: the command above failed (exit {result.returncode})")
     return last_json_line(result.stdout)
@@ -149,24 +144,31 @@ def run_json(command: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="comma-separated subset of float32,bfloat16 (PyTorch's bfloat16 "
+                             "convolutions crawl on a CPU without AVX-512 BF16 or AMX)")
     parser.add_argument("--skip-host", action="store_true",
                         help="do not run scripts/bench_host.py (pipeline, host loop, "
                              "checkpoint, memory, Inception figures) afterwards")
     args = parser.parse_args()
-    if not os.path.exists(TORCH_BASELINE):
-        raise SystemExit(f"bench_vs_torch: {TORCH_BASELINE} not found")
-    torch_python = ensure_torch_venv()
-    jax_runs = {p: [] for p in PRECISIONS}
-    jax_split_runs = {p: [] for p in PRECISIONS}
-    torch_runs = {p: [] for p in PRECISIONS}
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("bench_vs_torch: PyTorch is not installed in this Python: pip install "
+                         "-r requirements-test.txt (or run make bench)")
+    precisions = args.precisions.split(",")
+    if not precisions or not set(precisions) <= set(PRECISIONS):
+        raise SystemExit(f"bench_vs_torch: --precisions={args.precisions} must name some of "
+                         f"{','.join(PRECISIONS)}")
+    jax_runs = {p: [] for p in precisions}
+    jax_split_runs = {p: [] for p in precisions}
+    torch_runs = {p: [] for p in precisions}
     with tempfile.TemporaryDirectory() as workdir:
         for round_index in range(args.rounds):
-            for precision in PRECISIONS:
+            for precision in precisions:
                 log(f"--- round {round_index + 1}/{args.rounds}, {precision}")
                 jax_runs[precision].append(run_json(jax_command(precision, workdir)))
                 jax_split_runs[precision].append(run_json(
                     jax_command(precision, workdir, split_forward=True)))
-                torch_runs[precision].append(run_json(torch_command(torch_python, precision)))
+                torch_runs[precision].append(run_json(torch_command(precision), TORCH_ENV))
     summary = summarize(jax_runs, torch_runs, jax_split_runs)
     for line in format_summary(summary):
         log(line)
@@ -174,7 +176,7 @@ def main() -> None:
         [sys.executable, os.path.join(REPO, "scripts", "bench_host.py")])
     print(json.dumps({"rounds": args.rounds, "train_batch": TRAIN_BATCH, "fwd_batch": FWD_BATCH,
                       "split_forward_devices": CPU_DEVICES,
-                      "device": jax_runs[PRECISIONS[0]][0].get("device"), **summary,
+                      "device": jax_runs[precisions[0]][0].get("device"), **summary,
                       "host": host}), flush=True)
 
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import pytest
 from tiny_config import ROOT, tiny_config
 
-from jax_diffusion.bench import run as bench
 from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
+from jax_diffusion.bench.run import run as bench
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import cpu_flags
@@ -145,12 +145,11 @@ def test_side_by_side_commands_are_the_documented_ones():
     assert "--config.bench.parts=fwd" in split and "--config.model.dtype=float32" in split
     devices = bench_vs_torch.CPU_DEVICES
     assert f"--config.distributed.local_device_count={devices}" in split and 16 % devices == 0
-    torch_command = bench_vs_torch.torch_command("python", "bfloat16")
-    assert torch_command[1] == os.path.normpath(os.path.join(ROOT, "..", "shared", "bench",
-                                                             "torch_baseline.py"))
-    assert torch_command[2:] == ["--arch=ddpm", "--batch", "8", "--fwd-batch", "16", "--bf16"]
-    assert "--bf16" not in bench_vs_torch.torch_command("python", "float32")
-    assert "torch==2.13.0" in bench_vs_torch.TORCH_PACKAGES
+    torch_command = bench_vs_torch.torch_command("bfloat16")
+    assert torch_command[1:3] == ["-m", "jax_diffusion.bench.torch_yardstick"]
+    assert torch_command[3] == f"--config={os.path.join(ROOT, 'configs', 'cifar10.py')}"
+    assert {"--batch=8", "--fwd-batch=16", "--dtype=bfloat16", "--device=cpu"} <= set(torch_command)
+    assert "--dtype=float32" in bench_vs_torch.torch_command("float32")
 
 
 # ------------------------------------------------------------------ XLA:CPU convolution flag
@@ -188,7 +187,7 @@ def test_eval_projection_is_the_flop_count_over_the_projected_rate():
     """DDPM CIFAR-10, 50,000 samples of DDIM-100 on one H100 SXM at 40% MFU: 50,000 x 100 x
     12.44 GFLOP / (0.4 x 989 TFLOP/s) = 157 s (the README's 2.6 min); classifier-free guidance
     doubles the sampling FLOPs; Inception and host time add."""
-    from jax_diffusion.bench import evaluation as bench_eval
+    from jax_diffusion.bench.run import evaluation as bench_eval
     from jax_diffusion.config_files import load_config_file
     config = load_config_file(os.path.join(ROOT, "configs", "cifar10.py"))
     config.sample.num_steps, config.eval.num_samples = 100, 50_000

@@ -24,9 +24,9 @@ import numpy as np
 
 from jax_diffusion import data
 from jax_diffusion.bench import dataset as bench_dataset
+from jax_diffusion.bench.options import parse_worker_counts
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.diffusion import create_diffusion
-from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
 from jax_diffusion.training import checkpoints
@@ -36,15 +36,6 @@ from jax_diffusion.training.train_step import make_train_step, next_batches, res
 
 # Device memory sizes the `memory` part reports the largest fitting batch for, in GB (1e9 B).
 MEMORY_SIZES_GB = (16, 32, 80)
-
-
-def parse_worker_counts(value: str | int) -> tuple[int, ...]:
-    """config.bench.data_workers, e.g. "0,1,2" -> (0, 1, 2): worker process counts >= 0."""
-    items = comma_list(value, "config.bench.data_workers")
-    if not all(item.isdigit() for item in items):
-        raise ConfigError(f"config.bench.data_workers={value!r} must list worker counts >= 0, "
-                          f"such as \"0,1,2\"")
-    return tuple(int(item) for item in items)
 
 
 def _median_rate(work: Callable[[], int], windows: int) -> float:

@@ -24,11 +24,9 @@ import ml_collections
 import numpy as np
 
 from jax_diffusion import samplers
-from jax_diffusion.bench import evaluation as bench_eval
-from jax_diffusion.bench import host as bench_host
 from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
-from jax_diffusion.config_checks import choice, positive_int, require
-from jax_diffusion.config_files import comma_list
+from jax_diffusion.bench.options import parse_parts, parse_steps
+from jax_diffusion.bench.peak_flops import peak_flops
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
@@ -37,43 +35,9 @@ from jax_diffusion.training.train_state import (TrainState, abstract_train_state
                                        create_train_state)
 from jax_diffusion.training.train_step import make_train_step
 
-PARTS = ("train", "fwd", "sample", "data", "host", "checkpoint", "memory", "eval")
-
-# Dense bf16 peak FLOP/s of one chip, matched in order as substrings of the lower-cased
-# device_kind (e.g. "nvidia h100 80gb hbm3", "tpu v5 lite"): the more specific names first.
-PEAK_FLOPS = (
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),       # SXM
-    ("a100", 312e12),
-    ("tpu v5 lite", 197e12),  # v5e's device_kind
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),     # v5p's device_kind
-    ("tpu v4", 275e12),
-)
-
 # The accelerators the `eval` part projects --mode=eval onto: (table name, device_kind).
 PROJECTION_CHIPS = (("H100 SXM", "h100"), ("A100", "a100"), ("TPU v4", "tpu v4"),
                     ("TPU v5e", "tpu v5e"), ("TPU v5p", "tpu v5p"))
-
-
-def peak_flops(device_kind: str) -> float | None:
-    """Peak bf16 FLOP/s of one device of this kind, or None when unknown (e.g. a CPU)."""
-    kind = device_kind.lower()
-    for name, peak in PEAK_FLOPS:
-        if name in kind:
-            return peak
-    return None
-
-
-def parse_parts(value: str) -> tuple[str, ...]:
-    """config.bench.parts, e.g. "train,sample" -> ("train", "sample")."""
-    return comma_list(value, "config.bench.parts", PARTS)
-
-
-def parse_steps(value: int | str) -> tuple[int, ...]:
-    """config.bench.sample_steps, an int or a comma string: 10 -> (10,), "10,50" -> (10, 50)."""
-    return comma_list(value, "config.bench.sample_steps", integers=True)
 
 
 def flop_rates(flops_per_img: int, img_per_s: float | None, device_kind: str,
@@ -217,6 +181,18 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
     jax.config.update("jax_enable_compilation_cache", False)
     bench = config.bench
     parts = parse_parts(bench.parts)
+    # Imported only for their parts, which need the input pipeline (grain, tfds): train, fwd and
+    # sample run without it (scripts/device_check.py).
+    if {"data", "host", "checkpoint", "memory"} & set(parts):
+        from jax_diffusion.bench import host as bench_host
+    if "eval" in parts:
+        from jax_diffusion.bench import evaluation as bench_eval
+    # Imported only for their parts, which need the input pipeline (grain, tfds): train, fwd and
+    # sample run without it (scripts/device_check.py).
+    if {"data", "host", "checkpoint", "memory"} & set(parts):
+        from jax_diffusion import bench_host
+    if "eval" in parts:
+        from jax_diffusion import bench_eval
     sample_steps = parse_steps(bench.sample_steps) if "sample" in parts else ()
     mesh = parallel.create_mesh()
     model = create_model(config.model)
@@ -273,19 +249,3 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
     print(json.dumps(result), flush=True)
 
 
-def validate_bench_config(bench: ml_collections.ConfigDict) -> None:
-    """config.bench's rules."""
-    comma_list(bench.parts, "config.bench.parts", PARTS)
-    comma_list(bench.sample_steps, "config.bench.sample_steps", integers=True)
-    bench_host.parse_worker_counts(bench.data_workers)
-    for name in ("steps_per_jit", "memory_batches"):
-        comma_list(bench[name], f"config.bench.{name}", integers=True)
-    for name in ("data_batch_size", "data_batches", "checkpoint_loop_calls"):
-        positive_int(bench, name, "bench")
-    positive_int(bench, "gap_batches", "bench", minimum=2)  # a gap lies between two batches
-    require(isinstance(bench.data_dir, str), "bench.data_dir", bench.data_dir,
-             "must be a directory path, or '' for <workdir>/bench_data")
-    choice(bench.method, "bench.method", samplers.METHODS)
-    for name in ("batch_size", "sample_batch_size", "num_steps", "windows"):
-        positive_int(bench, name, "bench")
-    positive_int(bench, "warmup_steps", "bench", minimum=0)
