@@ -11,7 +11,7 @@ import pytest
 from tiny_config import ROOT, tiny_config
 
 from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
-from jax_diffusion.bench.run import run as bench
+from jax_diffusion.bench import run as bench
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import cpu_flags
@@ -187,7 +187,7 @@ def test_eval_projection_is_the_flop_count_over_the_projected_rate():
     """DDPM CIFAR-10, 50,000 samples of DDIM-100 on one H100 SXM at 40% MFU: 50,000 x 100 x
     12.44 GFLOP / (0.4 x 989 TFLOP/s) = 157 s (the README's 2.6 min); classifier-free guidance
     doubles the sampling FLOPs; Inception and host time add."""
-    from jax_diffusion.bench.run import evaluation as bench_eval
+    from jax_diffusion.bench import evaluation as bench_eval
     from jax_diffusion.config_files import load_config_file
     config = load_config_file(os.path.join(ROOT, "configs", "cifar10.py"))
     config.sample.num_steps, config.eval.num_samples = 100, 50_000
