@@ -46,7 +46,7 @@ import ml_collections
 import optax
 
 from jax_diffusion import (checkpoints, consistency, data, distill_targets, loop_events, parallel,
-                           samplers, sampling)
+                           samplers, sampling, tensorboard_writer)
 from jax_diffusion.diffusion import GaussianDiffusion, create_diffusion, mean_flat
 from jax_diffusion.errors import CheckpointError, ConfigError
 from jax_diffusion.metric_window import MetricWindow
@@ -367,8 +367,6 @@ def _fresh_stage(state: TrainState, teacher_params, tx: optax.GradientTransforma
 
 def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Run (or resume) every stage per `config` (validated); returns the final state."""
-    from clu import metric_writers  # imports TensorFlow: only when distilling
-
     mesh = parallel.create_mesh()
     parallel.check_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     distill_config = config.distill
@@ -399,7 +397,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         logging.info("Resuming the distillation at step %d", int(state.step))
     step = int(state.step)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = tensorboard_writer.create_writer(workdir, just_logging=jax.process_index() > 0)
     window = MetricWindow(step)
     teacher, step_fn, step_fn_stage, record = None, None, -1, None
 

@@ -8,7 +8,7 @@ import logging
 import jax
 import ml_collections
 
-from jax_diffusion import checkpoints, data, loop_events, parallel, sampling
+from jax_diffusion import checkpoints, data, loop_events, parallel, sampling, tensorboard_writer
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.metric_window import MetricWindow
@@ -39,8 +39,6 @@ def run_length(config: ml_collections.ConfigDict) -> int:
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train per `config` (validated), resuming from the latest checkpoint in `workdir` if there
     is one; returns the final state."""
-    from clu import metric_writers  # imports TensorFlow: only when training
-
     mesh = parallel.create_mesh()
     parallel.check_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     num_steps = run_length(config)
@@ -65,7 +63,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                      f"/{step}", step)
     step = int(state.step)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = tensorboard_writer.create_writer(workdir, just_logging=jax.process_index() > 0)
     train_step = make_train_step(config, model, diffusion, tx, mesh)
     grid_sampler = (sampling.GridSampler(config, model, mesh) if config.train.sample_every
                     else None)

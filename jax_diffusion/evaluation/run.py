@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jax_diffusion import data, parallel, sampling
+from jax_diffusion import data, parallel, sampling, tensorboard_writer
 from jax_diffusion.config_files import comma_list
 from jax_diffusion.evaluation import digits, inception, metrics, nll, reference_stats, sweep
 from jax_diffusion.evaluation.samples import read_samples_dir
@@ -205,8 +205,6 @@ def run_sweep(ctx: EvalContext, wanted: tuple[str, ...], writer) -> None:
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=eval: config.eval.metrics for config.sample, or with config.eval.sweep the sample
     metrics for every sampler setting of the sweep."""
-    from clu import metric_writers  # imports TensorFlow: only when evaluating
-
     wanted = wanted_metrics(config)
     config = sampling.student_config(config, workdir)
     mesh = parallel.create_mesh()
@@ -215,7 +213,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     ctx = EvalContext(config, workdir, mesh, model, params, step)
     if INCEPTION_METRICS & set(wanted):
         ctx.inception  # noqa: B018  (load the weights before minutes of sampling)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = tensorboard_writer.create_writer(workdir, just_logging=jax.process_index() > 0)
     if config.eval.sweep:
         run_sweep(ctx, wanted, writer)
     else:
