@@ -246,7 +246,7 @@ def _tfds_not_prepared(name: str, split: str, searched: str, reason: str) -> str
         f"tfds dataset {name!r} (split {split!r}) is not prepared in {searched}, and {reason}. "
         f"Prepare it on a machine with network access with\n"
         f"    tfds build {name} --file_format=array_record --data_dir=<dir>\n"
-        f"(building needs tensorflow, which requirements.txt installs) and copy <dir> here, or "
+        f"(building needs TensorFlow: pip install -e '.[tfds]') and copy <dir> here, or "
         f"point --config.data.tfds_data_dir at an existing prepared copy.")
 
 
@@ -340,6 +340,13 @@ def _tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:
     def prepare() -> None:
         if not config.data.download:
             raise DatasetNotFoundError(not_prepared("config.data.download is False"))
+        try:
+            import tensorflow  # noqa: F401  (tfds builds datasets with it)
+        except ImportError:
+            raise DatasetNotFoundError(
+                f"tfds dataset {name!r} is not prepared in {data_dir}, and preparing it needs "
+                f"TensorFlow, which is not installed: pip install -e '.[tfds]', or point "
+                f"--config.data.tfds_data_dir at a prepared copy") from None
         _download_and_prepare(
             tfds.builder(name, data_dir=data_dir, file_format="array_record"), not_prepared)
 
