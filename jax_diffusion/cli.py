@@ -97,11 +97,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class _OwnInfoOnly(logging.Filter):
-    """Keep INFO lines from this project and clu's metric lines; libraries' INFO is noise."""
+    """Keep INFO lines from this project (its metric lines included); libraries' INFO is
+    noise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return (record.levelno >= logging.WARNING or "jax_diffusion" in record.pathname
-                or "/clu/" in record.pathname)
+        return record.levelno >= logging.WARNING or "jax_diffusion" in record.pathname
 
 
 def setup_logging() -> None:

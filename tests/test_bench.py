@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import pytest
 from tiny_config import ROOT, tiny_config
 
-from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.bench import run as bench
+from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import cpu_flags

@@ -357,3 +357,53 @@ def test_tfds_array_record_files_through_the_pipeline(tiny_tfds_dir):
                        match=r"config\.data\.image_size=16 and config\.data\.channels=3"):
         config = _config("tiny_images", 16, 3, batch_size=6, tfds_data_dir=tiny_tfds_dir)
         data.create_train_iterator(config, seed=0)
+
+
+# ---------------------------------------------------------------- without TensorFlow
+
+_WITHOUT_TENSORFLOW = textwrap.dedent('''
+    import importlib.machinery
+    import sys
+
+    class PathFinderWithoutTensorflow(importlib.machinery.PathFinder):
+        """Finds no TensorFlow, as where it is not installed (for imports and find_spec alike)."""
+
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name.partition(".")[0] == "tensorflow":
+                return None
+            return super().find_spec(name, path, target)
+
+    sys.meta_path = [PathFinderWithoutTensorflow if finder is importlib.machinery.PathFinder
+                     else finder for finder in sys.meta_path]
+    from configs.default import get_config
+    from jax_diffusion import data
+    config = get_config()
+    config.data.update(dataset="tiny_images", image_size=4, channels=3, random_flip=False,
+                       tfds_data_dir=sys.argv[1], download=False)
+    config.train.batch_size = 6
+    batch = next(data.create_train_iterator(config, seed=0))
+    images, _ = data.load_eval_arrays(config)
+    print(batch["image"].shape, images.shape)
+    config.data.update(dataset="cifar10", image_size=32, tfds_data_dir=sys.argv[2], download=True)
+    try:
+        data.create_train_iterator(config, seed=0)
+    except data.DatasetNotFoundError as e:
+        print(repr(str(e)))
+    assert "tensorflow" not in sys.modules
+''')
+
+
+def test_without_tensorflow_prepared_data_reads_and_preparing_names_the_extra(tiny_tfds_dir,
+                                                                              tmp_path):
+    """Only preparing a tfds dataset needs TensorFlow (the [tfds] extra): reading array_record
+    data does not, and a missing dataset says which extra to install, before any download."""
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, tiny_tfds_dir, str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    shapes, message = result.stdout.strip().splitlines()[-2:]
+    assert shapes == "(6, 4, 4, 3) (7, 4, 4, 3)"
+    assert "preparing it needs TensorFlow" in message and "pip install -e '.[tfds]'" in message
+    assert str(tmp_path) in message and "\\n" not in message  # one line

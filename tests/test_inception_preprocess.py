@@ -16,12 +16,14 @@ import types
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from random_inception import random_inception_weights
+from torch_reference import import_torch
 
 from jax_diffusion.evaluation import inception
+
+torch = import_torch()
+F = torch.nn.functional
 
 # Integration: Inception runs in JAX and in torch-fidelity. In `make test`, not in `make test-fast`.
 pytestmark = pytest.mark.slow

@@ -285,10 +285,17 @@ def _equations(jaxpr):
 
 
 def _normalized_program(diffusion, method, churn):
-    """StableHLO text with every constant payload dense<...> and every number replaced."""
-    text = jax.jit(lambda key: sample(lambda x, t: jnp.tanh(x), diffusion, (4, 2, 2, 1), key,
-                                      method, churn=churn, model_alphas_cumprod=ABAR)
-                   ).lower(jax.random.key(0)).as_text()
+    """StableHLO text with every constant payload dense<...> and every number replaced. Every
+    constant is embedded: newer JAX passes those over jax_embedded_constants_max_bytes (1 KiB) as
+    arguments instead, which would tell a 1000-step schedule from a 10-step one."""
+    embedded_max = jax.config.jax_embedded_constants_max_bytes
+    jax.config.update("jax_embedded_constants_max_bytes", 1 << 30)
+    try:
+        text = jax.jit(lambda key: sample(lambda x, t: jnp.tanh(x), diffusion, (4, 2, 2, 1), key,
+                                          method, churn=churn, model_alphas_cumprod=ABAR)
+                       ).lower(jax.random.key(0)).as_text()
+    finally:
+        jax.config.update("jax_embedded_constants_max_bytes", embedded_max)
     return re.sub(r"\d+", "0", re.sub(r"dense<[^>]*>", "dense<>", text))
 
 

@@ -19,13 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from convert_helpers import diffusers_unet, load_config, small
+from torch_reference import import_torch
 
 from jax_diffusion import samplers
 from jax_diffusion.convert.weights import params_from_state_dict
 from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 
-import torch
+torch = import_torch()
 
 pytestmark = pytest.mark.slow  # whole sampling chains of two networks, one in PyTorch
 BATCH = 2

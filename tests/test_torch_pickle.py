@@ -7,10 +7,12 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
+from torch_reference import import_torch
 
 from jax_diffusion.convert import torch_pickle
 from jax_diffusion.errors import InputFileError, UnsafePickleError
+
+torch = import_torch()
 
 
 def _as_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -8,9 +8,12 @@ the builder in a subprocess: the benchmarking process never imports it.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+
+from jax_diffusion.errors import DatasetNotFoundError
 
 NAME = "bench_images"
 NUM_EXAMPLES = 50_000
@@ -65,6 +68,10 @@ def ensure_prepared(data_dir: str, num_examples: int = NUM_EXAMPLES, timeout: fl
     tfds writes into a temporary directory and renames it when complete, so an interrupted build
     leaves nothing that `is_prepared` accepts."""
     if not is_prepared(data_dir):
+        if importlib.util.find_spec("tensorflow") is None:
+            raise DatasetNotFoundError(
+                f"the benchmark dataset {NAME!r} is not prepared in {data_dir}, and preparing it "
+                f"needs TensorFlow, which is not installed: pip install -e '.[tfds]'")
         subprocess.run(
             [sys.executable, "-c", "from jax_diffusion.bench.dataset import _build; "
              f"_build({data_dir!r}, {num_examples})"],

@@ -155,7 +155,7 @@ def tfds_not_prepared(name: str, split: str, searched: str, reason: str) -> str:
         f"tfds dataset {name!r} (split {split!r}) is not prepared in {searched}, and {reason}. "
         f"Prepare it on a machine with network access with\n"
         f"    tfds build {name} --file_format=array_record --data_dir=<dir>\n"
-        f"(building needs tensorflow, which requirements.txt installs) and copy <dir> here, or "
+        f"(building needs TensorFlow: pip install -e '.[tfds]') and copy <dir> here, or "
         f"point --config.data.tfds_data_dir at an existing prepared copy.")
 
 

@@ -49,6 +49,13 @@ def tfds_source(config: ml_collections.ConfigDict, split: str) -> Any:
     def prepare() -> None:
         if not config.data.download:
             raise DatasetNotFoundError(not_prepared("config.data.download is False"))
+        try:
+            import tensorflow  # noqa: F401  (tfds builds datasets with it)
+        except ImportError:
+            raise DatasetNotFoundError(
+                f"tfds dataset {name!r} is not prepared in {data_dir}, and preparing it needs "
+                f"TensorFlow, which is not installed: pip install -e '.[tfds]', or point "
+                f"--config.data.tfds_data_dir at a prepared copy") from None
         download_and_prepare(
             tfds.builder(name, data_dir=data_dir, file_format="array_record"), not_prepared)
 

@@ -40,7 +40,7 @@ from jax_diffusion.evaluation import (digits, dinov2, ema_sweep, inception, metr
 from jax_diffusion.evaluation.samples import read_samples_dir
 from jax_diffusion.generation import restore, sampling
 from jax_diffusion.models import create_model
-from jax_diffusion.runtime import parallel
+from jax_diffusion.runtime import parallel, tensorboard_writer
 from jax_diffusion.training import phema, power_ema
 
 FID_BIAS_WARNING_BELOW = 50_000
@@ -307,8 +307,6 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
     """--mode=eval: config.eval.metrics for config.sample, or with config.eval.sweep the sample
     metrics for every sampler setting of the sweep, or with config.eval.ema_sweep for every
     EMA width."""
-    from clu import metric_writers  # imports TensorFlow: only when evaluating
-
     wanted = wanted_metrics(config)
     config = restore.student_config(config, workdir)
     mesh = parallel.create_mesh()
@@ -319,7 +317,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
         ctx.inception  # noqa: B018  (load the weights before minutes of sampling)
     if DINOV2_METRICS & set(wanted):
         ctx.dinov2  # noqa: B018
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = tensorboard_writer.create_writer(workdir, just_logging=jax.process_index() > 0)
     if config.eval.sweep:
         run_sweep(ctx, wanted, writer)
     elif config.eval.ema_sweep:

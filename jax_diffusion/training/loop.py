@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from jax_diffusion.runtime import tensorboard_writer
 from jax_diffusion.training import checkpoints, loop_events
 from jax_diffusion.training.metric_window import MetricWindow
 from jax_diffusion.training.train_state import TrainState
@@ -42,10 +43,8 @@ class LoopSpec:
 def run_loop(state: TrainState, spec: LoopSpec, *, config: ml_collections.ConfigDict,
              workdir: str, manager, iterator, num_steps: int) -> TrainState:
     """Steps `state` until `num_steps`; returns the last state."""
-    from clu import metric_writers  # imports TensorFlow: only when a loop runs
-
     step = int(state.step)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = tensorboard_writer.create_writer(workdir, just_logging=jax.process_index() > 0)
     window = MetricWindow(step)
     last_saved = f"step {step}" if step else "none yet"
 
