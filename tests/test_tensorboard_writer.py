@@ -57,7 +57,7 @@ def test_writing_imports_neither_tensorflow_nor_torch(tmp_path):
     script = (
         "import sys\n"
         "import numpy as np\n"
-        "from jax_diffusion import tensorboard_writer\n"
+        "from jax_diffusion.runtime import tensorboard_writer\n"
         f"writer = tensorboard_writer.create_writer({str(tmp_path)!r})\n"
         "writer.write_scalars(1, {'loss': 1.0})\n"
         "writer.write_images(1, {'samples': np.zeros((1, 4, 4, 3), np.uint8)})\n"
