@@ -143,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
     convert.step = 0                     # import: the checkpoint step written into --workdir
     convert.target = ""                  # export: the diffusers model directory written
 
-    # --mode=bench (jax_diffusion/bench.py): random data, compile timed apart, median of windows.
+    # --mode=bench (jax_diffusion/bench/run.py): random data, compile timed apart, median of windows.
     config.bench = bench = ml_collections.ConfigDict()
     bench.parts = "train,fwd,sample"     # comma-separated subset of train, fwd, sample, data, host,
                                          # checkpoint, memory, eval
@@ -164,7 +164,7 @@ def get_config() -> ml_collections.ConfigDict:
     bench.checkpoint_loop_calls = 100_000  # checkpoint: tiny jitted calls standing in for the loop
     bench.gap_batches = 6                # eval: sampling batches a window when timing their gaps
 
-    # --mode=distill (jax_diffusion/distill.py): few-step students of a trained teacher. Batch
+    # --mode=distill (jax_diffusion/distill/loop.py): few-step students of a trained teacher. Batch
     # size, seed, gradient clipping, logging and checkpoint intervals come from config.train.
     config.distill = distill = ml_collections.ConfigDict()
     distill.method = "progressive"       # "progressive" (Salimans & Ho) | "consistency" (Song)
@@ -184,13 +184,13 @@ def get_config() -> ml_collections.ConfigDict:
     distill.target_decay = 0.95          # mu of the target network's EMA; 0 = the student itself
     distill.student_steps = 0            # written by --mode=distill into its checkpoints; leave 0
 
-    # --mode=phema (jax_diffusion/phema_command.py): the EMA of any width rebuilt from snapshots.
+    # --mode=phema (jax_diffusion/training/phema_command.py): the EMA of any width rebuilt from snapshots.
     config.phema = phema = ml_collections.ConfigDict()
     phema.sigma_rel = 0.1                # the width to rebuild, in (0, 0.2887)
     phema.output_workdir = ""            # the new workdir that receives it as a checkpoint
     phema.step = -1                      # the snapshot step rebuilt at; -1 = the latest
 
-    # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/distributed.py.
+    # Multi-process runs (TPU pods, several GPU hosts): jax_diffusion/runtime/distributed.py.
     config.distributed = dist = ml_collections.ConfigDict()
     dist.cluster = "auto"                # "auto": a SLURM step or Cloud TPU VM joins itself; "none"
     dist.coordinator_address = ""        # host:port of process 0, e.g. "10.0.0.2:1234"; "" = auto

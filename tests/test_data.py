@@ -1,4 +1,4 @@
-"""Tests for jax_diffusion/data.py: digits, the grain pipeline (order, flips, sharding, resume),
+"""Tests for jax_diffusion/data/: digits, the grain pipeline (order, flips, sharding, resume),
 tfds."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""A tfds dataset prepared on first use (jax_diffusion/data.py), with nothing outside 127.0.0.1.
+"""A tfds dataset prepared on first use (jax_diffusion/data/), with nothing outside 127.0.0.1.
 
 The real tfds CIFAR-10 builder downloads a small archive in the real cifar-10-binary.tar.gz
 format (250 images written here) from a loopback HTTP server that counts its connections and

@@ -1,4 +1,4 @@
-"""Post-hoc EMA math (jax_diffusion/phema.py) against float64 references written from the
+"""Post-hoc EMA math (jax_diffusion/training/phema.py) against float64 references written from the
 paper's definitions (numerical integrals of the profiles, the discrete EMA's own weights), and
 the reconstruction of a tracked width from float16 snapshots of the other widths on a toy
 parameter trajectory; the config rules of the post-hoc EMA keys and EDM's half-life EMA."""
