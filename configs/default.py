@@ -143,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
     convert.step = 0                     # import: the checkpoint step written into --workdir
     convert.target = ""                  # export: the diffusers model directory written
 
-    # --mode=bench (jax_diffusion/bench/run.py): random data, compile timed apart, median of windows.
+    # --mode=bench (jax_diffusion/bench/run.py): random data, compile timed apart, medians.
     config.bench = bench = ml_collections.ConfigDict()
     bench.parts = "train,fwd,sample"     # comma-separated subset of train, fwd, sample, data, host,
                                          # checkpoint, memory, eval
@@ -184,7 +184,7 @@ def get_config() -> ml_collections.ConfigDict:
     distill.target_decay = 0.95          # mu of the target network's EMA; 0 = the student itself
     distill.student_steps = 0            # written by --mode=distill into its checkpoints; leave 0
 
-    # --mode=phema (jax_diffusion/training/phema_command.py): the EMA of any width rebuilt from snapshots.
+    # --mode=phema (jax_diffusion/training/phema_command.py): any EMA width rebuilt from snapshots.
     config.phema = phema = ml_collections.ConfigDict()
     phema.sigma_rel = 0.1                # the width to rebuild, in (0, 0.2887)
     phema.output_workdir = ""            # the new workdir that receives it as a checkpoint
