@@ -1,5 +1,6 @@
 """jax_diffusion/runtime/tensorboard_writer.py: the event files it writes read back with
-TensorBoard's own reader (scalars and an image), the console lines, and no TensorFlow or PyTorch imported."""
+TensorBoard's own reader (scalars and an image), the console lines, and no TensorFlow or
+PyTorch imported."""
 import io
 import logging
 import subprocess
