@@ -54,7 +54,7 @@ def test_import_then_sample_restores_the_imported_weights(tmp_path):
     """--mode=import then --mode=sample through main.py; the restored weights are the imported
     ones and compute diffusers' function."""
     from jax_diffusion.models import create_model
-    from jax_diffusion.generation.sampling import restore_for_sampling
+    from jax_diffusion.generation.restore import restore_for_sampling
 
     config = ddpm_config(str(tmp_path / "hf"))
     unet, state = saved_diffusers_model(config, config.convert.source)
@@ -133,7 +133,7 @@ def test_improved_diffusion_state_dict_round_trip_through_a_pt_file(tmp_path):
     config.convert.source = str(path)
     run_import(config, str(tmp_path / "wd"))
     from jax_diffusion.models import create_model
-    from jax_diffusion.generation.sampling import restore_for_sampling
+    from jax_diffusion.generation.restore import restore_for_sampling
     restored, _ = restore_for_sampling(config, str(tmp_path / "wd"), parallel.create_mesh(),
                                        create_model(config.model))
     expected, got = flat(params), flat(restored)

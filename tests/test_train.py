@@ -242,21 +242,21 @@ def test_phema_mode_and_sampling_restore_the_tracked_widths(resume_runs, tmp_pat
         out = str(tmp_path / f"phema_{width}")
         run.phema.sigma_rel, run.phema.output_workdir = width, out
         assert cli.run("phema", run, resume_runs["straight"]) == 0
-        rebuilt, step = sampling.restore_for_sampling(config, out, mesh, model)
+        rebuilt, step = restore.restore_for_sampling(config, out, mesh, model)
         assert step == 6
         half = jax.tree.map(lambda x: np.asarray(x.astype(np.float16), np.float64), trained)
         assert _max_abs_diff(jax.device_get(rebuilt), half[index]) < 1e-6
         assert _max_abs_diff(jax.device_get(rebuilt), half[1 - index]) > 1e-5  # not the other
 
         run.sample.ema_sigma_rel = width
-        tracked, _ = sampling.restore_for_sampling(run, resume_runs["straight"], mesh, model)
+        tracked, _ = restore.restore_for_sampling(run, resume_runs["straight"], mesh, model)
         assert _bitwise_equal(jax.device_get(tracked), trained[index])
     config.sample.ema_sigma_rel = 0.07
     with pytest.raises(CheckpointError, match="not tracked.*--mode=phema"):
-        sampling.restore_for_sampling(config, resume_runs["straight"], mesh, model)
+        restore.restore_for_sampling(config, resume_runs["straight"], mesh, model)
     config.sample.ema_sigma_rel = 0.05   # a workdir written by --mode=phema tracks none
     with pytest.raises(CheckpointError, match="tracked: none"):
-        sampling.restore_for_sampling(config, str(tmp_path / "phema_0.05"), mesh, model)
+        restore.restore_for_sampling(config, str(tmp_path / "phema_0.05"), mesh, model)
 
 
 # ------------------------------------------------------------------ 3. restore onto 1 device

@@ -187,12 +187,6 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> None:
         from jax_diffusion.bench import host as bench_host
     if "eval" in parts:
         from jax_diffusion.bench import evaluation as bench_eval
-    # Imported only for their parts, which need the input pipeline (grain, tfds): train, fwd and
-    # sample run without it (scripts/device_check.py).
-    if {"data", "host", "checkpoint", "memory"} & set(parts):
-        from jax_diffusion import bench_host
-    if "eval" in parts:
-        from jax_diffusion import bench_eval
     sample_steps = parse_steps(bench.sample_steps) if "sample" in parts else ()
     mesh = parallel.create_mesh()
     model = create_model(config.model)
