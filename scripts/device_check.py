@@ -19,7 +19,7 @@ memory preallocation never meets PyTorch's, and each part's peak memory is its o
   bench      for the DDPM CIFAR-10 network (configs/cifar10.py, 35.7M) and the Improved DDPM
              one (configs/cifar10_improved.py, 52.6M), in bfloat16 and float32, at batch 128
              per device: `--mode=bench`'s train, forward and DDIM-50 sampling img/s, compile
-             times and peak device memory (jax_diffusion.bench.run_bench), and MFU
+             times and peak device memory (jax_diffusion.bench.run.run_bench), and MFU
   smoke      300 bfloat16 training steps of the DDPM network, batch 128 per device, constant
              learning rate 2e-4 (no warm-up), on 4 fixed batches of random CIFAR-shaped images:
              no step non-finite, and the mean loss of the last 20 steps below SMOKE_DROP times
