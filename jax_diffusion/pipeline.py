@@ -46,7 +46,7 @@ class Pipeline:
         self.config = config
         self.workdir = workdir
         self.mesh = mesh if mesh is not None else parallel.create_mesh()
-        self._params = {None: params} if params is not None else {}
+        self._params: dict = {None: params} if params is not None else {}
         self._sample_fns: dict[str, sampling.SampleFn] = {}
 
     # ------------------------------------------------------------------ constructors
@@ -117,9 +117,11 @@ class Pipeline:
             raise ValueError(f"labels must lie in 0..{num_classes - 1} for this model")
         batch = parallel.round_up_to_devices(
             min(batch_size or config.sample.batch_size, num_samples), self.mesh)
-        params = self._restored(config)
-        logging.info("Sampling %d images with %s, %d steps (batch %d, seed %d)", num_samples,
-                     config.sample.method, config.sample.num_steps, batch, seed)
+        params, step = self._restored(config)
+        source = "pretrained weights" if step is None else (
+            f"step {step} ({'EMA' if config.sample.use_ema else 'raw'} params)")
+        logging.info("Sampling %d images from %s with %s, %d steps", num_samples, source,
+                     config.sample.method, config.sample.num_steps)
         key = json.dumps([config.sample.to_dict(), config.diffusion.to_dict(),
                           config.distill.to_dict(), batch], sort_keys=True, default=str)
         if key not in self._sample_fns:
@@ -147,18 +149,16 @@ class Pipeline:
             check_sample_config(config)
         return config
 
-    def _restored(self, config: ml_collections.ConfigDict):
-        """The parameters config.sample.checkpoint_step selects, restored on first use."""
+    def _restored(self, config: ml_collections.ConfigDict) -> tuple[object, int | None]:
+        """(params, checkpoint step) of config.sample.checkpoint_step, restored on first use;
+        the step is None for weights given in memory."""
         if self.workdir is None:
-            return self._params[None]
-        step = config.sample.checkpoint_step
-        if step not in self._params:
-            params, restored_step = restore.restore_for_sampling(
+            return self._params[None], None
+        key = (config.sample.checkpoint_step, config.sample.use_ema, config.sample.ema_sigma_rel)
+        if key not in self._params:
+            self._params[key] = restore.restore_for_sampling(
                 config, self.workdir, self.mesh, create_model(config.model))
-            logging.info("Restored %s parameters of %s step %d",
-                         "EMA" if config.sample.use_ema else "raw", self.workdir, restored_step)
-            self._params[step] = params
-        return self._params[step]
+        return self._params[key]
 
 
 def _recorded_config(record: dict) -> ml_collections.ConfigDict:

@@ -81,9 +81,9 @@ def test_toy_sampler_runs_through_the_sweep(toy, workdir, monkeypatch):
     rng = np.random.default_rng(0)
     projection = rng.normal(size=(64, 16))
 
-    def features(images):
+    def features(images):   # (pool, logits, spatial) as the FID Inception gives them
         pool = np.tanh(images.reshape(len(images), -1).astype(np.float64) / 255.0 @ projection)
-        return pool, pool[:, :10]
+        return pool, pool[:, :10], pool[:, :8]
 
     monkeypatch.setattr(eval_run, "inception_feature_fn", lambda config, mesh: features)
     config = _config(eval__metrics="fid", eval__num_samples=16, eval__batch_size=16,
