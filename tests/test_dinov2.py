@@ -10,16 +10,19 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from loopback import serving
 from PIL import Image
-from transformers import Dinov2Config, Dinov2Model
+from torch_reference import import_torch
 
 from jax_diffusion import downloads
 from jax_diffusion.errors import ConfigError, DownloadError, InputFileError, MissingInputFileError
 from jax_diffusion.evaluation import dinov2
 from jax_diffusion.runtime import parallel
+
+torch = import_torch()
+F = torch.nn.functional
+Dinov2Config = pytest.importorskip("transformers").Dinov2Config
+Dinov2Model = pytest.importorskip("transformers").Dinov2Model
 
 TOLERANCE = 1e-4  # of the largest |reference| value
 WIDTH, DEPTH, HEADS, GRID = 32, 2, 2, 5  # a small ViT/14 with a 5 x 5 position grid (70 px)

@@ -12,10 +12,12 @@ import types
 import jax
 import numpy as np
 import pytest
-import torch
+from torch_reference import import_torch
 
 from jax_diffusion.evaluation import precision_recall as pr
 from jax_diffusion.runtime import parallel
+
+torch = import_torch()
 
 
 def reference_precision_recall(real: np.ndarray, generated: np.ndarray, k: int,

@@ -7,13 +7,16 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
 from convert_helpers import jax_forward, load_config, random_inputs, random_state_dict, small
 from tiny_config import ROOT
+from torch_reference import import_torch
 
-from jax_diffusion.bench import torch_yardstick
 from jax_diffusion.convert.layouts import abstract_params
 from jax_diffusion.convert.weights import params_from_state_dict
+
+torch = import_torch()
+
+from jax_diffusion.bench import torch_yardstick  # noqa: E402  (imports torch)
 
 TOL = 1e-4
 
