@@ -31,7 +31,8 @@ from jax.sharding import Mesh
 from jax_diffusion import downloads
 from jax_diffusion.convert import torch_pickle
 from jax_diffusion.errors import ConfigError, DownloadError, InputFileError, MissingInputFileError
-from jax_diffusion.evaluation.inception import pil_bicubic_matrix, to_flax_layout, torch_shape
+from jax_diffusion.evaluation.inception import (feature_batching, pil_bicubic_matrix,
+                                                to_flax_layout, torch_shape)
 from jax_diffusion.runtime import parallel
 
 WEIGHTS_FILE = "dinov2_vitl14_pretrain.pth"
@@ -309,13 +310,8 @@ def dinov2_features(module: DINOv2, variables: dict, images_uint8: np.ndarray,
     """Class-token features [N, width] (float32 numpy) of uint8 NHWC images of any size,
     preprocessed as dgm-eval does (`preprocess`). Batches are padded to `batch_size` (rounded
     up to the mesh's device count) and split over the `mesh`'s devices."""
-    images_uint8 = np.asarray(images_uint8)
-    if (images_uint8.dtype != np.uint8 or images_uint8.ndim != 4
-            or images_uint8.shape[-1] not in (1, 3)):
-        raise InputFileError(f"dinov2_features needs uint8 [N, H, W, 1 or 3] images, got "
-                             f"{images_uint8.dtype} {images_uint8.shape}")
-    mesh = parallel.create_mesh(jax.local_devices()[:1]) if mesh is None else mesh
-    batch_size = parallel.round_up_to_devices(max(1, min(batch_size, len(images_uint8))), mesh)
+    images_uint8, mesh, batch_size = feature_batching(images_uint8, batch_size, mesh,
+                                                      "dinov2_features")
     variables = parallel.replicate(variables, mesh)
     return parallel.map_batches(
         lambda i, batch: _network(module, variables, _preprocess_jit(batch)),

@@ -429,6 +429,21 @@ def _network(module: FIDInceptionV3, variables: dict, x: jax.Array) -> tuple[jax
     return module.apply(variables, x)
 
 
+def feature_batching(images_uint8: np.ndarray, batch_size: int, mesh: Mesh | None, what: str
+                     ) -> tuple[np.ndarray, Mesh, int]:
+    """(images, mesh, batch size) for a feature network: the images checked to be uint8
+    [N, H, W, 1 or 3] (InputFileError naming `what` otherwise), the mesh defaulting to one local
+    device, the batch at most N and rounded up to the mesh's device count."""
+    images_uint8 = np.asarray(images_uint8)
+    if (images_uint8.dtype != np.uint8 or images_uint8.ndim != 4
+            or images_uint8.shape[-1] not in (1, 3)):
+        raise InputFileError(f"{what} needs uint8 [N, H, W, 1 or 3] images, got "
+                             f"{images_uint8.dtype} {images_uint8.shape}")
+    mesh = parallel.create_mesh(jax.local_devices()[:1]) if mesh is None else mesh
+    batch_size = parallel.round_up_to_devices(max(1, min(batch_size, len(images_uint8))), mesh)
+    return images_uint8, mesh, batch_size
+
+
 def inception_features(module: FIDInceptionV3, variables: dict, images_uint8: np.ndarray,
                        batch_size: int = 200, mesh: Mesh | None = None,
                        preprocess: str = "tf1", spatial: bool = False
@@ -441,13 +456,8 @@ def inception_features(module: FIDInceptionV3, variables: dict, images_uint8: np
     parallel.create_mesh(jax.local_devices())) each batch is split over its devices, the batch
     size rounded up to a multiple of the device count."""
     check_preprocess_mode(preprocess)
-    images_uint8 = np.asarray(images_uint8)
-    if (images_uint8.dtype != np.uint8 or images_uint8.ndim != 4
-            or images_uint8.shape[-1] not in (1, 3)):
-        raise InputFileError(f"inception_features needs uint8 [N, H, W, 1 or 3] images, got "
-                             f"{images_uint8.dtype} {images_uint8.shape}")
-    mesh = parallel.create_mesh(jax.local_devices()[:1]) if mesh is None else mesh
-    batch_size = parallel.round_up_to_devices(max(1, min(batch_size, len(images_uint8))), mesh)
+    images_uint8, mesh, batch_size = feature_batching(images_uint8, batch_size, mesh,
+                                                      "inception_features")
     variables = parallel.replicate(variables, mesh)
     mode, module = preprocess, module.clone(spatial=spatial)
     return parallel.map_batches(
