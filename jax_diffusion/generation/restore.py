@@ -66,7 +66,7 @@ def student_config(config: ml_collections.ConfigDict, workdir: str
             held = " or ".join(map(str, sorted(stages)))
             raise ConfigError(f"{workdir} holds distilled students that sample in {held} steps; "
                               f"config.sample.num_steps={num_steps} is not one of them: set "
-                              f"--config.sample.num_steps={held.split(' or ')[0]} (or {held})")
+                              f"--config.sample.num_steps to one of them")
         step = stages[num_steps]
     record = checkpoints.restore_config(manager, step)
     effective = ml_collections.ConfigDict(config.to_dict())
