@@ -7,9 +7,9 @@ import http.server
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
+from tiny_config import default_eval_config
 from loopback import serving
 from PIL import Image
 from torch_reference import import_torch
@@ -197,15 +197,8 @@ def test_a_file_of_another_network_is_one_error(networks, tmp_path):
         dinov2.load_dinov2(str(tmp_path / "absent.pth"), module)
 
 
-def _eval_config(**overrides) -> ml_collections.ConfigDict:
-    from configs.default import get_config
-    config = get_config().eval
-    config.update(overrides)
-    return config
-
-
 def test_default_config_fetches_the_released_weights():
-    config = _eval_config()
+    config = default_eval_config()
     assert config.dinov2_weights == "auto"
     assert config.dinov2_url == dinov2.WEIGHTS_URL
     assert config.dinov2_sha256 == dinov2.WEIGHTS_SHA256
@@ -213,11 +206,11 @@ def test_default_config_fetches_the_released_weights():
 
 def test_config_checks_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.eval\.dinov2_sha256='d5383ea8'"):
-        dinov2.check_config(_eval_config(dinov2_sha256="d5383ea8"), wanted=False)
+        dinov2.check_config(default_eval_config(dinov2_sha256="d5383ea8"), wanted=False)
     absent = str(tmp_path / "absent.pth")
     with pytest.raises(ConfigError, match=r"config\.eval\.dinov2_weights=.*is not a file"):
-        dinov2.check_config(_eval_config(dinov2_weights=absent), wanted=True)
-    dinov2.check_config(_eval_config(dinov2_weights=absent), wanted=False)  # not asked for
+        dinov2.check_config(default_eval_config(dinov2_weights=absent), wanted=True)
+    dinov2.check_config(default_eval_config(dinov2_weights=absent), wanted=False)  # not asked for
 
 
 PAYLOAD = os.urandom(2 * (1 << 20) + 777)
@@ -261,7 +254,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_auto_weights_are_fetched_once_into_the_cache(server, cache):
-    config = _eval_config(dinov2_url=f"{server.url}/dinov2.pth", dinov2_sha256=PAYLOAD_SHA256)
+    config = default_eval_config(dinov2_url=f"{server.url}/dinov2.pth",
+                                 dinov2_sha256=PAYLOAD_SHA256)
     path = dinov2.resolve_weights(config)
     assert path == str(cache / "dinov2.pth")
     with open(path, "rb") as file:
@@ -274,7 +268,7 @@ def test_auto_weights_are_fetched_once_into_the_cache(server, cache):
     ("/cut.pth", f"connection closed after {len(PAYLOAD) // 2} of {len(PAYLOAD)} bytes"),
 ])
 def test_a_wrong_or_cut_download_leaves_nothing(server, cache, route, reason):
-    config = _eval_config(dinov2_url=f"{server.url}{route}", dinov2_sha256=PAYLOAD_SHA256)
+    config = default_eval_config(dinov2_url=f"{server.url}{route}", dinov2_sha256=PAYLOAD_SHA256)
     with pytest.raises(DownloadError) as error:
         dinov2.resolve_weights(config)
     message = str(error.value)
@@ -286,9 +280,9 @@ def test_a_wrong_or_cut_download_leaves_nothing(server, cache, route, reason):
 def test_weights_given_as_a_path(tmp_path):
     given = tmp_path / "mine.pth"
     given.write_bytes(b"x")
-    assert dinov2.resolve_weights(_eval_config(dinov2_weights=str(given))) == str(given)
+    assert dinov2.resolve_weights(default_eval_config(dinov2_weights=str(given))) == str(given)
     with pytest.raises(MissingInputFileError, match="dinov2_weights=auto"):
-        dinov2.resolve_weights(_eval_config(dinov2_weights=str(tmp_path / "absent.pth")))
+        dinov2.resolve_weights(default_eval_config(dinov2_weights=str(tmp_path / "absent.pth")))
 
 
 def test_vit_l14_forward_flops():

@@ -6,8 +6,8 @@ import http.server
 import os
 import socket
 
-import ml_collections
 import pytest
+from tiny_config import default_eval_config
 from loopback import serving
 
 from jax_diffusion import downloads
@@ -149,15 +149,8 @@ def test_bad_sha256_argument():
 # config.eval.inception_weights
 
 
-def _eval_config(**overrides) -> ml_collections.ConfigDict:
-    from configs.default import get_config
-    config = get_config().eval
-    config.update(overrides)
-    return config
-
-
 def test_default_config_fetches_the_pytorch_fid_weights():
-    config = _eval_config()
+    config = default_eval_config()
     assert config.inception_weights == "auto"
     assert config.inception_url == inception.WEIGHTS_URL
     assert config.inception_sha256 == inception.WEIGHTS_SHA256
@@ -165,7 +158,7 @@ def test_default_config_fetches_the_pytorch_fid_weights():
 
 
 def test_auto_weights_are_fetched_into_the_cache_by_the_url_name(server, cache):
-    config = _eval_config(inception_url=f"{server.url}/weights.pth",
+    config = default_eval_config(inception_url=f"{server.url}/weights.pth",
                           inception_sha256=PAYLOAD_SHA256.upper())
     path = inception.resolve_weights(config)
     assert path == str(cache / "weights.pth")
@@ -176,7 +169,7 @@ def test_auto_weights_offline_say_what_to_do(cache):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = _eval_config(inception_url=f"http://127.0.0.1:{port}/{inception.WEIGHTS_FILE}")
+    config = default_eval_config(inception_url=f"http://127.0.0.1:{port}/{inception.WEIGHTS_FILE}")
     with pytest.raises(DownloadError) as error:
         inception.resolve_weights(config)
     message = str(error.value)
@@ -188,9 +181,10 @@ def test_auto_weights_offline_say_what_to_do(cache):
 def test_weights_paths_and_bad_hashes(tmp_path):
     given = tmp_path / "pt_inception.pth"
     given.write_bytes(b"x")
-    assert inception.resolve_weights(_eval_config(inception_weights=str(given))) == str(given)
+    given_config = default_eval_config(inception_weights=str(given))
+    assert inception.resolve_weights(given_config) == str(given)
     for value in ("", str(tmp_path / "absent.pth")):
         with pytest.raises(InceptionWeightsNotFoundError, match="inception_weights=auto"):
-            inception.resolve_weights(_eval_config(inception_weights=value))
+            inception.resolve_weights(default_eval_config(inception_weights=value))
     with pytest.raises(ConfigError, match="config.eval.inception_sha256"):
-        inception.resolve_weights(_eval_config(inception_sha256="6726825d"))
+        inception.resolve_weights(default_eval_config(inception_sha256="6726825d"))

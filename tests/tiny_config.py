@@ -47,3 +47,11 @@ def tiny_flags(**overrides) -> list[str]:
     for name, text in overrides.items():
         flags[name.replace("__", ".")] = str(text)
     return [f"--config={DIGITS_CONFIG}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def default_eval_config(**overrides):
+    """configs/default.py's config.eval with `overrides` set."""
+    from configs.default import get_config
+    config = get_config().eval
+    config.update(overrides)
+    return config
