@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.time_embedding_freq_shift = 0  # sinusoid frequencies 10000^(-i / (ch/2 - shift)): 0 or 1
     model.time_embedding_flip_sin_to_cos = True  # True: [cos | sin] features; False: [sin | cos]
     model.norm_eps = 1e-5                # every GroupNorm's epsilon
+    model.num_groups = 32                # GroupNorm groups; fewer (e.g. 8) for a narrow model
     model.downsample_padding = "symmetric"  # stride-2 conv: "symmetric" (1, 1) or "tf_same" (0, 1)
 
     config.diffusion = diffusion = ml_collections.ConfigDict()

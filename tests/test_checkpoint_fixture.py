@@ -34,3 +34,18 @@ def test_pre_layout_checkpoint_samples_bit_identically(tmp_path):
     sample_command.run_sample(other, str(workdir))
     assert not np.array_equal(np.load(workdir / "samples" / "samples_0.npz")["images"],
                               expected["images"])
+
+
+def test_a_recorded_config_from_before_num_groups_reads_back_as_32_groups(tmp_path):
+    """The fixture's recorded config predates config.model.num_groups; Pipeline.from_workdir
+    (the recorded config over configs/default.py) gives the 32 groups the model was trained
+    with."""
+    from jax_diffusion import Pipeline
+    from jax_diffusion.training import checkpoints
+
+    workdir = tmp_path / "run"
+    shutil.copytree(os.path.join(FIXTURE, "checkpoints"), workdir / "checkpoints")
+    manager = checkpoints.create_manager(str(workdir), read_only=True)
+    recorded = checkpoints.restore_config(manager, 2)["model"]
+    assert "norm_eps" in recorded and "num_groups" not in recorded
+    assert Pipeline.from_workdir(str(workdir)).config.model.num_groups == 32

@@ -21,12 +21,12 @@ RNG = np.random.default_rng(0)
 # ---------------------------------------------------------------- GroupNorm
 
 
-def group_norm_oracle(x, gamma, beta, scale=None, shift=None, eps=1e-5):
+def group_norm_oracle(x, gamma, beta, scale=None, shift=None, eps=1e-5, groups=GROUPS):
     """float64: normalise each (image, group) over its pixels and channels, then the affine, then
     AdaGN."""
     x = np.asarray(x, np.float64)
     b, c = x.shape[0], x.shape[-1]
-    grouped = x.reshape(b, -1, GROUPS, c // GROUPS)
+    grouped = x.reshape(b, -1, groups, c // groups)
     mean = grouped.mean(axis=(1, 3), keepdims=True)
     var = ((grouped - mean) ** 2).mean(axis=(1, 3), keepdims=True)
     y = ((grouped - mean) / np.sqrt(var + eps)).reshape(x.shape) * gamma + beta
@@ -76,6 +76,43 @@ def test_group_norm_normalises_each_group_separately():
     np.testing.assert_allclose(out.mean(axis=(0, 2)), 0, atol=1e-5)
     # eps=1e-5 shrinks the smallest group
     np.testing.assert_allclose(out.var(axis=(0, 2)), 1, atol=2e-3)
+
+
+def test_group_norm_with_8_groups_matches_flax_and_the_formula():
+    """num_groups=8 on 32 channels (4 per group); channels of different scales and means, so
+    normalising per channel (32 groups) gives something else: the negative control."""
+    rng = np.random.default_rng(8)  # its own: the module's RNG feeds the tests below
+    c = 32
+    x = (rng.standard_normal(c) + rng.standard_normal((2, 6, 5, c)) * rng.uniform(0.3, 3.0, c)
+         ).astype(np.float32)
+    gamma, beta = (rng.uniform(0.5, 1.5, c).astype(np.float32),
+                   rng.standard_normal(c).astype(np.float32))
+    params = {"params": {"scale": gamma, "bias": beta}}
+    ours = GroupNorm(num_groups=8).apply(params, x)
+    np.testing.assert_allclose(ours, nn.GroupNorm(num_groups=8, epsilon=1e-5).apply(params, x),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, group_norm_oracle(x, gamma, beta, groups=8),
+                               rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(GroupNorm().apply(params, x)) - np.asarray(ours)).max() > 0.1
+
+
+@pytest.mark.parametrize("groups, erased", [(32, True), (8, False)])
+def test_a_per_channel_bias_survives_group_norm_only_with_several_channels_per_group(groups,
+                                                                                       erased):
+    """What DDPM's ResBlock does with its embedding: a per-(image, channel) bias added before
+    norm2. With one channel per group (32 groups of 32 channels) the mean subtracts it again."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 5, 5, 32)).astype(np.float32)
+    bias = rng.standard_normal((2, 1, 1, 32)).astype(np.float32)
+    norm = GroupNorm(num_groups=groups)
+    params = norm.init(jax.random.key(0), x)
+    diff = np.abs(np.asarray(norm.apply(params, x + bias)) - np.asarray(norm.apply(params, x)))
+    assert (diff.max() < 1e-4) if erased else (diff.max() > 0.1), diff.max()
+
+
+def test_group_norm_refuses_channels_that_do_not_split_into_its_groups():
+    with pytest.raises(ValueError, match="24 channels do not split into num_groups=16"):
+        GroupNorm(num_groups=16).init(jax.random.key(0), np.zeros((1, 2, 2, 24), np.float32))
 
 
 # ---------------------------------------------------------------- attention

@@ -5,6 +5,7 @@ import math
 import os
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 
 from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
+from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import create_model
 from jax_diffusion.models.embeddings import timestep_embedding
-from jax_diffusion.models.layers import ResBlock
+from jax_diffusion.models.layers import GroupNorm, ResBlock
 
 # Model inits use rbg keys: a threefry init compiles ~3x slower on CPU, and the key's kind is
 # irrelevant here.
@@ -99,6 +101,48 @@ def test_resblock_layout(skip_conv3x3, scale_shift):
                 + 2 * c_out + 9 * c_out * c_out + c_out                    # norm2, conv2
                 + k * k * c_in * c_out + c_out)                            # skip
     assert count(variables) == expected
+
+
+@pytest.mark.parametrize("num_groups, reaches", [(32, False), (8, True)])
+def test_the_embedding_reaches_a_32_channel_resblock_only_with_fewer_groups(num_groups, reaches):
+    """DDPM's ResBlock adds the time-and-label embedding per channel just before norm2: at 32
+    channels in 32 groups (the digits demo's first level) the norm subtracts it again, so the
+    block's output ignores the embedding; in 8 groups of 4 channels it does not."""
+    block = ResBlock(32, num_groups=num_groups)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 8, 8, 32)).astype(np.float32)
+    emb_a, emb_b = rng.standard_normal((2, 2, 128)).astype(np.float32)
+    variables = perturb_zero_leaves(block.init(KEY, x, emb_a, False), 4)  # conv2 is zero-init
+    apply = jax.jit(block.apply, static_argnums=3)
+    diff = float(jnp.max(jnp.abs(apply(variables, x, emb_a, False)
+                                 - apply(variables, x, emb_b, False))))
+    assert (diff > 1e-2) if reaches else (diff < 1e-4), diff
+
+
+def test_num_groups_reaches_every_group_norm_and_changes_no_parameter_shape():
+    """config.model.num_groups sets the groups of every GroupNorm (ResBlocks' norm1 and norm2,
+    attention's norm, norm_out); the parameter tree is the 32-group model's."""
+    x, t = jax.ShapeDtypeStruct(X.shape, jnp.float32), jax.ShapeDtypeStruct(T.shape, jnp.int32)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, GroupNorm) and context.method_name == "__call__":
+            seen.append((context.module.name, context.module.num_groups))
+        return next_fun(*args, **kwargs)
+
+    shapes = {}
+    for groups in (8, 32):
+        seen.clear()
+        with nn.intercept_methods(record):
+            variables = jax.eval_shape(create_model(tiny_config(num_groups=groups)).init,
+                                       KEY, x, t)
+        shapes[groups] = jax.tree.map(jnp.shape, variables)
+        n_norms = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]
+                      if "norm" in str(path[-2]) and str(path[-1]) == "['scale']")
+        assert len(seen) == n_norms > 10
+        assert {g for _, g in seen} == {groups}
+    assert shapes[8] == shapes[32]
+    assert create_model(load_config("default").model).num_groups == 32
 
 
 def test_timestep_embedding_is_the_sinusoid():
@@ -349,7 +393,9 @@ def test_bfloat16_lowering_runs_convolutions_and_matmuls_in_bf16(cond):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(ch=48), r"config\.model\.ch=48 must be divisible by 32 \(GroupNorm groups\)"),
+    (dict(ch=48), r"config\.model\.ch=48 must be divisible by config\.model\.num_groups=32 "
+                  r"\(GroupNorm groups\): use a positive multiple of 32 .* or "
+                  r"config\.model\.num_groups=24"),
     (dict(num_heads=3),
      r"config\.model\.num_heads=3 must be a positive divisor of the 64 channels"),
     (dict(num_head_channels=48),
@@ -360,6 +406,24 @@ def test_bfloat16_lowering_runs_convolutions_and_matmuls_in_bf16(cond):
 def test_bad_config_raises_at_create_model(overrides, message):
     with pytest.raises(ValueError, match=message):
         create_model(tiny_config(**overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_groups=0), "config.model.num_groups=0 must be a positive integer dividing "
+                         "config.model.ch"),
+    (dict(num_groups=-8), "config.model.num_groups=-8 must be a positive integer"),
+    (dict(num_groups=12), "config.model.ch=32 must be divisible by config.model.num_groups=12"),
+    (dict(num_groups=64), "config.model.ch=32 must be divisible by config.model.num_groups=64"),
+])
+def test_num_groups_errors_are_one_config_error_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        create_model(tiny_config(**overrides))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_num_groups_dividing_ch_is_accepted_at_any_width():
+    for ch, groups in ((32, 8), (48, 16), (8, 8), (32, 1)):
+        create_model(tiny_config(ch=ch, num_groups=groups))
 
 
 @pytest.mark.parametrize("image_size, overrides, message", [

@@ -2,6 +2,7 @@
 
 Mixed precision: parameters are float32; convolutions and matmuls run in the module's `dtype`;
 GroupNorm statistics (and the AdaGN affine) are computed in float32 and cast back to `dtype`.
+Every GroupNorm has `num_groups` groups, GROUPS (32) by default as in DDPM and Improved DDPM.
 """
 import flax.linen as nn
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 
 from jax_diffusion.models.upsample_conv import UpsampleConv
 
-GROUPS = 32
+GROUPS = 32  # the published networks' GroupNorm groups; config.model.num_groups's default
 # Stride-2 downsampling convolution padding (rows and columns alike): PyTorch-style symmetric, or
 # TensorFlow's "SAME" for an even input, nothing before and one pixel after (Ho et al.'s DDPM).
 DOWNSAMPLE_PADDINGS = {"symmetric": (1, 1), "tf_same": (0, 1)}
@@ -31,7 +32,7 @@ def conv(features: int, kernel: int, dtype: jnp.dtype, name: str, stride: int = 
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm (32 groups) in float32, then optionally AdaGN's `* (1 + scale) + shift`.
+    """GroupNorm (`num_groups` groups) in float32, then optionally AdaGN's `* (1 + scale) + shift`.
 
     Same parameters ("scale", "bias") and the same statistics as flax's GroupNorm (the mean and
     the mean of squares, var = E[x^2] - E[x]^2), in another order: each statistic is reduced over
@@ -44,18 +45,22 @@ class GroupNorm(nn.Module):
 
     dtype: jnp.dtype = jnp.float32
     epsilon: float = 1e-5
+    num_groups: int = GROUPS
 
     @nn.compact
     def __call__(self, x: jax.Array, scale: jax.Array | None = None,
                  shift: jax.Array | None = None) -> jax.Array:
         """x: [B, ..., C]; scale, shift: [B, C] or None. Returns x's shape in `dtype`."""
         channels = x.shape[-1]
+        if self.num_groups < 1 or channels % self.num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into "
+                             f"num_groups={self.num_groups} equal groups")
         gamma = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         beta = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         x = x.astype(jnp.float32)
         spatial = tuple(range(1, x.ndim - 1))
-        mean = _group_average(jnp.mean(x, axis=spatial))
-        mean_sq = _group_average(jnp.mean(jnp.square(x), axis=spatial))
+        mean = _group_average(jnp.mean(x, axis=spatial), self.num_groups)
+        mean_sq = _group_average(jnp.mean(jnp.square(x), axis=spatial), self.num_groups)
         var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)  # clamp round-off, as flax does
         mul = gamma * jax.lax.rsqrt(var + self.epsilon)
         add = jnp.broadcast_to(beta, mul.shape)
@@ -66,18 +71,19 @@ class GroupNorm(nn.Module):
         return ((x - mean[expand]) * mul[expand] + add[expand]).astype(self.dtype)
 
 
-def _group_average(per_channel: jax.Array) -> jax.Array:
+def _group_average(per_channel: jax.Array, groups: int) -> jax.Array:
     """[B, C] per-channel statistics -> [B, C], each channel holding its group's average."""
     batch, channels = per_channel.shape
-    grouped = per_channel.reshape(batch, GROUPS, channels // GROUPS).mean(-1, keepdims=True)
-    return jnp.broadcast_to(grouped, (batch, GROUPS, channels // GROUPS)).reshape(batch, channels)
+    grouped = per_channel.reshape(batch, groups, channels // groups).mean(-1, keepdims=True)
+    return jnp.broadcast_to(grouped, (batch, groups, channels // groups)).reshape(batch, channels)
 
 
 def group_norm(x: jax.Array, name: str, dtype: jnp.dtype, epsilon: float,
-               scale: jax.Array | None = None, shift: jax.Array | None = None) -> jax.Array:
-    """GroupNorm(32 groups) in float32; AdaGN `norm(x) * (1 + scale) + shift` when scale/shift
-    ([B, C]) are given."""
-    return GroupNorm(dtype, epsilon, name=name)(x, scale, shift)
+               scale: jax.Array | None = None, shift: jax.Array | None = None,
+               num_groups: int = GROUPS) -> jax.Array:
+    """GroupNorm(num_groups groups) in float32; AdaGN `norm(x) * (1 + scale) + shift` when
+    scale/shift ([B, C]) are given."""
+    return GroupNorm(dtype, epsilon, num_groups, name=name)(x, scale, shift)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -140,10 +146,12 @@ class ResBlock(nn.Module):
     skip_conv3x3: bool = False
     dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-5
+    num_groups: int = GROUPS
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-        h = nn.silu(group_norm(x, "norm1", self.dtype, self.norm_eps))
+        g = self.num_groups
+        h = nn.silu(group_norm(x, "norm1", self.dtype, self.norm_eps, num_groups=g))
         if self.resample == "up":  # conv1 of the upsampled h, computed as one sub-pixel convolution
             h = UpsampleConv(self.out_ch, default_init(), self.dtype, name="conv1")(h)
             x = upsample_nearest(x)
@@ -157,9 +165,12 @@ class ResBlock(nn.Module):
                      name="emb_proj")(nn.silu(emb))
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = group_norm(h, "norm2", self.dtype, self.norm_eps, scale, shift)
+            h = group_norm(h, "norm2", self.dtype, self.norm_eps, scale, shift, num_groups=g)
         else:
-            h = group_norm(h + e[:, None, None, :], "norm2", self.dtype, self.norm_eps)
+            # With one channel per group the norm subtracts this per-channel bias again: the
+            # embedding reaches the block only when num_groups < out_ch.
+            h = group_norm(h + e[:, None, None, :], "norm2", self.dtype, self.norm_eps,
+                           num_groups=g)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
         h = conv(self.out_ch, 3, self.dtype, "conv2", zero_init=True)(h)
 
@@ -201,12 +212,14 @@ class AttentionBlock(nn.Module):
     num_head_channels: int = -1
     dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-5
+    num_groups: int = GROUPS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
         heads = c // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
-        h = group_norm(x, "norm", self.dtype, self.norm_eps).reshape(b, height * width, c)
+        h = group_norm(x, "norm", self.dtype, self.norm_eps, num_groups=self.num_groups)
+        h = h.reshape(b, height * width, c)
         q, k, v = QKVProjection(heads, self.dtype, name="qkv")(h)
         # The XLA implementation is the exact math: float32 logits (scaled by 1/sqrt(head_dim)) and
         # softmax, weights cast back to dtype for the product with v.

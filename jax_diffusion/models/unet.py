@@ -39,7 +39,9 @@ class UNet(nn.Module):
     (see configs/default.py): the time embedding's `time_embedding_freq_shift` and
     `time_embedding_flip_sin_to_cos`, the GroupNorm `norm_eps`, and the stride-2 convolution's
     `downsample_padding`. Ho et al.'s DDPM: 1, False, 1e-6, "tf_same"; improved-diffusion:
-    0, True, 1e-5, "symmetric".
+    0, True, 1e-5, "symmetric". Both have `num_groups` = 32 GroupNorm groups; a narrow model
+    wants fewer, since with one channel per group ResBlock's norm2 erases the embedding added
+    per channel just before it.
     """
 
     ch: int
@@ -60,6 +62,7 @@ class UNet(nn.Module):
     time_embedding_flip_sin_to_cos: bool = True
     norm_eps: float = 1e-5
     downsample_padding: str = "symmetric"
+    num_groups: int = GROUPS
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
@@ -83,12 +86,13 @@ class UNet(nn.Module):
         def res(h, out_ch, name, resample="none"):
             block = block_cls(out_ch, dropout=self.dropout,
                               use_scale_shift_norm=self.use_scale_shift_norm,
-                              resample=resample, dtype=dtype, norm_eps=self.norm_eps, name=name)
+                              resample=resample, dtype=dtype, norm_eps=self.norm_eps,
+                              num_groups=self.num_groups, name=name)
             return block(h, emb, train)
 
         def attn(h, name):
             return AttentionBlock(self.num_heads, self.num_head_channels, dtype, self.norm_eps,
-                                  name=name)(h)
+                                  self.num_groups, name=name)(h)
 
         def down(h, name):
             if self.resblock_updown:
@@ -126,7 +130,7 @@ class UNet(nn.Module):
             if level != 0:
                 h = up(h, f"up{level}_upsample")
 
-        h = nn.silu(group_norm(h, "norm_out", dtype, self.norm_eps))
+        h = nn.silu(group_norm(h, "norm_out", dtype, self.norm_eps, num_groups=self.num_groups))
         out_channels = x.shape[-1] * (2 if self.learn_sigma else 1)
         h = conv(out_channels, 3, dtype, "conv_out", zero_init=True)(h)
         return h.astype(jnp.float32)
@@ -148,6 +152,21 @@ def _check_heads(model_config, channels: int) -> None:
               f"must be a positive divisor of the {channels} channels of an attention layer")
 
 
+def _check_groups(model_config) -> None:
+    """Every channel count a GroupNorm sees (ch after conv_in, ch * ch_mult[level], and the
+    decoder's concatenations of them) is a multiple of ch, so ch % num_groups == 0 covers them."""
+    groups, ch = model_config.num_groups, model_config.ch
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        _fail("num_groups", groups, "must be a positive integer dividing config.model.ch "
+              "(GroupNorm groups): 32 as in DDPM, or fewer (e.g. 8) for a narrow model")
+    if ch <= 0 or ch % groups:
+        fix = f"a positive multiple of {groups} ({groups}, {2 * groups}, {3 * groups}, ...)"
+        if ch > 0:  # the most groups that divide ch
+            fix += f" or config.model.num_groups={max(d for d in range(1, groups) if ch % d == 0)}"
+        _fail("ch", ch, f"must be divisible by config.model.num_groups={groups} (GroupNorm "
+              f"groups): use {fix}")
+
+
 def validate_model_config(model_config: "ml_collections.ConfigDict | UNet",
                           image_size: int | None = None) -> None:
     """Raise ConfigError naming the offending `config.model` key and what is allowed.
@@ -158,9 +177,7 @@ def validate_model_config(model_config: "ml_collections.ConfigDict | UNet",
     resolution is a feature-map size the U-Net reaches, and the heads of those attention layers.
     """
     m = model_config
-    if m.ch <= 0 or m.ch % GROUPS:
-        _fail("ch", m.ch,
-              f"must be divisible by {GROUPS} (GroupNorm groups): use 32, 64, 96, 128, ...")
+    _check_groups(m)
     if len(m.ch_mult) == 0 or any(int(k) != k or k < 1 for k in m.ch_mult):
         _fail("ch_mult", m.ch_mult,
               "must be a non-empty sequence of positive integers, e.g. (1, 2, 2, 2)")
@@ -212,7 +229,8 @@ def create_model(model_config: ml_collections.ConfigDict) -> UNet:
                 learn_sigma=m.learn_sigma, num_classes=m.num_classes, dtype=m.dtype, remat=m.remat,
                 time_embedding_freq_shift=m.time_embedding_freq_shift,
                 time_embedding_flip_sin_to_cos=m.time_embedding_flip_sin_to_cos,
-                norm_eps=m.norm_eps, downsample_padding=m.downsample_padding)
+                norm_eps=m.norm_eps, downsample_padding=m.downsample_padding,
+                num_groups=m.num_groups)
 
 
 def validate_model_section(config: ml_collections.ConfigDict) -> None:
