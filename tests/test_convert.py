@@ -185,6 +185,27 @@ def test_diffusers_model_with_other_conventions_names_them(tmp_path):
     assert "freq_shift" not in message
 
 
+def test_num_groups_is_exported_as_norm_num_groups_and_read_back():
+    from jax_diffusion.config_files import default_config
+    from jax_diffusion.convert.diffusers_config import (
+        check_unet2d_config,
+        config_from_unet2d,
+        unet2d_config,
+    )
+    config = ddpm_config(num_groups=8)
+    exported = unet2d_config(config)
+    assert exported["norm_num_groups"] == 8 and exported["attn_norm_num_groups"] is None
+    config.model.use_scale_shift_norm = True  # diffusers' middle attention then needs its own
+    assert unet2d_config(config)["attn_norm_num_groups"] == 8
+    imported = config_from_unet2d(exported, default_config())
+    assert imported.model.num_groups == 8
+    check_unet2d_config(exported, imported, "exported")
+    assert config_from_unet2d({}, default_config()).model.num_groups == 32  # diffusers' default
+    with pytest.raises(errors.ConversionError, match=r"norm_num_groups=8 \(the config needs 32: "
+                                                     r"config\.model\.num_groups\)"):
+        check_unet2d_config(exported, ddpm_config(), "exported")
+
+
 def test_state_dict_of_another_architecture_names_the_wrong_shapes(tmp_path):
     from safetensors.numpy import save_file
     other = small(load_config("cifar10_improved"), ch=64, ch_mult=(1, 1), num_heads=4,

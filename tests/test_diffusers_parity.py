@@ -71,6 +71,20 @@ def test_small_ddpm_matches_diffusers(scale_conv_in):
     assert diff <= TOL
 
 
+def test_small_ddpm_with_8_groups_matches_diffusers():
+    """config.model.num_groups=8 is diffusers' norm_num_groups=8; our 32 groups on the same
+    weights (the negative control) are another function."""
+    config = small(load_config("cifar10"), num_groups=8)
+    unet, state = diffusers_unet(config, seed=5)
+    assert unet.config.norm_num_groups == 8
+    x, t, _ = random_inputs(config, 2, seed=6)
+    ref = torch_forward(unet, x, t)
+    diff = np.abs(converted_outputs(config, state, x, t) - ref).max()
+    assert diff <= TOL, diff
+    config.model.num_groups = 32
+    assert np.abs(converted_outputs(config, state, x, t) - ref).max() > 100 * TOL
+
+
 @pytest.mark.parametrize("key, wrong, scale_conv_in", [
     ("time_embedding_freq_shift", 0, 1.0),
     ("time_embedding_flip_sin_to_cos", True, 1.0),

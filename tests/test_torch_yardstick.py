@@ -38,6 +38,7 @@ def test_parameter_count_is_the_flax_models(name, params):
     ("cifar10_improved", {"num_res_blocks": 2}),  # AdaGN, 4 heads, learned sigma, labels
     ("cifar10_improved", {"resblock_updown": True, "num_head_channels": 16}),
     ("cifar10", {"conv_resample": False}),
+    ("cifar10_improved", {"num_groups": 8}),  # every GroupNorm, the attention's included
 ])
 def test_same_outputs_as_flax_on_the_same_weights(name, overrides):
     config = small(load_config(name), **overrides)

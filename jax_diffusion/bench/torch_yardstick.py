@@ -37,7 +37,7 @@ from torch import nn
 
 from jax_diffusion import schedules
 from jax_diffusion.config_files import load_config_file
-from jax_diffusion.models.layers import DOWNSAMPLE_PADDINGS, GROUPS
+from jax_diffusion.models.layers import DOWNSAMPLE_PADDINGS
 from jax_diffusion.models.unet import validate_model_config
 
 DTYPES = ("float32", "bfloat16")
@@ -64,14 +64,14 @@ class ResBlock(nn.Module):
     """models.layers.ResBlock: skip(x) + conv2(dropout(SiLU(norm2(conv1(SiLU(norm1(x))), emb))))."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, scale_shift: bool,
-                 eps: float, resample: str = "none"):
+                 eps: float, groups: int, resample: str = "none"):
         super().__init__()
         self.resample, self.scale_shift = resample, scale_shift
-        self.in_layers = nn.Sequential(nn.GroupNorm(GROUPS, c_in, eps), nn.SiLU(),
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, c_in, eps), nn.SiLU(),
                                        nn.Conv2d(c_in, c_out, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(),
                                         nn.Linear(emb_dim, 2 * c_out if scale_shift else c_out))
-        self.out_layers = nn.Sequential(nn.GroupNorm(GROUPS, c_out, eps), nn.SiLU(),
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, c_out, eps), nn.SiLU(),
                                         nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip_connection = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -96,10 +96,10 @@ class AttentionBlock(nn.Module):
     """models.layers.AttentionBlock: x + proj_out(attention(norm(x))), q, k, v from one fused
     projection whose 3C outputs are ordered per head [q | k | v]."""
 
-    def __init__(self, channels: int, heads: int, eps: float):
+    def __init__(self, channels: int, heads: int, eps: float, groups: int):
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(GROUPS, channels, eps)
+        self.norm = nn.GroupNorm(groups, channels, eps)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
@@ -158,11 +158,11 @@ class UNet(nn.Module):
 
         def res(c_in: int, c_out: int, resample: str = "none") -> ResBlock:
             return ResBlock(c_in, c_out, emb_dim, m.dropout, m.use_scale_shift_norm, m.norm_eps,
-                            resample)
+                            m.num_groups, resample)
 
         def attention(c: int) -> AttentionBlock:
             heads = c // m.num_head_channels if m.num_head_channels > 0 else m.num_heads
-            return AttentionBlock(c, heads, m.norm_eps)
+            return AttentionBlock(c, heads, m.norm_eps, m.num_groups)
 
         def attn(c: int, size: int) -> list[nn.Module]:
             return [attention(c)] if size in m.attention_resolutions else []
@@ -199,7 +199,7 @@ class UNet(nn.Module):
             if level != 0:
                 size *= 2
         out_channels = channels * (2 if m.learn_sigma else 1)
-        self.out = nn.Sequential(nn.GroupNorm(GROUPS, c, m.norm_eps), nn.SiLU(),
+        self.out = nn.Sequential(nn.GroupNorm(m.num_groups, c, m.norm_eps), nn.SiLU(),
                                  nn.Conv2d(c, out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None

@@ -14,7 +14,6 @@ from typing import Any
 import ml_collections
 
 from jax_diffusion import errors
-from jax_diffusion.models.layers import GROUPS
 
 # UNet2DModel.__init__'s defaults, for keys a config.json leaves out.
 UNET2D_DEFAULTS: dict[str, Any] = {
@@ -93,9 +92,9 @@ def unet2d_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "dropout": m.dropout,
         "act_fn": "silu",
         "attention_head_dim": _head_dim(m, size),
-        "norm_num_groups": GROUPS,
+        "norm_num_groups": m.num_groups,
         # diffusers drops the middle attention's GroupNorm under scale_shift unless this is set
-        "attn_norm_num_groups": GROUPS if m.use_scale_shift_norm else None,
+        "attn_norm_num_groups": m.num_groups if m.use_scale_shift_norm else None,
         "norm_eps": m.norm_eps,
         "resnet_time_scale_shift": "scale_shift" if m.use_scale_shift_norm else "default",
         "add_attention": True,
@@ -124,6 +123,8 @@ _CONFIG_KEY = {
     "freq_shift": "config.model.time_embedding_freq_shift",
     "flip_sin_to_cos": "config.model.time_embedding_flip_sin_to_cos",
     "norm_eps": "config.model.norm_eps",
+    "norm_num_groups": "config.model.num_groups",
+    "attn_norm_num_groups": "config.model.num_groups (diffusers' attention GroupNorms)",
     "downsample_padding": "config.model.downsample_padding ('tf_same' = 0, 'symmetric' = 1)",
     "block_out_channels": "config.model.ch, ch_mult",
     "layers_per_block": "config.model.num_res_blocks",
@@ -198,6 +199,7 @@ def config_from_unet2d(found: dict[str, Any], base: ml_collections.ConfigDict
     m.time_embedding_freq_shift = int(_effective(found, "freq_shift"))
     m.time_embedding_flip_sin_to_cos = bool(_effective(found, "flip_sin_to_cos"))
     m.norm_eps = float(_effective(found, "norm_eps"))
+    m.num_groups = int(_effective(found, "norm_num_groups"))
     padding = {value: name for name, value in _DOWNSAMPLE_PADDING.items()}
     m.downsample_padding = padding.get(int(_effective(found, "downsample_padding")), "symmetric")
     if m.learn_sigma:
