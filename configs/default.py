@@ -43,14 +43,22 @@ def get_config() -> ml_collections.ConfigDict:
     model.downsample_padding = "symmetric"  # stride-2 conv: "symmetric" (1, 1) or "tf_same" (0, 1)
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
+    # The Gaussian path: "vp" (the discrete DDPM / Improved DDPM process; the keys below up to
+    # min_snr_gamma) | "edm" (Karras et al. 2022: x0 + s eps, EDM's preconditioning and loss)
+    # | "flow" (rectified flow: (1 - t) x0 + t eps, the velocity loss). docs/recipes.md
+    diffusion.process = "vp"
     diffusion.schedule = "linear"        # "linear" | "cosine"
     diffusion.num_timesteps = 1000
     diffusion.mean_type = "eps"          # "eps" | "x0" | "v"
     diffusion.var_type = "fixed_large"   # "fixed_small" | "fixed_large" | "learned_range"
     diffusion.loss_type = "mse"          # "mse" (L_simple) | "hybrid" | "kl"
     diffusion.rescale_timesteps = False  # True: the network sees t * 1000 / T (improved-diffusion)
-    diffusion.loss_weighting = "none"    # "none" (L_simple) | "min_snr" (Hang et al. 2023)
+    diffusion.loss_weighting = "none"    # "none" (L_simple) | "min_snr" (Hang et al. 2023) | "edm"
     diffusion.min_snr_gamma = 5.0        # "min_snr" weighs the x0 error by min(SNR, gamma)
+    # loss_weighting "edm" (any process but flow): EDM's (s^2 + sd^2) / (s sd)^2 on the x0 error
+    diffusion.sigma_data = 0.5           # sd: EDM's data std, of its weight and preconditioning
+    diffusion.sigma_min = 0.002          # edm, flow: the levels s = sigma / alpha sampled between
+    diffusion.sigma_max = 80.0
 
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 2000
@@ -72,6 +80,13 @@ def get_config() -> ml_collections.ConfigDict:
     train.ema = "fixed"
     train.ema_sigma_rels = (0.05, 0.10)
     train.ema_snapshot_every = 1000
+    # The noise levels a step trains at: "uniform" (vp: timesteps; flow: t) | "lognormal" (EDM:
+    # ln s ~ N(mean, std^2)) | "logit_normal" (SD3: logit t ~ N(mean, std^2), t = s / (1 + s))
+    train.noise_sampling = "uniform"
+    train.lognormal_mean = -1.2
+    train.lognormal_std = 1.2
+    train.logit_normal_mean = 0.0
+    train.logit_normal_std = 1.0
     train.label_dropout = 0.0            # chance of the null label instead of the label (guidance)
     train.steps_per_jit = 1              # > 1: several steps per compiled call, to hide dispatch
     train.step_loop = "auto"             # the k steps: "scan" | "unroll" | "auto" (CPU: unroll)
@@ -82,13 +97,14 @@ def get_config() -> ml_collections.ConfigDict:
     train.seed = 0
 
     config.sample = sample = ml_collections.ConfigDict()
-    # "ddpm" | "ddim" | "dpm_solver++" (2M) | "dpm_solver++3m" | "unipc" | "edm_heun"
+    # "ddpm" | "ddim" | "euler" | "dpm_solver++" (2M) | "dpm_solver++3m" | "unipc" | "edm_heun"
     sample.method = "ddim"
     sample.num_steps = 50                # network evaluations (NFE); edm_heun needs an odd number
     sample.eta = 0.0
-    # steps: "uniform" | "quadratic" (in t) | "logsnr" | "karras" (rho 7) | "trailing" (distilled
-    # students); multistep solvers (dpm_solver++, dpm_solver++3m, unipc) do better with logsnr
-    sample.schedule = "uniform"
+    # steps: "auto" (the method's grid for the process: samplers.methods.TIME_GRIDS & co.) |
+    # "uniform" | "quadratic" (in t) | "logsnr" | "karras" (rho 7) | "trailing" (vp only:
+    # distilled students)
+    sample.schedule = "auto"
     # logsnr and karras span sigma = sqrt((1 - abar) / abar) from max(sigma(t=0), sigma_min) to
     # min(sigma(t=T-1), sigma_max); 80 is EDM's sigma_max, 0 keeps the model's own sigma_min
     sample.sigma_min = 0.0

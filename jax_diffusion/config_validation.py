@@ -25,6 +25,7 @@ from jax_diffusion.runtime import parallel
 from jax_diffusion.runtime.distributed import validate_distributed_config
 from jax_diffusion.samplers.from_config import validate_sample_config
 from jax_diffusion.training.phema import validate_phema_config
+from jax_diffusion.training.objective import validate_objective_config
 from jax_diffusion.training.train import validate_train_config
 
 
@@ -41,6 +42,12 @@ def validate_config(config: ml_collections.ConfigDict, mode: str, workdir: str) 
     statistics, a samples folder) are looked at, and only for the mode that reads them."""
     _check_workdir(workdir)
     validate_diffusion_config(config.diffusion)
+    validate_objective_config(config)
+    for refusing_mode, what in (("distill", "distillation"), ("import", "import"),
+                                ("export", "export")):
+        if mode == refusing_mode and config.diffusion.process != "vp":
+            raise ConfigError(f"config.diffusion.process={config.diffusion.process!r}: {what} "
+                              f"is written for the discrete process 'vp' only; use a vp model")
     validate_data_config(config.data)
     validate_model_section(config)
     validate_train_config(config)

@@ -24,7 +24,7 @@ from jax_diffusion.errors import CheckpointError, ConfigError
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("mse", "hybrid", "kl")
-LOSS_WEIGHTINGS = ("none", "min_snr")
+LOSS_WEIGHTINGS = ("none", "min_snr", "edm")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -91,7 +91,8 @@ class GaussianDiffusion:
     def __init__(self, betas: np.ndarray, model_mean_type: str = "eps",
                  model_var_type: str = "fixed_large", loss_type: str = "mse",
                  use_timesteps: Collection[int] | None = None, rescale_timesteps: bool = False,
-                 loss_weighting: str = "none", min_snr_gamma: float = 5.0):
+                 loss_weighting: str = "none", min_snr_gamma: float = 5.0,
+                 sigma_data: float = 0.5, model_levels: np.ndarray | None = None):
         _check_choice(model_mean_type, MEAN_TYPES, "model_mean_type")
         _check_choice(model_var_type, VAR_TYPES, "model_var_type")
         _check_choice(loss_type, LOSS_TYPES, "loss_type")
@@ -111,6 +112,9 @@ class GaussianDiffusion:
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
         self.num_timesteps = len(betas)
+        # A continuous process's chain (processes.levels_diffusion): the model is called with
+        # the noise level of each step, not a timestep.
+        self.model_levels = None if model_levels is None else np.asarray(model_levels, np.float64)
 
         self.betas = betas
         alphas = 1.0 - betas
@@ -133,7 +137,7 @@ class GaussianDiffusion:
         # decoder log-likelihood stays finite (Ho et al.).
         self.fixed_large_variance = np.append(first, betas[1:])
         self.loss_weights = loss_weights(self.alphas_cumprod, model_mean_type, loss_weighting,
-                                         min_snr_gamma, loss_type)
+                                         min_snr_gamma, loss_type, sigma_data)
 
     # ---------------------------------------------------------------- helpers
     def _check(self, x: jax.Array, t: jax.Array, *others: jax.Array) -> None:
@@ -148,7 +152,10 @@ class GaussianDiffusion:
     def timesteps_for_model(self, t: jax.Array) -> jax.Array:
         """What model_fn receives for index t: the original timestep it stands for (int32), or
         with rescale_timesteps that timestep * 1000 / T (float32; improved-diffusion's recipe, so
-        the network always sees [0, 1000) whatever T)."""
+        the network always sees [0, 1000) whatever T). A levels diffusion passes its noise levels
+        (JAX's default float dtype)."""
+        if self.model_levels is not None:
+            return jnp.asarray(self.model_levels)[t]
         if self.rescale_timesteps:
             scaled = self.timestep_map * (1000.0 / self.original_num_steps)
             return jnp.asarray(scaled, dtype=jnp.float32)[t]
@@ -341,7 +348,8 @@ class GaussianDiffusion:
 
 
 def loss_weights(alphas_cumprod: np.ndarray, mean_type: str, weighting: str = "none",
-                 gamma: float = 5.0, loss_type: str = "mse") -> np.ndarray:
+                 gamma: float = 5.0, loss_type: str = "mse", sigma_data: float = 0.5
+                 ) -> np.ndarray:
     """Per-timestep weights of the mean-squared-error term, float64 [K].
 
     "none": 1 (L_simple, Ho et al. 2020). "min_snr": Min-SNR-gamma (Hang et al. 2023), with
@@ -357,9 +365,13 @@ def loss_weights(alphas_cumprod: np.ndarray, mean_type: str, weighting: str = "n
     if weighting == "none":
         return np.ones_like(abar)
     if loss_type == "kl":
-        raise ConfigError("config.diffusion.loss_weighting='min_snr' weights the MSE term, which "
-                          "config.diffusion.loss_type='kl' does not have: use loss_type 'mse' "
-                          "or 'hybrid', or loss_weighting 'none'")
+        raise ConfigError(f"config.diffusion.loss_weighting={weighting!r} weights the MSE term, "
+                          "which config.diffusion.loss_type='kl' does not have: use loss_type "
+                          "'mse' or 'hybrid', or loss_weighting 'none'")
+    if weighting == "edm":
+        s2 = (1.0 - abar) / abar
+        lam = (s2 + sigma_data ** 2) / (s2 * sigma_data ** 2)
+        return {"eps": lam * s2, "v": lam * s2 / (1.0 + s2), "x0": lam}[mean_type]
     if not gamma > 0:
         raise ConfigError(f"config.diffusion.min_snr_gamma={gamma} must be > 0 "
                           f"(Hang et al. 2023 use 5)")
@@ -370,8 +382,8 @@ def loss_weights(alphas_cumprod: np.ndarray, mean_type: str, weighting: str = "n
 
 # The keys that fix what a trained network's output means; sampling with other values is silently
 # wrong (an eps network read as v gives noise), so a checkpoint must be sampled with its own.
-OUTPUT_DEFINING_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type",
-                        "rescale_timesteps")
+OUTPUT_DEFINING_KEYS = ("process", "schedule", "num_timesteps", "mean_type", "var_type",
+                        "rescale_timesteps", "sigma_data")
 
 
 def check_trained_with(saved_diffusion: Mapping, diffusion_config, where: str) -> None:
@@ -402,7 +414,8 @@ def create_diffusion(diffusion_config, respacing: str | Collection[int] | None =
                              rescale_timesteps=getattr(diffusion_config, "rescale_timesteps",
                                                        False),
                              loss_weighting=getattr(diffusion_config, "loss_weighting", "none"),
-                             min_snr_gamma=getattr(diffusion_config, "min_snr_gamma", 5.0))
+                             min_snr_gamma=getattr(diffusion_config, "min_snr_gamma", 5.0),
+                             sigma_data=getattr(diffusion_config, "sigma_data", 0.5))
 
 
 def validate_diffusion_config(diffusion) -> None:

@@ -6,12 +6,14 @@ compute dtype where they are used.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
 STEP_SCHEDULES = ("uniform", "quadratic", "logsnr", "karras", "trailing")
+# The schedules a continuous process (edm, flow) defines: every one spaced between two levels.
+LEVEL_SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
 KARRAS_RHO = 7.0   # Karras et al. 2022, eq. 5: rho = 7 spends the steps near sigma_min
 # Karras et al. 2022, Table 1 ("ours", every model, the VP and cosine ones included): the largest
 # sigma sampled, the default top of the sigma-based step schedules (logsnr, karras). A cosine
@@ -197,6 +199,42 @@ def step_timesteps(name: str, num_timesteps: int, count: int, betas: np.ndarray,
                ) ** KARRAS_RHO
     nearest = np.argmin(np.abs(np.log(targets)[:, None] - log_sigma[None, :]), axis=1)
     return _distinct(np.sort(nearest), num_timesteps)
+
+
+def level_grid(name: str, count: int, lowest: float, highest: float,
+               time: Callable[[np.ndarray], np.ndarray] = lambda s: s,
+               level: Callable[[np.ndarray], np.ndarray] = lambda t: t) -> np.ndarray:
+    """`count` noise levels s = sigma / alpha of a continuous process, ascending float64, from
+    `lowest` to `highest` (count = 1: the highest alone). `time` maps a level to the process's
+    own time and `level` back (EDM: t = s; rectified flow: t = s / (1 + s)).
+
+    uniform:   even in the process's time (rectified flow's grid in t; even in s for EDM).
+    quadratic: t_j = t_lo + (t_hi - t_lo) (j / (count - 1))^2, dense at the clean end.
+    logsnr:    even in log s (= -log-SNR / 2), as DPM-Solver steps.
+    karras:    s_j^(1/rho) even from highest^(1/rho) to lowest^(1/rho), rho = 7 (Karras et al.
+               2022, eq. 5).
+    """
+    if name not in LEVEL_SCHEDULES:
+        raise ValueError(f"step schedule {name!r} is not defined on a continuous process; "
+                         f"allowed: {', '.join(LEVEL_SCHEDULES)}")
+    if count < 1 or not 0.0 < lowest < highest:
+        raise ValueError(f"need count >= 1 and 0 < lowest < highest, got {count}, {lowest}, "
+                         f"{highest}")
+    if count == 1:
+        return np.array([highest], dtype=np.float64)
+    fraction = np.linspace(0.0, 1.0, count)
+    if name in ("uniform", "quadratic"):
+        t_lo, t_hi = time(np.float64(lowest)), time(np.float64(highest))
+        levels = level(t_lo + (t_hi - t_lo) * (fraction if name == "uniform" else fraction ** 2))
+    elif name == "logsnr":
+        levels = np.exp(np.linspace(np.log(lowest), np.log(highest), count))
+    else:
+        inv_rho = 1.0 / KARRAS_RHO
+        levels = (highest ** inv_rho + fraction[::-1] * (lowest ** inv_rho - highest ** inv_rho)
+                  ) ** KARRAS_RHO
+    levels = np.asarray(levels, dtype=np.float64)
+    levels[0], levels[-1] = lowest, highest   # exact ends, whatever the round trip through t
+    return levels
 
 
 def _alphas_cumprod(betas: np.ndarray, num_timesteps: int) -> np.ndarray:

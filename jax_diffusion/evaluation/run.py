@@ -351,6 +351,10 @@ def validate_eval_config(config: ml_collections.ConfigDict, mode: str) -> None:
     for name in ("num_samples", "batch_size", "nll_batch_size"):
         positive_int(evaluation, name, "eval")
     positive_int(evaluation, "nll_examples", "eval", minimum=0)
+    require(not ("nll" in metrics and config.diffusion.process != "vp"), "eval.metrics",
+            evaluation.metrics, f"asks for 'nll', the discrete process's variational bound, "
+            f"which config.diffusion.process={config.diffusion.process!r} does not define; drop "
+            f"'nll'")
     if mode != "eval":
         return
     if evaluation.sweep:

@@ -1,5 +1,5 @@
-"""The ancestral chains: DDPM (`ddpm_step`) and DDIM with any eta (`ddim_step`), one step per
-kept timestep of the (respaced) diffusion."""
+"""The ancestral chains: DDPM (`ddpm_step`), DDIM with any eta (`ddim_step`) and its eta-0 form,
+Euler, one step per kept timestep of the (respaced) diffusion."""
 from __future__ import annotations
 
 import jax
@@ -18,6 +18,13 @@ def ddim_plan(chain: Chain) -> Plan:
     """Song et al. 2021 with chain.eta (0: deterministic)."""
     return _ancestral_plan(chain, lambda x, t, z: ddim_step(
         chain.diffusion, chain.model_fn, x, t, z, chain.eta, chain.clip_denoised))
+
+
+def euler_plan(chain: Chain) -> Plan:
+    """Euler steps of the probability-flow ODE, in sigma / alpha for any Gaussian path: the
+    same update as DDIM with eta 0 (both are exact when the data prediction is constant)."""
+    return _ancestral_plan(chain, lambda x, t, z: ddim_step(
+        chain.diffusion, chain.model_fn, x, t, z, 0.0, chain.clip_denoised))
 
 
 def _ancestral_plan(chain: Chain, one_step) -> Plan:

@@ -59,32 +59,36 @@ def sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape: Sequence[int]
     x_T = `noise` (N(0, I) from `key`, in JAX's default float dtype, when None).
 
     method (a key of METHODS): "ddpm" (ancestral, `ddpm_step`), "ddim" (`ddim_step` with `eta`;
-    eta must
-    be 0 for the other methods), "dpm_solver++" (DPM-Solver++(2M)), "dpm_solver++3m"
+    eta must be 0 for the other methods), "euler" (the probability-flow ODE's Euler step, which
+    is DDIM with eta 0), "dpm_solver++" (DPM-Solver++(2M)), "dpm_solver++3m"
     (DPM-Solver++(3M)), "unipc" (UniPC-3 with B(h) = e^h - 1 and its corrector UniC), all
     three on data predictions (`multistep_table`), or "edm_heun" (Karras et al. Alg. 1, Alg. 2
     with `churn` > 0; `edm_heun_table`). With churn, `model_alphas_cumprod` is the model's
     original T-step abar (to snap the churned noise levels to it); it defaults to the
-    diffusion's own when that is not respaced. `key` is split into (noise_key, chain_key);
-    the noise of iteration i is N(0, I) from fold_in(chain_key, i). Works under an outer jit
-    with traced key, noise, eta and closed-over params.
+    diffusion's own when that is not respaced. A continuous process's levels diffusion
+    (`processes.levels_diffusion`) needs neither: its model takes any level. `key` is split
+    into (noise_key, chain_key); the noise of iteration i is N(0, I) from fold_in(chain_key, i).
+    Works under an outer jit with traced key, noise, eta and closed-over params.
 
     Returns x0, or (x0, trajectory [NFE+1, *shape]) from x_T to x0 with return_trajectory (the
     point each evaluation leads to: the predictor's for UniPC, in VP space for edm_heun).
     """
     shape = tuple(int(d) for d in shape)
     _check_args(method, eta, churn, shape, noise)
-    if model_alphas_cumprod is None:
-        if churn > 0 and not np.array_equal(diffusion.timestep_map,
-                                            np.arange(diffusion.original_num_steps)):
-            raise ValueError("churn > 0 on a respaced diffusion needs model_alphas_cumprod, the "
-                             "original T-step abar, to snap the churned noise levels to")
-        model_alphas_cumprod = diffusion.alphas_cumprod
+    if diffusion.model_levels is not None:   # a continuous process: every level is the model's
+        model_alphas_cumprod = None
+    else:
+        if model_alphas_cumprod is None:
+            if churn > 0 and not np.array_equal(diffusion.timestep_map,
+                                                np.arange(diffusion.original_num_steps)):
+                raise ValueError("churn > 0 on a respaced diffusion needs model_alphas_cumprod, "
+                                 "the original T-step abar, to snap the churned noise levels to")
+            model_alphas_cumprod = diffusion.alphas_cumprod
+        model_alphas_cumprod = np.asarray(model_alphas_cumprod, dtype=np.float64)
     noise_key, chain_key = jax.random.split(key)
     x_T = jax.random.normal(noise_key, shape) if noise is None else jnp.asarray(noise)
     plan = spec_of(method).plan(Chain(method, diffusion, model_fn, shape, x_T.dtype, chain_key, eta,
-                               clip_denoised, churn,
-                               np.asarray(model_alphas_cumprod, dtype=np.float64)))
+                               clip_denoised, churn, model_alphas_cumprod))
 
     def body(state, i):
         state, _ = plan.step(state, i)

@@ -2,6 +2,7 @@
 step schedule visit, and `sample_from_config`, the library entry point of --mode=sample/eval."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -12,8 +13,12 @@ from jax_diffusion import schedules
 from jax_diffusion.config_checks import positive_int, require
 from jax_diffusion.diffusion import GaussianDiffusion, ModelFn, create_diffusion
 from jax_diffusion.errors import ConfigError
+from jax_diffusion.processes import (CONTINUOUS, continuous_process, levels_diffusion,
+                                     process_name)
 from jax_diffusion.samplers.chain import sample
 from jax_diffusion.samplers.methods import KNOB_DEFAULTS, METHODS, methods_reading
+
+AUTO = "auto"   # config.sample.schedule: the method's recommended grid for the process
 
 
 def check_sample_config(config: ml_collections.ConfigDict) -> None:
@@ -24,9 +29,12 @@ def check_sample_config(config: ml_collections.ConfigDict) -> None:
     if method not in METHODS:
         raise ConfigError(f"config.sample.method={method!r} is unknown; allowed: "
                           f"{', '.join(METHODS)}")
-    if sample_config.schedule not in schedules.STEP_SCHEDULES:
-        raise ConfigError(f"config.sample.schedule={sample_config.schedule!r} is unknown; "
-                          f"allowed: {', '.join(schedules.STEP_SCHEDULES)}")
+    process = process_name(config.diffusion)
+    allowed = schedules.LEVEL_SCHEDULES if process in CONTINUOUS else schedules.STEP_SCHEDULES
+    if sample_config.schedule not in (AUTO,) + allowed:
+        raise ConfigError(f"config.sample.schedule={sample_config.schedule!r} is not defined on "
+                          f"config.diffusion.process={process!r}; allowed: "
+                          f"{', '.join((AUTO,) + allowed)}")
     spec = METHODS[method]
     eta, churn = sample_config.eta, sample_config.churn
     if not 0.0 <= eta <= 1.0:
@@ -41,7 +49,9 @@ def check_sample_config(config: ml_collections.ConfigDict) -> None:
                               f"{readers} (got {method!r}); set config.sample.{knob}={default:g}")
     nfe = sample_config.num_steps
     problem = spec.nfe_problem(nfe)
-    if problem is None and not 1 <= spec.chain_steps(nfe) <= total:
+    if problem is None and process in CONTINUOUS:
+        pass   # any number of levels
+    elif problem is None and not 1 <= spec.chain_steps(nfe) <= total:
         problem = (f"must be at most {spec.num_evaluations(total)} for {method!r} with "
                    f"config.diffusion.num_timesteps={total}")
     if problem is not None:
@@ -58,7 +68,14 @@ def _check_sigma_bounds(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= sigma_min < sigma_max:
         raise ConfigError(f"config.sample.sigma_min={sigma_min} and config.sample.sigma_max="
                           f"{sigma_max} must satisfy 0 <= sigma_min < sigma_max")
-    if sample_config.schedule not in schedules.SIGMA_SCHEDULES:
+    if process_name(config.diffusion) in CONTINUOUS:
+        lowest, highest = _level_bounds(config)
+        if not lowest < highest:
+            raise ConfigError(f"config.sample.sigma_min={sigma_min} / sigma_max={sigma_max} leave "
+                              f"nothing of the process's levels [{config.diffusion.sigma_min:g}, "
+                              f"{config.diffusion.sigma_max:g}] (config.diffusion.sigma_min/max)")
+        return
+    if resolved_schedule(config) not in schedules.SIGMA_SCHEDULES:
         if (sigma_min, sigma_max) != (0.0, schedules.SIGMA_MAX):
             raise ConfigError(f"config.sample.sigma_min/sigma_max bound only the "
                               f"{' and '.join(schedules.SIGMA_SCHEDULES)} step schedules (got "
@@ -76,15 +93,35 @@ def _check_sigma_bounds(config: ml_collections.ConfigDict) -> None:
                           ) from None
 
 
+def resolved_schedule(config: ml_collections.ConfigDict) -> str:
+    """config.sample.schedule, with "auto" replaced by the method's grid for the process."""
+    if config.sample.schedule != AUTO:
+        return config.sample.schedule
+    return METHODS[config.sample.method].auto_schedules[process_name(config.diffusion)]
+
+
+def _level_bounds(config: ml_collections.ConfigDict) -> tuple[float, float]:
+    """(lowest, highest) noise level of a continuous process's grid: the process's range
+    narrowed to config.sample's."""
+    return (max(config.diffusion.sigma_min, config.sample.sigma_min),
+            min(config.diffusion.sigma_max, config.sample.sigma_max))
+
+
 def chain_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
     """The diffusion respaced to the timesteps config.sample's method and schedule visit for
-    config.sample.num_steps network evaluations (all T steps unrespaced)."""
+    config.sample.num_steps network evaluations (all T steps unrespaced); for a continuous
+    process, the levels diffusion over the noise levels of that grid."""
     check_sample_config(config)
+    count = METHODS[config.sample.method].chain_steps(config.sample.num_steps)
+    if process_name(config.diffusion) in CONTINUOUS:
+        process = continuous_process(config.diffusion)
+        return levels_diffusion(schedules.level_grid(resolved_schedule(config), count,
+                                                     *_level_bounds(config), process.time,
+                                                     process.level))
     total = config.diffusion.num_timesteps
     betas = schedules.get_beta_schedule(config.diffusion.schedule, total)
-    kept = schedules.step_timesteps(config.sample.schedule, total,
-                                    METHODS[config.sample.method].chain_steps(config.sample.num_steps),
-                                    betas, config.sample.sigma_min, config.sample.sigma_max)
+    kept = schedules.step_timesteps(resolved_schedule(config), total, count, betas,
+                                    config.sample.sigma_min, config.sample.sigma_max)
     return create_diffusion(config.diffusion, respacing=None if len(kept) == total else kept)
 
 
@@ -93,13 +130,22 @@ def sample_from_config(model_fn: ModelFn, config: ml_collections.ConfigDict,
                        noise: jax.Array | None = None) -> jax.Array:
     """x0 of `shape` with the sampler config.sample describes (method, num_steps = NFE,
     schedule, eta, churn, clip_denoised) on config.diffusion; `model_fn(x, t)` is the network
-    (already guided, see `guided_model_fn`). The library entry point of --mode=sample/eval."""
+    (already guided, see `guided_model_fn`); on a continuous process it is the network F, which
+    `ContinuousProcess.denoise_vp` turns into the data prediction the samplers take. The
+    library entry point of --mode=sample/eval."""
     diffusion = chain_diffusion(config)
-    betas = schedules.get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     sample_config = config.sample
-    return sample(model_fn, diffusion, shape, key, method=sample_config.method,
+    if process_name(config.diffusion) in CONTINUOUS:
+        process = continuous_process(config.diffusion)
+        chain_model_fn = functools.partial(process.denoise_vp, model_fn)
+        model_abar = None
+    else:
+        chain_model_fn = model_fn
+        model_abar = np.cumprod(1.0 - schedules.get_beta_schedule(
+            config.diffusion.schedule, config.diffusion.num_timesteps))
+    return sample(chain_model_fn, diffusion, shape, key, method=sample_config.method,
                   eta=sample_config.eta, clip_denoised=sample_config.clip_denoised, noise=noise,
-                  churn=sample_config.churn, model_alphas_cumprod=np.cumprod(1.0 - betas))
+                  churn=sample_config.churn, model_alphas_cumprod=model_abar)
 
 
 def with_method(config: ml_collections.ConfigDict, method: str,

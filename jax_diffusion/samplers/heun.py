@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_diffusion.diffusion import GaussianDiffusion
+from jax_diffusion.processes import levels_diffusion
 from jax_diffusion.samplers.plan import Chain, Plan, batch_timesteps, cast_table
 from jax_diffusion.samplers.tables import edm_heun_table
 
@@ -18,9 +19,11 @@ def edm_heun_plan(chain: Chain) -> Plan:
     # Rows reversed so that row i is the iteration the scan runs at index i (n-1 first).
     c = cast_table({name: value[::-1] if value.ndim else value for name, value in table.items()},
                    chain.dtype)
-    if np.array_equal(evaluated, diffusion.timestep_map):
+    if len(evaluated) == diffusion.num_timesteps:   # no churned level off the grid
         evaluator = diffusion
-    else:   # churned levels off the grid: a diffusion over every level the model sees
+    elif model_abar is None:   # a continuous model: a diffusion over every level it sees
+        evaluator = levels_diffusion(evaluated)
+    else:
         betas = 1.0 - model_abar / np.append(1.0, model_abar[:-1])
         evaluator = GaussianDiffusion(betas, diffusion.model_mean_type, diffusion.model_var_type,
                                       diffusion.loss_type, use_timesteps=evaluated)

@@ -8,14 +8,22 @@ from here, so adding a sampler is one module with its plan plus one `register` c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from jax_diffusion.samplers.ancestral import ddim_plan, ddpm_plan
+from jax_diffusion.samplers.ancestral import ddim_plan, ddpm_plan, euler_plan
 from jax_diffusion.samplers.heun import edm_heun_plan
 from jax_diffusion.samplers.multistep import multistep_plan
 from jax_diffusion.samplers.plan import Chain, Plan
+
+# config.sample.schedule="auto", per process (docs/samplers.md has the sweeps behind them):
+# the first-order ancestral and Euler steps on each process's own grid of time (DDIM's even
+# timesteps on vp, even t on flow; EDM's rho-7 grid, as even s wastes them at high noise), the
+# multistep solvers even in log-SNR, Heun on EDM's grid.
+TIME_GRIDS = {"vp": "uniform", "edm": "karras", "flow": "uniform"}
+LOGSNR_GRIDS = {"vp": "logsnr", "edm": "logsnr", "flow": "logsnr"}
+KARRAS_GRIDS = {"vp": "karras", "edm": "karras", "flow": "karras"}
 
 # The config.sample keys that only some methods read, with the value that means "unused".
 KNOB_DEFAULTS = {"eta": 0.0, "churn": 0.0}
@@ -29,11 +37,14 @@ class SamplerSpec:
     knobs: the keys of KNOB_DEFAULTS it reads (every other knob must keep its default).
     evaluations_per_step: NFE of each kept timestep but the last, which costs one (Heun: 2, so
         K steps cost 2K - 1; every other method: 1, so K steps cost K).
+    auto_schedules: the step schedule config.sample.schedule="auto" picks, per process.
     """
     name: str
     plan: Callable[[Chain], Plan]
     knobs: tuple[str, ...] = ()
     evaluations_per_step: int = 1
+    auto_schedules: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: dict(TIME_GRIDS))
 
     def num_evaluations(self, num_steps: int) -> int:
         """NFE of a chain over `num_steps` kept timesteps."""
@@ -86,7 +97,9 @@ def methods_reading(knob: str) -> list[str]:
 
 register(SamplerSpec("ddpm", ddpm_plan))
 register(SamplerSpec("ddim", ddim_plan, knobs=("eta",)))
-register(SamplerSpec("dpm_solver++", multistep_plan))       # DPM-Solver++(2M)
-register(SamplerSpec("dpm_solver++3m", multistep_plan))     # DPM-Solver++(3M)
-register(SamplerSpec("unipc", multistep_plan))              # UniPC-3 with UniC
-register(SamplerSpec("edm_heun", edm_heun_plan, knobs=("churn",), evaluations_per_step=2))
+register(SamplerSpec("euler", euler_plan))
+register(SamplerSpec("dpm_solver++", multistep_plan, auto_schedules=LOGSNR_GRIDS))   # 2M
+register(SamplerSpec("dpm_solver++3m", multistep_plan, auto_schedules=LOGSNR_GRIDS))
+register(SamplerSpec("unipc", multistep_plan, auto_schedules=LOGSNR_GRIDS))  # UniPC-3 + UniC
+register(SamplerSpec("edm_heun", edm_heun_plan, knobs=("churn",), evaluations_per_step=2,
+                     auto_schedules=KARRAS_GRIDS))

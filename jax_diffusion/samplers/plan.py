@@ -24,7 +24,9 @@ class Chain:
     eta: float | jax.Array
     clip_denoised: bool
     churn: float
-    model_alphas_cumprod: np.ndarray
+    # The model's own T-step abar (a discrete VP model); None for a continuous process's model,
+    # defined at every noise level.
+    model_alphas_cumprod: np.ndarray | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,25 +172,32 @@ def multistep_table(method: str, alphas_cumprod: np.ndarray) -> dict[str, np.nda
 
 # ---------------------------------------------------------------- EDM Heun table
 def edm_heun_table(diffusion: GaussianDiffusion, churn: float,
-                   model_alphas_cumprod: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                   model_alphas_cumprod: np.ndarray | None
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Karras et al. 2022, Alg. 1 (churn = 0) and Alg. 2 on the kept steps' sigmas, sigma =
     sqrt((1 - abar) / abar), x_EDM = x_VP sqrt(1 + sigma^2); S_tmin = 0, S_tmax = inf and
     S_noise = 1 (churn at every step, unit noise). Returns (table in execution order, j = 0 ..
-    2K-2, and the sorted original timesteps the model is evaluated at).
+    2K-2, and the sorted levels the model is evaluated at: original timesteps, or for a
+    continuous model the noise levels sigma).
 
     Step m from sigma_m to sigma_{m+1} (0 after the last): gamma = min(churn / K, sqrt(2) - 1),
     sigma_hat = sigma_m (1 + gamma) snapped to the model's nearest discrete noise level in log
-    sigma (the model is defined only there, as EDM does for its discrete iDDPM models), x_hat =
+    sigma (the model is defined only there, as EDM does for its discrete iDDPM models; a
+    continuous model, model_alphas_cumprod None, takes sigma_hat as it is), x_hat =
     x + sqrt(sigma_hat^2 - sigma_m^2) z. Even j: Euler, d = (x_hat - D(x_hat)) / sigma_hat,
     x' = x_hat + (sigma_{m+1} - sigma_hat) d (written as a convex combination, so x' = D exactly
     at sigma = 0); odd j: Heun, x' = x_hat + (sigma_{m+1} - sigma_hat) (d + d') / 2.
     """
-    kept = np.asarray(diffusion.timestep_map, dtype=np.int64)   # ascending original timesteps
     sigma = edm_sigmas(diffusion.alphas_cumprod)
+    continuous = model_alphas_cumprod is None
+    # ascending levels the model is called with: original timesteps, or the sigmas themselves
+    kept = sigma.copy() if continuous else np.asarray(diffusion.timestep_map, dtype=np.int64)
     num = len(sigma)
     gamma = min(churn / num, math.sqrt(2.0) - 1.0)
     hat_t, sigma_hat = kept.copy(), sigma.copy()
-    if gamma > 0:
+    if gamma > 0 and continuous:
+        hat_t = sigma_hat = sigma * (1.0 + gamma)
+    elif gamma > 0:
         log_sigma_all = np.log(edm_sigmas(model_alphas_cumprod))
         targets = np.log(sigma * (1.0 + gamma))
         hat_t = np.argmin(np.abs(targets[:, None] - log_sigma_all[None, :]), axis=1)
@@ -200,16 +207,16 @@ def edm_heun_table(diffusion: GaussianDiffusion, churn: float,
         churned = hat_t != kept
         sigma_hat[churned] = np.exp(log_sigma_all[hat_t[churned]])
     evaluated = np.unique(np.concatenate([kept, hat_t]))
-    index_of = {int(t): n for n, t in enumerate(evaluated)}
+    index_of = {t.item(): n for n, t in enumerate(evaluated)}
     rows = []   # (t, sigma, vp_in, vp_out, noise, euler, ratio, half_dt)
     for k in range(num - 1, -1, -1):   # kept index of the current level
         s_hat = sigma_hat[k]
         s_next = sigma[k - 1] if k > 0 else 0.0
         vp_next = 1.0 / math.sqrt(1.0 + s_next ** 2)
-        rows.append((index_of[int(hat_t[k])], s_hat, 1.0 / math.sqrt(1.0 + s_hat ** 2), vp_next,
+        rows.append((index_of[hat_t[k].item()], s_hat, 1.0 / math.sqrt(1.0 + s_hat ** 2), vp_next,
                      math.sqrt(max(s_hat ** 2 - sigma[k] ** 2, 0.0)), True, s_next / s_hat, 0.0))
         if k > 0:
-            rows.append((index_of[int(kept[k - 1])], s_next, vp_next, vp_next, 0.0, False, 0.0,
+            rows.append((index_of[kept[k - 1].item()], s_next, vp_next, vp_next, 0.0, False, 0.0,
                          0.5 * (s_next - s_hat)))
     names = ("t", "sigma", "vp_in", "vp_out", "noise", "euler", "ratio", "half_dt")
     columns = zip(*rows, strict=True)
