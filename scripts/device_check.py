@@ -174,7 +174,6 @@ def worker_smoke(spec: dict, sizes: Sizes) -> dict:
 
     from jax_diffusion.training import checkpoints
     from jax_diffusion.runtime import parallel
-    from jax_diffusion.diffusion import create_diffusion
     from jax_diffusion.models import create_model
     from jax_diffusion.training.train_state import (abstract_train_state, create_optimizer,
                                            create_train_state)
@@ -194,7 +193,7 @@ def worker_smoke(spec: dict, sizes: Sizes) -> dict:
         {"image": rng.uniform(-1, 1, (1, config.train.batch_size, size, size, 3)).astype(
             np.float32), "label": np.zeros((1, config.train.batch_size), np.int32)},
         mesh, leading_axes=1) for _ in range(4)]
-    step = make_train_step(config, model, create_diffusion(config.diffusion), tx, mesh)
+    step = make_train_step(config, model, tx, mesh)
 
     def smoke() -> dict:
         nonlocal state

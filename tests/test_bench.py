@@ -12,7 +12,6 @@ from tiny_config import ROOT, tiny_config
 
 from jax_diffusion.bench import run as bench
 from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
-from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import cpu_flags
 from jax_diffusion.runtime import parallel
@@ -46,7 +45,7 @@ def test_train_flops_per_image_match_xla_cost_analysis():
     mesh = parallel.create_mesh(jax.devices()[:1])  # cost_analysis is per device
     model = create_model(config.model)
     tx = create_optimizer(config.train)
-    train_step = make_train_step(config, model, create_diffusion(config.diffusion), tx, mesh)
+    train_step = make_train_step(config, model, tx, mesh)
     state = abstract_train_state(config, model)
     batches = {"image": jax.ShapeDtypeStruct((1, batch, size, size, 3), jnp.float32),
                "label": jax.ShapeDtypeStruct((1, batch), jnp.int32)}

@@ -13,7 +13,6 @@ import pytest
 from tiny_config import tiny_config
 
 from jax_diffusion import data
-from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
 from jax_diffusion.training import checkpoints
@@ -123,9 +122,9 @@ def test_background_save_keeps_the_state_of_its_step(tmp_path, monkeypatch):
     Orbax the state itself instead of its device-side copy fails on the donated arrays."""
     config = tiny_config()
     mesh = parallel.create_mesh(jax.devices()[:1])
-    model, diffusion = create_model(config.model), create_diffusion(config.diffusion)
+    model = create_model(config.model)
     tx = train.create_optimizer(config.train)
-    step_fn = train.make_train_step(config, model, diffusion, tx, mesh)
+    step_fn = train.make_train_step(config, model, tx, mesh)
     iterator = data.create_train_iterator(config, seed=0)
     state = train.create_train_state(config, model, tx, mesh)
     manager = checkpoints.create_manager(str(tmp_path))

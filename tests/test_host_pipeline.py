@@ -19,7 +19,6 @@ from jax_diffusion.bench import run as bench
 from jax_diffusion.bench import dataset as bench_dataset
 from jax_diffusion.bench import host as bench_host
 from jax_diffusion.config_validation import validate_config
-from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
@@ -121,7 +120,7 @@ def test_scan_and_unroll_train_the_same_steps():
     update, not elementwise); a scan that dropped or repeated a step would be >= 1/3 off."""
     config = tiny_config(train__steps_per_jit=3)
     mesh = parallel.create_mesh(jax.devices()[:1])
-    model, diffusion = create_model(config.model), create_diffusion(config.diffusion)
+    model = create_model(config.model)
     tx = train.create_optimizer(config.train)
     iterator = data.create_train_iterator(config, seed=0)
     batches = {k: np.stack([b[k] for b in _take(iterator, 3)]) for k in ("image", "label")}
@@ -130,7 +129,7 @@ def test_scan_and_unroll_train_the_same_steps():
     for loop in ("scan", "unroll"):
         config.train.step_loop = loop
         state = train.create_train_state(config, model, tx, mesh)
-        step = train_step.make_train_step(config, model, diffusion, tx, mesh)
+        step = train_step.make_train_step(config, model, tx, mesh)
         results[loop] = jax.device_get(step(state, parallel.global_batch(batches, mesh, 1)))
     (scan_state, scan_metrics), (unroll_state, unroll_metrics) = results["scan"], results["unroll"]
     assert int(scan_state.step) == int(unroll_state.step) == 3

@@ -53,7 +53,7 @@ def _train_on(config, devices, host_batches):
     model, diffusion, tx = _components(config)
     state = train.create_train_state(config, model, tx, mesh)
     initial = jax.device_get(state)
-    step_fn = train.make_train_step(config, model, diffusion, tx, mesh)
+    step_fn = train.make_train_step(config, model, tx, mesh)
     metrics, shardings = [], []
     for batch in host_batches:
         global_batch = parallel.global_batch(batch, mesh, leading_axes=1)
@@ -311,7 +311,7 @@ def test_short_trained_digits_model_draws_the_requested_digits():
     mesh = parallel.create_mesh(jax.devices()[:1])
     model, diffusion, tx = _components(config)
     state = train.create_train_state(config, model, tx, mesh)
-    step_fn = train.make_train_step(config, model, diffusion, tx, mesh)
+    step_fn = train.make_train_step(config, model, tx, mesh)
     iterator = data.create_train_iterator(config, seed=0)
     losses = []
     for _ in range(num_steps):

@@ -26,7 +26,6 @@ from jax_diffusion import data
 from jax_diffusion.bench import dataset as bench_dataset
 from jax_diffusion.bench.options import parse_worker_counts
 from jax_diffusion.config_files import comma_list
-from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
 from jax_diffusion.training import checkpoints
@@ -165,7 +164,6 @@ def bench_host(config: ml_collections.ConfigDict, mesh) -> dict:
     config.train.step_loop resolves to. `host_overhead_ms` is that at config.train.steps_per_jit."""
     bench = config.bench
     model = create_model(config.model)
-    diffusion = create_diffusion(config.diffusion)
     tx = create_optimizer(config.train)
     state = create_train_state(config, model, tx, mesh)
     ks = comma_list(bench.steps_per_jit, "config.bench.steps_per_jit", integers=True)
@@ -180,7 +178,7 @@ def bench_host(config: ml_collections.ConfigDict, mesh) -> dict:
         batches = next_batches(iterator, k, mesh)
         for loop in ("scan", "unroll"):
             looped.train.step_loop = loop
-            jitted = make_train_step(looped, model, diffusion, tx, mesh)
+            jitted = make_train_step(looped, model, tx, mesh)
             start = time.perf_counter()
             compiled = jitted.lower(state, batches).compile()
             compile_s[loop][str(k)] = time.perf_counter() - start
@@ -308,7 +306,7 @@ def _memory_analysis(config: ml_collections.ConfigDict, batch: int) -> dict:
     mesh = parallel.create_mesh(jax.devices()[:1])
     model = create_model(config.model)
     tx = create_optimizer(config.train)
-    train_step = make_train_step(config, model, create_diffusion(config.diffusion), tx, mesh)
+    train_step = make_train_step(config, model, tx, mesh)
     size, channels = config.data.image_size, config.data.channels
     batches = {"image": jax.ShapeDtypeStruct((1, batch, size, size, channels), jnp.float32),
                "label": jax.ShapeDtypeStruct((1, batch), jnp.int32)}

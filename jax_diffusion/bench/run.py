@@ -27,7 +27,6 @@ from jax_diffusion import samplers
 from jax_diffusion.bench.flops import train_flops_per_image, unet_forward_flops
 from jax_diffusion.bench.options import parse_parts, parse_steps
 from jax_diffusion.bench.peak_flops import peak_flops
-from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
 from jax_diffusion.runtime import parallel
@@ -104,7 +103,7 @@ def _bench_train(config: ml_collections.ConfigDict, model: nn.Module, mesh,
     state = create_train_state(config, model, tx, mesh)
     k = config.train.steps_per_jit  # one call runs k steps
     batches = _random_batch(config, bench.batch_size, mesh, (k,), rng)
-    train_step = make_train_step(config, model, create_diffusion(config.diffusion), tx, mesh)
+    train_step = make_train_step(config, model, tx, mesh)
     compiled, compile_s = compile_timed(train_step, state, batches)
     logging.info("train: compiled in %.2f s", compile_s)
 

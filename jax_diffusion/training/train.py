@@ -10,7 +10,6 @@ import ml_collections
 
 from jax_diffusion import data
 from jax_diffusion.config_checks import choice, fraction, positive_int, require
-from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import ConfigError
 from jax_diffusion.generation import sampling
 from jax_diffusion.models import create_model
@@ -51,7 +50,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     k = config.train.steps_per_jit
 
     model = create_model(config.model)
-    diffusion = create_diffusion(config.diffusion)
     tx = create_optimizer(config.train)
     iterator = data.create_train_iterator(config, seed=config.train.seed,
                                           process_index=jax.process_index(),
@@ -68,7 +66,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             iterator.set_state(data_state)
         logging.info("Resuming from %s at step %d", checkpoints.checkpoint_dir(workdir) +
                      f"/{step}", step)
-    train_step = make_train_step(config, model, diffusion, tx, mesh)
+    train_step = make_train_step(config, model, tx, mesh)
     grid_sampler = (sampling.GridSampler(config, model, mesh) if config.train.sample_every
                     else None)
 

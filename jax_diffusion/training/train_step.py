@@ -3,7 +3,7 @@ unroll) and `next_batches`, which stacks the k host batches it takes.
 
 The step is one jit-compiled function over the device mesh: the batch is sharded on "data", the
 state replicated and donated, and XLA averages the gradients across devices. Random numbers
-(timesteps, noise, dropout, label drop) are drawn for the global batch from
+(noise levels, noise, dropout, label drop) are drawn for the global batch from
 fold_in(state.rng, step), so they do not depend on the device count.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from jax_diffusion.diffusion import GaussianDiffusion
 from jax_diffusion.runtime import parallel
 from jax_diffusion.training import power_ema
+from jax_diffusion.training.objective import training_objective
 from jax_diffusion.training.train_state import TrainState, learning_rate_schedule
 
 
@@ -62,7 +62,7 @@ def resolve_step_loop(step_loop: str, backend: str | None = None) -> str:
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
-                    diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
+                    tx: optax.GradientTransformation,
                     mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """jit(state, batches) -> (state, metrics), running `steps_per_jit` steps in one call, as
     a lax.scan or a Python unroll per config.train.step_loop (`resolve_step_loop`).
@@ -74,12 +74,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     train_config = config.train
     num_classes = config.model.num_classes
     lr_schedule = learning_rate_schedule(train_config)
+    objective = training_objective(config)
 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         images = batch["image"]
         key = jax.random.fold_in(state.rng, state.step)
         t_key, noise_key, dropout_key, label_key = jax.random.split(key, 4)
-        t = jax.random.randint(t_key, (images.shape[0],), 0, diffusion.num_timesteps)
+        levels = objective.sample_levels(t_key, images.shape[0])
         labels = None
         if num_classes > 0:
             # Label dropout trains the null label, the unconditional branch of guidance.
@@ -90,7 +91,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
             def model_fn(x, timesteps):
                 return model.apply({"params": params}, x, timesteps, labels, train=True,
                                    rngs={"dropout": dropout_key})
-            terms = diffusion.training_losses(model_fn, images, t, noise_key)
+            terms = objective.losses(model_fn, images, levels, noise_key)
             return jnp.mean(terms["loss"]), terms
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
