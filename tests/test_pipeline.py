@@ -57,8 +57,8 @@ def test_labels_and_sampler_settings_are_the_callers(pipeline):
         pipeline.sample(2, labels=[0, 10])
     with pytest.raises(ValueError, match="labels has 3 entries for num_samples=2"):
         pipeline.sample(2, labels=[0, 1, 2])
-    with pytest.raises(ConfigError, match=r"config\.sample\.method='euler' is unknown"):
-        pipeline.sample(2, method="euler")
+    with pytest.raises(ConfigError, match=r"config\.sample\.method='heun' is unknown"):
+        pipeline.sample(2, method="heun")
 
 
 def test_from_pretrained_diffusers_directory_equals_the_workdir(workdir, pipeline, tmp_path):

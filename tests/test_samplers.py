@@ -454,8 +454,8 @@ def test_batch_sharded_by_caller_matches_unsharded():
 # ---------------------------------------------------------------- 6. bad input
 def test_bad_arguments_raise_value_errors_naming_them():
     key, shape = jax.random.key(0), (2, 2, 2, 1)
-    with pytest.raises(ValueError, match=r"'euler'.*ddpm, ddim, dpm_solver\+\+"):
-        sample(SMALL_MODEL, SMALL, shape, key, method="euler")
+    with pytest.raises(ValueError, match=r"'heun'.*ddpm, ddim, euler, dpm_solver\+\+"):
+        sample(SMALL_MODEL, SMALL, shape, key, method="heun")
     with pytest.raises(ValueError, match=r"noise has shape \(3, 2, 2, 1\), expected shape "
                                          r"\(2, 2, 2, 1\)"):
         sample(SMALL_MODEL, SMALL, shape, key, noise=jnp.zeros((3, 2, 2, 1)))

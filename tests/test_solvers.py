@@ -9,6 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from solver_references import (
+    dpm_orders,
+    fitted_order,
+    half_lambda,
+    pf_ode_solution,
+    ref_dpm3m_step,
+    ref_edm_chain,
+    ref_multistep_chain,
+    ref_unipc_update,
+    rms,
+)
 
 from configs import default
 from jax_diffusion import schedules
@@ -31,138 +42,8 @@ GMM = gm.THREE_MODES
 SHAPE = (6,) + GMM.event_shape
 
 
-# ---------------------------------------------------------------- float64 references (numpy)
-def half_lambda(abar):
-    return np.log(np.sqrt(abar) / np.sqrt(1.0 - abar))
-
-
-def dpm_orders(method, num):
-    """Order of solver step s = 1..K (s = K - i leaves kept index i), as the dpm-solver
-    reference's sample loop chooses it: warm-up min(order, s), lower_order_final below 10 steps
-    (3M) or always (UniPC): min(order, K + 1 - s); the step to lambda = inf is first order."""
-    top = {"dpm_solver++3m": 3, "unipc": 3}[method]
-    orders = {}
-    for s in range(1, num + 1):
-        order = min(top, s)
-        if method == "unipc" or num < 10:
-            order = min(order, num + 1 - s)
-        orders[num - s] = order
-    return orders
-
-
-def ref_dpm3m_step(x, models, lam, alpha, sigma, i, order, d2_scale=2.0):
-    """Lu et al. 2022 (DPM-Solver++), data prediction, from lambda_i to lambda_{i-1}:
-    x' = sigma'/sigma x + alpha' (1 - e^-h) x0 + alpha' phi_2 h x0' - alpha' phi_3 h^2 x0''
-    with the derivatives of the polynomial through models = [m_i, m_{i+1}, m_{i+2}] in lambda.
-    d2_scale = 1 is the dpm-solver / diffusers multistep code's D2 (half of h^2 x0'')."""
-    h = lam[i - 1] - lam[i]
-    out = sigma[i - 1] / sigma[i] * x - alpha[i - 1] * np.expm1(-h) * models[0]
-    if order == 1:
-        return out
-    h0 = lam[i] - lam[i + 1]
-    if order == 2:   # Alg. 2 (2M): D = (1 + 1/(2r)) m_i - 1/(2r) m_{i+1}, r = h0 / h
-        r = h0 / h
-        d = (1 + 1 / (2 * r)) * models[0] - models[1] / (2 * r)
-        return sigma[i - 1] / sigma[i] * x - alpha[i - 1] * np.expm1(-h) * d
-    h1 = lam[i + 1] - lam[i + 2]
-    # Newton form in lambda: slope at lambda_i and the second divided difference.
-    f01 = (models[0] - models[1]) / h0
-    f12 = (models[1] - models[2]) / h1
-    f012 = (f01 - f12) / (h0 + h1)
-    first = h * (f01 + f012 * h0)          # h x0'(lambda_i)
-    second = d2_scale * h * h * f012       # h^2 x0'' (d2_scale = 2)
-    phi_2 = np.expm1(-h) / h + 1.0
-    phi_3 = phi_2 / h - 0.5
-    return out + alpha[i - 1] * phi_2 * first - alpha[i - 1] * phi_3 * second
-
-
-def ref_multistep_chain(method, abar, x_T, model, d2_scale=2.0):
-    """Whole DPM-Solver++(3M) or UniPC chain, list-based as the papers' algorithms; model(x, i)
-    is the data prediction at kept index i. Returns every point handed to the model, then x0."""
-    num = len(abar)
-    lam, alpha, sigma = half_lambda(abar), np.sqrt(abar), np.sqrt(1.0 - abar)
-    orders = dpm_orders(method, num)
-    x, models, last, points = x_T, [], None, [x_T]
-    for i in range(num - 1, -1, -1):
-        m = model(x, i)
-        if method == "unipc" and last is not None:   # UniC on the step from i+1 to i
-            x = ref_unipc_update(last, [m] + models, lam, alpha, sigma, i + 1, orders[i + 1],
-                                 corrector=True)
-        models = [m] + models
-        if i == 0:
-            x = m
-        elif method == "unipc":
-            last = x
-            x = ref_unipc_update(x, models, lam, alpha, sigma, i, orders[i], corrector=False)
-        else:
-            x = ref_dpm3m_step(x, models, lam, alpha, sigma, i, orders[i], d2_scale)
-        points.append(x)
-    return np.stack(points)
-
-
-def phi(k, z):
-    """phi_k(z) = int_0^1 e^{(1-s) z} s^{k-1} / (k-1)! ds: phi_1 = (e^z - 1)/z,
-    phi_{k+1} = (phi_k - 1/k!) / z."""
-    value = np.expm1(z) / z
-    for n in range(1, k):
-        value = (value - 1.0 / math.factorial(n)) / z
-    return value
-
-
-def ref_unipc_update(x, models, lam, alpha, sigma, start, order, corrector):
-    """Zhao et al. 2023 (UniPC), B(h) = e^h - 1 (bh2), data prediction, from kept index
-    `start` to start - 1. models[0] is the new m_{start-1} for the corrector (UniC), else
-    models[0] = m_start. With hh = -h, r_k = (lambda_{start+k} - lambda_start) / h, the paper's
-    R_p rows r^0 .. r^{p-1} and g_n = hh phi_{n+1}(hh) n! / B(h); UniP-2 uses rho = 1/2 and
-    UniC-1 rho = 1/2."""
-    shift = 1 if corrector else 0
-    m_start = models[shift]
-    h = lam[start - 1] - lam[start]
-    hh = -h
-    b_h = np.expm1(hh)
-    rks = [(lam[start + k] - lam[start]) / h for k in range(1, order)]
-    diffs = [(models[shift + k] - m_start) / rks[k - 1] for k in range(1, order)]
-    g = np.array([hh * phi(n + 1, hh) * math.factorial(n) / b_h for n in range(1, order + 1)])
-    if corrector:
-        rows = np.array([[r ** n for r in rks + [1.0]] for n in range(order)])
-        rho = np.array([0.5]) if order == 1 else np.linalg.solve(rows, g)
-        diffs = diffs + [models[0] - m_start]
-    elif order == 1:
-        rho = np.zeros(0)
-    elif order == 2:
-        rho = np.array([0.5])
-    else:
-        rows = np.array([[r ** n for r in rks] for n in range(order - 1)])
-        rho = np.linalg.solve(rows, g[:-1])
-    result = (sigma[start - 1] / sigma[start] * x - alpha[start - 1] * np.expm1(-h) * m_start)
-    return result - alpha[start - 1] * b_h * sum(r * d for r, d in zip(rho, diffs, strict=True))
-
-
-def ref_edm_chain(abar_kept, x_T, denoise, churn, model_abar, noises):
-    """Karras et al. 2022, Alg. 2 (Alg. 1 at churn = 0) with S_tmin = 0, S_tmax = inf,
-    S_noise = 1, on sigma = sqrt((1 - abar)/abar); sigma_hat snapped to the model's nearest level
-    in log sigma. denoise(x_edm, sigma) = D; noises[m] the z of step m. Returns x0 (VP = EDM
-    at sigma = 0)."""
-    sig = np.sqrt((1.0 - abar_kept) / abar_kept)
-    model_sig = np.sqrt((1.0 - model_abar) / model_abar)
-    num = len(sig)
-    gamma = min(churn / num, math.sqrt(2.0) - 1.0)
-    x = x_T * np.sqrt(1.0 + sig[-1] ** 2)
-    for m, k in enumerate(range(num - 1, -1, -1)):
-        s_cur = sig[k]
-        s_hat = s_cur
-        if gamma > 0:
-            s_hat = model_sig[np.argmin(np.abs(np.log(model_sig) - np.log(s_cur * (1 + gamma))))]
-        x_hat = x + np.sqrt(max(s_hat ** 2 - s_cur ** 2, 0.0)) * noises[m]
-        s_next = sig[k - 1] if k > 0 else 0.0
-        d = (x_hat - denoise(x_hat, s_hat)) / s_hat
-        x = x_hat + (s_next - s_hat) * d
-        if s_next > 0:
-            d_next = (x - denoise(x, s_next)) / s_next
-            x = x_hat + (s_next - s_hat) * 0.5 * (d + d_next)
-    return x
-
-
+# ---------------------------------------------------------------- the exact denoiser (numpy)
+# The float64 references of the solvers are in solver_references.py.
 def np_denoiser_at_sigma(x_edm, s):
     """D(x; sigma) of the exact mixture: the data prediction at x_VP = x / sqrt(1 + sigma^2)."""
     abar = 1.0 / (1.0 + s ** 2)
@@ -353,38 +234,10 @@ def _grid_diffusion(abar):
     return GaussianDiffusion(1.0 - abar / np.append(1.0, abar[:-1]))
 
 
-def _exact_ode_solution(x_T, steps=4000):
-    """The probability-flow ODE from LAMBDA_MIN to LAMBDA_MAX by classic RK4 in float64, in
-    y = x / alpha and u = log(sigma / alpha): dy/du = y - D(y) (Karras et al. eq. 3 with
-    sigma = e^u); returns D at the end, the quantity every solver outputs."""
-    u = np.linspace(-LAMBDA_MIN, -LAMBDA_MAX, steps + 1)
-
-    def f(y, uu):
-        return y - np_denoiser_at_sigma(y, np.exp(uu))
-
-    y = x_T * np.sqrt(1.0 + np.exp(2.0 * u[0]))
-    for j in range(steps):
-        h = u[j + 1] - u[j]
-        k1 = f(y, u[j])
-        k2 = f(y + 0.5 * h * k1, u[j] + 0.5 * h)
-        k3 = f(y + 0.5 * h * k2, u[j] + 0.5 * h)
-        k4 = f(y + h * k3, u[j + 1])
-        y = y + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return np_denoiser_at_sigma(y, np.exp(u[-1]))
-
-
 @functools.cache
 def _order_problem():
     x_T = np.random.default_rng(21).standard_normal((ORDER_SAMPLES,) + GMM.event_shape)
-    return x_T, _exact_ode_solution(x_T)
-
-
-def _fitted_order(nfes, errors):
-    return -np.polyfit(np.log(nfes), np.log(errors), 1)[0]
-
-
-def _rms(a, b):
-    return float(np.sqrt(np.mean((np.asarray(a) - b) ** 2)))
+    return x_T, pf_ode_solution(x_T, -LAMBDA_MIN, -LAMBDA_MAX, np_denoiser_at_sigma)
 
 
 @pytest.mark.parametrize("method, order, tolerance", [
@@ -400,8 +253,8 @@ def test_error_falls_at_the_theoretical_order(method, order, tolerance):
             x0 = sample(gm.eps_model(GMM, abar), _grid_diffusion(abar), x_T.shape,
                         jax.random.key(0), method, clip_denoised=False, noise=jnp.asarray(x_T))
             nfes.append(METHODS[method].num_evaluations(num))
-            errors.append(_rms(x0, exact))
-    slope = _fitted_order(nfes, errors)
+            errors.append(rms(x0, exact))
+    slope = fitted_order(nfes, errors)
     print(f"\n{method}: RMS error vs the exact ODE solution at NFE "
           + ", ".join(f"{n}: {e:.2e}" for n, e in zip(nfes, errors, strict=True))
           + f"; fitted order {slope:.2f} (theory {order})")
@@ -420,8 +273,8 @@ def test_order_fit_tells_the_dpm_solver_code_3m_from_third_order():
             abar = _lambda_grid_abar(num)
             chain = ref_multistep_chain("dpm_solver++3m", abar, x_T,
                                         lambda x, i, a=abar: gm.x0_star_np(GMM, x, a[i]), d2_scale)
-            errors.append(_rms(chain[-1], exact))
-        slopes[d2_scale] = _fitted_order(ORDER_GRIDS, errors)
+            errors.append(rms(chain[-1], exact))
+        slopes[d2_scale] = fitted_order(ORDER_GRIDS, errors)
     print(f"\n3M fitted order: dpm-solver code's D2 {slopes[1.0]:.2f}, with the factor 2 "
           f"{slopes[2.0]:.2f}")
     assert slopes[1.0] < 2.6 and slopes[2.0] > 2.7
@@ -450,10 +303,11 @@ def test_uniform_schedule_keeps_todays_ddim_and_ddpm_results_bit_identical():
 
 
 @pytest.mark.parametrize("key, value, pattern", [
-    ("method", "euler", r"config\.sample\.method='euler' is unknown; allowed: ddpm, ddim, "
-                        r"dpm_solver\+\+, dpm_solver\+\+3m, unipc, edm_heun"),
-    ("schedule", "cosine", r"config\.sample\.schedule='cosine' is unknown; allowed: uniform, "
-                           r"quadratic, logsnr, karras"),
+    ("method", "heun", r"config\.sample\.method='heun' is unknown; allowed: ddpm, ddim, "
+                       r"euler, dpm_solver\+\+, dpm_solver\+\+3m, unipc, edm_heun"),
+    ("schedule", "cosine", r"config\.sample\.schedule='cosine' is not defined on config\."
+                           r"diffusion\.process='vp'; allowed: auto, uniform, quadratic, logsnr, "
+                           r"karras"),
     ("num_steps", 0, r"config\.sample\.num_steps=0 .*positive integer"),
     ("num_steps", 1001, r"config\.sample\.num_steps=1001 .*at most 1000"),
     ("eta", 1.5, r"config\.sample\.eta=1\.5 must lie in \[0, 1\]"),

@@ -24,7 +24,7 @@ def test_parse_sweep_keeps_the_order_given():
 @pytest.mark.parametrize("text, pattern", [
     ("", r"config\.eval\.sweep='' is empty"),
     (" ; ", r"config\.eval\.sweep=' ; ' is empty"),
-    ("euler:10", r"config\.eval\.sweep: unknown method 'euler'; allowed: ddpm, ddim"),
+    ("heun:10", r"config\.eval\.sweep: unknown method 'heun'; allowed: ddpm, ddim, euler"),
     ("edm_heun:9,10", r"config\.eval\.sweep: edm_heun:10: the NFE must be odd for edm_heun"),
     ("ddim:0", r"config\.eval\.sweep: ddim:0: the NFE must be a positive integer"),
     ("ddim:ten", r"config\.eval\.sweep: 'ten' in 'ddim:ten' is not an integer"),
