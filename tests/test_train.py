@@ -8,7 +8,6 @@ import threadpoolctl
 from tiny_config import tiny_config
 
 from jax_diffusion import cli, data
-from jax_diffusion.diffusion import create_diffusion
 from jax_diffusion.errors import CheckpointError
 from jax_diffusion.evaluation import digits as digits_metrics
 from jax_diffusion.generation import restore, sampling
@@ -20,8 +19,7 @@ pytestmark = pytest.mark.slow  # training runs (1 vs 8 devices, resume, a short 
 
 
 def _components(config):
-    return (create_model(config.model), create_diffusion(config.diffusion),
-            train.create_optimizer(config.train))
+    return create_model(config.model), train.create_optimizer(config.train)
 
 
 def _host_batches(config, count):
@@ -50,7 +48,7 @@ def _train_on(config, devices, host_batches):
     Returns (initial state, final state, per-step metrics) on the host, the batch shardings and
     the final state on the devices."""
     mesh = parallel.create_mesh(devices)
-    model, diffusion, tx = _components(config)
+    model, tx = _components(config)
     state = train.create_train_state(config, model, tx, mesh)
     initial = jax.device_get(state)
     step_fn = train.make_train_step(config, model, tx, mesh)
@@ -158,7 +156,7 @@ def resume_runs(tmp_path_factory):
 
 def _read_checkpoint(workdir, step, config):
     mesh = parallel.create_mesh(jax.devices()[:1])
-    model, _, tx = _components(config)
+    model, tx = _components(config)
     template = jax.eval_shape(lambda: train.create_train_state(config, model, tx, mesh))
     manager = checkpoints.create_manager(workdir, read_only=True)
     state, data_state = checkpoints.restore_train_state(
@@ -309,7 +307,7 @@ def test_short_trained_digits_model_draws_the_requested_digits():
     num_steps = 1000
 
     mesh = parallel.create_mesh(jax.devices()[:1])
-    model, diffusion, tx = _components(config)
+    model, tx = _components(config)
     state = train.create_train_state(config, model, tx, mesh)
     step_fn = train.make_train_step(config, model, tx, mesh)
     iterator = data.create_train_iterator(config, seed=0)
