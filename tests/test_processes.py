@@ -446,3 +446,15 @@ def test_ten_nfe_unipc_on_the_process_level_range_keeps_weights_with_variance_wi
 @pytest.mark.parametrize("process", processes.PROCESSES)
 def test_sign_flipped_network_fails_recovery(process):
     assert not _recovery(process, sign=-1.0).ok
+
+
+def test_churned_level_on_a_grid_level_samples_instead_of_failing():
+    """Churn that lands a level within rounding of the next grid level (logsnr grid, churn =
+    K (r - 1) for the grid's ratio r) once made two levels equal, which the levels diffusion
+    refused with a ValueError; the near-equal level is now that grid level."""
+    levels = schedules.level_grid("logsnr", 32, 0.002, 80.0)
+    aligned = 32 * (levels[1] / levels[0] - 1.0)
+    x = sample(lambda x, s: jnp.zeros_like(x), processes.levels_diffusion(levels),
+               (2, 2, 2, 1), jax.random.key(0), method="edm_heun", churn=aligned,
+               clip_denoised=False)
+    assert np.all(np.isfinite(np.asarray(x)))

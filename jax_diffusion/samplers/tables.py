@@ -188,15 +188,23 @@ def edm_heun_table(diffusion: GaussianDiffusion, churn: float,
     x' = x_hat + (sigma_{m+1} - sigma_hat) d (written as a convex combination, so x' = D exactly
     at sigma = 0); odd j: Heun, x' = x_hat + (sigma_{m+1} - sigma_hat) (d + d') / 2.
     """
-    sigma = edm_sigmas(diffusion.alphas_cumprod)
     continuous = model_alphas_cumprod is None
+    # a levels diffusion holds its sigmas exactly; abar's round trip would move them by ~1e-16
+    sigma = (diffusion.model_levels.copy() if continuous
+             else edm_sigmas(diffusion.alphas_cumprod))
     # ascending levels the model is called with: original timesteps, or the sigmas themselves
     kept = sigma.copy() if continuous else np.asarray(diffusion.timestep_map, dtype=np.int64)
     num = len(sigma)
     gamma = min(churn / num, math.sqrt(2.0) - 1.0)
     hat_t, sigma_hat = kept.copy(), sigma.copy()
     if gamma > 0 and continuous:
-        hat_t = sigma_hat = sigma * (1.0 + gamma)
+        sigma_hat = sigma * (1.0 + gamma)
+        # A churned level within rounding of a grid level is that level: the levels the model
+        # is evaluated at must be distinct.
+        gap = np.abs(np.log(sigma_hat)[:, None] - np.log(sigma)[None, :])
+        close = gap.min(axis=1) < 1e-9
+        sigma_hat[close] = sigma[gap.argmin(axis=1)[close]]
+        hat_t = sigma_hat
     elif gamma > 0:
         log_sigma_all = np.log(edm_sigmas(model_alphas_cumprod))
         targets = np.log(sigma * (1.0 + gamma))
