@@ -75,10 +75,15 @@ class Pipeline:
         UNet2DModel directory (its config.json gives the network; the diffusion is `config`'s,
         by default DDPM's linear 1000-step eps process) or an improved-diffusion `.pt` state
         dict (which records no architecture: `config` must describe it, e.g.
-        "configs/cifar10_improved.py"). `config` is a ConfigDict or a config file path."""
+        "configs/cifar10_improved.py"). `config` is a ConfigDict or a config file path; its
+        process must be "vp", the published models' discrete process."""
         from jax_diffusion.convert import diffusers_config, sources
         if isinstance(config, str):
             config = config_files.load_config_file(config)
+        if config is not None and config.diffusion.process != "vp":
+            raise errors.ConfigError(
+                f"config.diffusion.process={config.diffusion.process!r}: published diffusers and "
+                f"improved-diffusion models are 'vp' models; pass a config with process 'vp'")
         fmt = sources.resolve_format(path, format)
         if fmt == "diffusers":
             found = _read_json(os.path.join(path, "config.json"))

@@ -236,6 +236,12 @@ def test_process_rules_are_one_config_error_naming_the_key(process, settings, mo
     assert "\n" not in str(raised.value)
 
 
+def test_from_pretrained_refuses_a_continuous_process(tmp_path):
+    with pytest.raises(ConfigError, match=r"process='edm': published diffusers and "
+                                          r"improved-diffusion models are 'vp' models"):
+        Pipeline.from_pretrained(str(tmp_path), config=_process_config("edm"))
+
+
 # ---------------------------------------------------------------- 5. end to end (slow)
 def _continuous_tiny(process, steps):
     config = tiny_config(train__num_steps=steps, train__checkpoint_every=2, train__log_every=2)
