@@ -17,7 +17,7 @@ from jax_diffusion.samplers.heun import edm_heun_plan
 from jax_diffusion.samplers.multistep import multistep_plan
 from jax_diffusion.samplers.plan import Chain, Plan
 
-# config.sample.schedule="auto", per process (docs/samplers.md has the sweeps behind them):
+# config.sample.schedule="auto", per process (docs/sampling.md, docs/recipes.md):
 # the first-order ancestral and Euler steps on each process's own grid of time (DDIM's even
 # timesteps on vp, even t on flow; EDM's rho-7 grid, as even s wastes them at high noise), the
 # multistep solvers even in log-SNR, Heun on EDM's grid.
