@@ -25,7 +25,8 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt Makefile
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-# After `make demo`: distil its model into 8- and 4-step students (runs/digits_distill).
+# The first demo's VP model (configs/digits_vp.py, trained into runs/digits_vp when missing)
+# distilled into 8- and 4-step students (runs/digits_distill).
 demo-distill: $(VENV)/.installed
 	$(PY) scripts/demo_distill.py
 

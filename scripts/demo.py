@@ -13,10 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKDIR = os.path.join(ROOT, "runs", "digits")
 
 
-def run_main(mode: str, workdir: str, extra: list[str]) -> None:
-    """main.py --mode=`mode` on configs/digits.py in `workdir`, failing the demo if it fails."""
+def run_main(mode: str, workdir: str, extra: list[str], config: str = "digits.py") -> None:
+    """main.py --mode=`mode` on configs/`config` in `workdir`, failing the demo if it fails."""
     command = [sys.executable, os.path.join(ROOT, "main.py"), "--config",
-               os.path.join(ROOT, "configs", "digits.py"), f"--workdir={workdir}",
+               os.path.join(ROOT, "configs", config), f"--workdir={workdir}",
                f"--mode={mode}", *extra]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True)

@@ -1,11 +1,12 @@
-"""A tiny class-conditional digits model (8x8 images, one level, no attention) for end-to-end
-tests, as a ConfigDict for in-process tests and as the same overrides for main.py flags."""
+"""A tiny class-conditional digits model (8x8 images, one level, no attention; the vp recipe of
+configs/digits_vp.py) for end-to-end tests, as a ConfigDict for in-process tests and as the same
+overrides for main.py flags."""
 import os
 
 from jax_diffusion.config_files import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS_CONFIG = os.path.join(ROOT, "configs", "digits.py")
+DIGITS_CONFIG = os.path.join(ROOT, "configs", "digits_vp.py")
 
 # key -> (value, spelling on the command line)
 _TINY = {
