@@ -389,8 +389,12 @@ OUTPUT_DEFINING_KEYS = ("process", "schedule", "num_timesteps", "mean_type", "va
 def check_trained_with(saved_diffusion: Mapping, diffusion_config, where: str) -> None:
     """Raise CheckpointError if `diffusion_config` differs from the config a checkpoint was
     trained with (`saved_diffusion`: its config's "diffusion" section) in a key that changes
-    what the network's output means. `where` names the checkpoint in the message."""
-    for key in OUTPUT_DEFINING_KEYS:
+    what the network's output means. `where` names the checkpoint in the message. A continuous
+    process (edm, flow) reads none of vp's keys: there only the process and sigma_data count."""
+    keys = OUTPUT_DEFINING_KEYS
+    if getattr(diffusion_config, "process", "vp") != "vp":
+        keys = ("process", "sigma_data")
+    for key in keys:
         if key in saved_diffusion and saved_diffusion[key] != diffusion_config[key]:
             raise CheckpointError(
                 f"checkpoint {where} was trained with diffusion.{key}="
