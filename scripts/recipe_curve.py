@@ -26,14 +26,14 @@ sys.path.insert(0, ROOT)
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-# name -> (config file, overrides): each recipe spelled out whole, so that a later change of
-# configs/digits.py does not change what "vp_demo" (the demo's recipe before EDM and flow) means.
+# name -> (config file, overrides): the vp recipes spelled out whole, so that a later change of
+# configs/digits_vp.py does not change what "vp_demo" (the first demo's recipe) means.
 VP_KEYS = ("--config.diffusion.process=vp", "--config.diffusion.mean_type=v")
 RECIPES = {
-    "vp_demo": ("configs/digits.py", VP_KEYS + (
+    "vp_demo": ("configs/digits_vp.py", VP_KEYS + (
         "--config.diffusion.loss_weighting=min_snr", "--config.train.noise_sampling=uniform",
         "--config.model.num_groups=32")),
-    "vp_edm_weight": ("configs/digits.py", VP_KEYS + (
+    "vp_edm_weight": ("configs/digits_vp.py", VP_KEYS + (
         "--config.diffusion.loss_weighting=edm", "--config.train.noise_sampling=lognormal",
         "--config.model.num_groups=8")),
     "edm": ("configs/digits_edm.py", ()),
@@ -68,11 +68,10 @@ def score(workdir: str, step: int, args, done: dict, save) -> None:
     from jax_diffusion import Pipeline
     from jax_diffusion.evaluation import digits
 
-    pipe = Pipeline.from_workdir(workdir, step=step)
-    settings = list(SETTINGS) + [(f"{m}10", m, 10, 0.0) for m in TEN_NFE]
+    settings = [s for s in list(SETTINGS) + [(f"{m}10", m, 10, 0.0) for m in TEN_NFE]
+                if s[0] not in done]
+    pipe = Pipeline.from_workdir(workdir, step=step) if settings else None
     for setting, method, nfe, eta in settings:
-        if setting in done:
-            continue
         images, labels = pipe.sample(args.samples, method=method, num_steps=nfe, eta=eta,
                                      seed=0)
         done[setting] = digits.evaluate(images, labels)
