@@ -236,6 +236,18 @@ def test_process_rules_are_one_config_error_naming_the_key(process, settings, mo
     assert "\n" not in str(raised.value)
 
 
+def test_a_continuous_checkpoint_is_checked_on_its_process_only():
+    """vp's schedule keys mean nothing to a flow network: a flow checkpoint recorded with another
+    beta schedule samples; one recorded as edm, or with another sigma_data, is refused."""
+    from jax_diffusion.diffusion import check_trained_with
+    config = _process_config("flow").diffusion
+    saved = dict(config.to_dict(), schedule="cosine", mean_type="v")
+    check_trained_with(saved, config, "run/checkpoints/3")
+    for key, value in (("process", "edm"), ("sigma_data", 1.0)):
+        with pytest.raises(CheckpointError, match=rf"trained with diffusion\.{key}="):
+            check_trained_with(dict(saved, **{key: value}), config, "run/checkpoints/3")
+
+
 def test_from_pretrained_refuses_a_continuous_process(tmp_path):
     with pytest.raises(ConfigError, match=r"process='edm': published diffusers and "
                                           r"improved-diffusion models are 'vp' models"):
