@@ -8,9 +8,7 @@ from configs import digits
 
 def get_config() -> ml_collections.ConfigDict:
     config = digits.get_config()
-    config.model.num_groups = 8       # GroupNorm(32) over 32 channels would erase the embedding
     config.diffusion.process = "edm"
-    config.diffusion.mean_type = "eps"          # vp's keys at their defaults: edm trains F
     config.diffusion.loss_weighting = "edm"
     config.diffusion.sigma_data = 0.5
     config.train.noise_sampling = "lognormal"

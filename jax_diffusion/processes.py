@@ -37,10 +37,9 @@ def process_name(diffusion_config) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ContinuousProcess:
-    """One continuous path; levels are s = sigma / alpha per example, arrays [B]."""
+    """One continuous path; levels are s = sigma / alpha per example, arrays [B]. The range of
+    levels a sampler visits is config.diffusion.sigma_min/max, read where the grid is built."""
     name: str
-    sigma_min: float
-    sigma_max: float
     sigma_data: float
 
     def alpha_sigma(self, s: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -108,9 +107,7 @@ class ContinuousProcess:
 
 def continuous_process(diffusion_config) -> ContinuousProcess:
     """The ContinuousProcess config.diffusion describes (process "edm" or "flow")."""
-    return ContinuousProcess(process_name(diffusion_config), float(diffusion_config.sigma_min),
-                             float(diffusion_config.sigma_max),
-                             float(diffusion_config.sigma_data))
+    return ContinuousProcess(process_name(diffusion_config), float(diffusion_config.sigma_data))
 
 
 def levels_diffusion(levels: np.ndarray) -> GaussianDiffusion:

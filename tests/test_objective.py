@@ -53,7 +53,7 @@ def _edm_reference(network_out, x, s):
 
 
 def test_edm_preconditioning_and_loss_match_the_paper(x64):
-    process = processes.ContinuousProcess("edm", 0.002, 80.0, SD)
+    process = processes.ContinuousProcess("edm", SD)
     seen = {}
 
     def network(x_in, noise_input):   # F = 3 x_in: records what the network is given
@@ -80,7 +80,7 @@ def test_edm_preconditioning_and_loss_match_the_paper(x64):
 
 
 def test_flow_loss_is_the_velocity_error_and_denoise_inverts_it(x64):
-    process = processes.ContinuousProcess("flow", 0.002, 80.0, SD)
+    process = processes.ContinuousProcess("flow", SD)
     t = LEVELS / (1 + LEVELS)
     x_t = (1 - t).reshape(-1, 1, 1, 1) * X0 + t.reshape(-1, 1, 1, 1) * NOISE
     seen = {}
@@ -191,7 +191,7 @@ def test_auto_schedule_is_the_methods_grid_for_the_process(process, method, expe
 
 
 def test_level_grids_span_the_bounds_in_their_own_spacing():
-    flow = processes.ContinuousProcess("flow", 0.002, 80.0, SD)
+    flow = processes.ContinuousProcess("flow", SD)
     t = flow.time(schedules.level_grid("uniform", 5, 0.002, 80.0, flow.time, flow.level))
     np.testing.assert_allclose(np.diff(t), np.diff(t)[0], rtol=1e-12)
     log_s = np.log(schedules.level_grid("logsnr", 5, 0.002, 80.0))

@@ -108,7 +108,7 @@ def exact_network(process, sigma_data=SIGMA_DATA):
 
 
 def _process(name):
-    return processes.ContinuousProcess(name, 0.002, 80.0, SIGMA_DATA)
+    return processes.ContinuousProcess(name, SIGMA_DATA)
 
 
 # ---------------------------------------------------------------- 1. the exact networks
